@@ -1,0 +1,87 @@
+//! Command line and environment configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "medplum-operator", version, about = "Medplum ClientApplications, AccessPolicies and users as Kubernetes resources")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the controllers.
+    Run(Box<Settings>),
+    /// Print every CustomResourceDefinition as YAML.
+    Crds {
+        /// Write one file per CRD into this folder instead of printing.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Parses Go-style durations such as `30s`, `5m` or `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let parsed: jiff::SignedDuration = text.trim().parse().map_err(|e| format!("invalid duration {text:?}: {e}"))?;
+    Duration::try_from(parsed).map_err(|_| format!("duration {text:?} must not be negative"))
+}
+
+/// Settings of `medplum-operator run`. Every flag has an environment fallback.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Settings {
+    /// Namespaces to watch (comma separated). Empty: all namespaces.
+    #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
+    /// Label selector choosing the ClusterMedplumConnections this instance serves. Empty: all.
+    #[arg(long, env = "CLUSTER_CONNECTION_SELECTOR", default_value = "")]
+    pub cluster_connection_selector: String,
+    /// How often connections are verified again when nothing changed.
+    #[arg(long, env = "RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+    /// Timeout of one request to Medplum.
+    #[arg(long, env = "MEDPLUM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub medplum_timeout: Duration,
+    /// Connections reconciled at once, per watched scope.
+    #[arg(long, env = "CONNECTION_CONCURRENCY", default_value_t = 2)]
+    pub connection_concurrency: u16,
+    /// Address of the HTTP server for /healthz, /readyz and /metrics.
+    #[arg(long, env = "HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub http_address: SocketAddr,
+    /// Log format; the level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("720h"), Ok(Duration::from_secs(720 * 3600)));
+        assert!(parse_duration("-5m").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn settings_have_documented_defaults() {
+        let cli = Cli::try_parse_from(["medplum-operator", "run"]).unwrap();
+        let Command::Run(settings) = cli.command else { panic!("expected run") };
+        assert!(settings.watch_namespaces.is_empty());
+        assert_eq!(settings.resync_interval, Duration::from_secs(300));
+        assert_eq!(settings.http_address.to_string(), "0.0.0.0:8080");
+    }
+}

@@ -1,0 +1,490 @@
+//! `MedplumConnection` and `ClusterMedplumConnection`: read the credential, obtain a token, check who
+//! the credential is (`/auth/me`) and report it. Verified connections are kept in a registry with their
+//! Medplum client, so its token cache outlives a reconcile.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use secrecy::ExposeSecret;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use super::secret::{CaSource, SourceError, read_ca_bundle, read_secret_strings};
+use super::status::{ConditionState, READY, apply_status, is_ready, set_condition};
+use super::{Context, Error, ReconcileStream};
+use crate::crd::{ClusterMedplumConnection, ConnectionKind, ConnectionStatus, MedplumConnection};
+use crate::medplum::{ClientCredentials, MedplumClient, MedplumError, Me};
+
+/// Label that opts a connection's credentials Secret into a metadata-only watch, so that edits to it
+/// are picked up at once instead of at the next periodic verification.
+pub const CREDENTIALS_LABEL: &str = "medplum.com/connection-credentials";
+
+/// Identifies a connection object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionKey {
+    pub kind: ConnectionKind,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ConnectionKey {
+    fn object_ref<K: Resource<DynamicType = ()>>(&self) -> ObjectRef<K> {
+        let reference = ObjectRef::new(&self.name);
+        match &self.namespace {
+            Some(ns) => reference.within(ns),
+            None => reference,
+        }
+    }
+}
+
+/// Where a connection's inputs live, with every reference resolved to a namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionTarget {
+    pub base_url: String,
+    pub project_id: Option<String>,
+    pub credentials_namespace: String,
+    pub credentials_name: String,
+    pub client_id_key: String,
+    pub client_secret_key: String,
+    pub ca: Option<CaSource>,
+}
+
+/// What both connection kinds offer the controller.
+pub trait ConnectionObject:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+    const KIND: ConnectionKind;
+    /// The API for objects of this kind in `namespace` (ignored for cluster-scoped kinds).
+    fn api(client: kube::Client, namespace: Option<&str>) -> Api<Self>;
+    fn target(&self) -> ConnectionTarget;
+    fn connection_status(&self) -> Option<&ConnectionStatus>;
+
+    fn key(&self) -> ConnectionKey {
+        ConnectionKey { kind: Self::KIND, namespace: self.namespace(), name: self.name_any() }
+    }
+}
+
+impl ConnectionObject for MedplumConnection {
+    const KIND: ConnectionKind = ConnectionKind::MedplumConnection;
+
+    fn api(client: kube::Client, namespace: Option<&str>) -> Api<Self> {
+        match namespace {
+            Some(ns) => Api::namespaced(client, ns),
+            None => Api::all(client),
+        }
+    }
+
+    fn target(&self) -> ConnectionTarget {
+        let namespace = self.namespace().unwrap_or_default();
+        let creds = &self.spec.credentials_secret_ref;
+        let ca = self.spec.ca_bundle.as_ref().and_then(|ca| {
+            match (&ca.secret_ref, &ca.config_map_ref) {
+                (Some(s), _) => Some(CaSource::Secret { namespace: namespace.clone(), name: s.name.clone(), key: s.key.clone() }),
+                (None, Some(c)) => Some(CaSource::ConfigMap { namespace: namespace.clone(), name: c.name.clone(), key: c.key.clone() }),
+                (None, None) => None,
+            }
+        });
+        ConnectionTarget {
+            base_url: self.spec.base_url.clone(),
+            project_id: self.spec.project_id.clone(),
+            credentials_namespace: namespace,
+            credentials_name: creds.name.clone(),
+            client_id_key: creds.client_id_key.clone(),
+            client_secret_key: creds.client_secret_key.clone(),
+            ca,
+        }
+    }
+
+    fn connection_status(&self) -> Option<&ConnectionStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl ConnectionObject for ClusterMedplumConnection {
+    const KIND: ConnectionKind = ConnectionKind::ClusterMedplumConnection;
+
+    fn api(client: kube::Client, _namespace: Option<&str>) -> Api<Self> {
+        Api::all(client)
+    }
+
+    fn target(&self) -> ConnectionTarget {
+        let creds = &self.spec.credentials_secret_ref;
+        let ca = self.spec.ca_bundle.as_ref().and_then(|ca| match (&ca.secret_ref, &ca.config_map_ref) {
+            (Some(s), _) => Some(CaSource::Secret { namespace: ca.namespace.clone(), name: s.name.clone(), key: s.key.clone() }),
+            (None, Some(c)) => {
+                Some(CaSource::ConfigMap { namespace: ca.namespace.clone(), name: c.name.clone(), key: c.key.clone() })
+            }
+            (None, None) => None,
+        });
+        ConnectionTarget {
+            base_url: self.spec.base_url.clone(),
+            project_id: self.spec.project_id.clone(),
+            credentials_namespace: creds.namespace.clone(),
+            credentials_name: creds.name.clone(),
+            client_id_key: creds.client_id_key.clone(),
+            client_secret_key: creds.client_secret_key.clone(),
+            ca,
+        }
+    }
+
+    fn connection_status(&self) -> Option<&ConnectionStatus> {
+        self.status.as_ref()
+    }
+}
+
+/// What a successful verification found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub project_id: String,
+    pub project_name: Option<String>,
+    pub server_version: Option<String>,
+    pub client_id: String,
+}
+
+/// Why a connection is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Medplum(#[from] MedplumError),
+    #[error("the credential belongs to project {actual}, but spec.projectId is {expected}")]
+    ProjectMismatch { expected: String, actual: String },
+    #[error("the credential is a member of project {project} but not a project admin; the operator needs a ClientApplication whose membership has admin: true")]
+    NotProjectAdmin { project: String },
+    #[error("the credential is a super-admin client; refusing it, use a project-admin ClientApplication of the project instead")]
+    SuperAdminCredential,
+}
+
+impl ConnectionError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Source(e) => e.reason(),
+            Self::Medplum(e) => e.reason(),
+            Self::ProjectMismatch { .. } => "ProjectMismatch",
+            Self::NotProjectAdmin { .. } => "NotProjectAdmin",
+            Self::SuperAdminCredential => "SuperAdminCredential",
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Source(e) => e.is_transient(),
+            Self::Medplum(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    fn is_rate_limit(&self) -> bool {
+        matches!(self, Self::Medplum(MedplumError::RateLimited { .. }))
+    }
+}
+
+/// Checks that `/auth/me` describes a project admin of the expected project.
+pub fn check_identity(me: &Me, expected_project: Option<&str>) -> Result<(), ConnectionError> {
+    if me.project.super_admin {
+        return Err(ConnectionError::SuperAdminCredential);
+    }
+    if let Some(expected) = expected_project.filter(|e| *e != me.project.id) {
+        return Err(ConnectionError::ProjectMismatch { expected: expected.to_string(), actual: me.project.id.clone() });
+    }
+    if !me.membership.admin {
+        return Err(ConnectionError::NotProjectAdmin { project: me.project.id.clone() });
+    }
+    Ok(())
+}
+
+/// The status a connection should have after a verification.
+pub fn desired_status(
+    current: Option<&ConnectionStatus>,
+    result: &Result<Verified, ConnectionError>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> ConnectionStatus {
+    let mut status = current.cloned().unwrap_or_default();
+    let condition = match result {
+        Ok(v) => {
+            status.project_id = Some(v.project_id.clone());
+            status.project_name = v.project_name.clone();
+            status.server_version = v.server_version.clone();
+            status.client_id = Some(v.client_id.clone());
+            let project = match &v.project_name {
+                Some(name) => format!("{name} ({})", v.project_id),
+                None => v.project_id.clone(),
+            };
+            ConditionState::new(
+                READY,
+                true,
+                "Connected",
+                format!("authenticated as ClientApplication/{}, project admin of {project}", v.client_id),
+            )
+        }
+        Err(e) => ConditionState::new(READY, false, e.reason(), e.to_string()),
+    };
+    status.conditions = set_condition(&status.conditions, condition, generation, now);
+    status.observed_generation = generation;
+    status
+}
+
+/// A fingerprint of everything a Medplum client is built from; a new client (and token cache) is made
+/// only when it changes. The secret enters only as part of a SHA-256 input, kept in memory.
+fn fingerprint(target: &ConnectionTarget, credentials: &ClientCredentials, ca: Option<&[u8]>) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for part in [
+        target.base_url.as_bytes(),
+        credentials.client_id.as_bytes(),
+        credentials.client_secret.expose_secret().as_bytes(),
+        ca.unwrap_or_default(),
+    ] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hash.finalize().into()
+}
+
+struct RegistryEntry {
+    fingerprint: [u8; 32],
+    client: Arc<MedplumClient>,
+}
+
+/// Medplum clients of the connections, by connection.
+#[derive(Default)]
+pub struct ConnectionRegistry {
+    entries: RwLock<HashMap<ConnectionKey, RegistryEntry>>,
+}
+
+impl ConnectionRegistry {
+    /// The client for `key`, reused while its inputs are unchanged.
+    fn client(
+        &self,
+        key: &ConnectionKey,
+        fingerprint: [u8; 32],
+        make: impl FnOnce() -> Result<MedplumClient, MedplumError>,
+    ) -> Result<Arc<MedplumClient>, MedplumError> {
+        if let Some(entry) = self.entries.read().expect("registry lock").get(key).filter(|e| e.fingerprint == fingerprint) {
+            return Ok(entry.client.clone());
+        }
+        let client = Arc::new(make()?);
+        self.entries
+            .write()
+            .expect("registry lock")
+            .insert(key.clone(), RegistryEntry { fingerprint, client: client.clone() });
+        Ok(client)
+    }
+
+    /// Forgets connections that no longer exist.
+    fn retain(&self, exists: impl Fn(&ConnectionKey) -> bool) {
+        self.entries.write().expect("registry lock").retain(|key, _| exists(key));
+    }
+}
+
+async fn verify(ctx: &Context, key: &ConnectionKey, target: &ConnectionTarget) -> Result<Verified, ConnectionError> {
+    let values = read_secret_strings(
+        &ctx.client,
+        &target.credentials_namespace,
+        &target.credentials_name,
+        &[&target.client_id_key, &target.client_secret_key],
+    )
+    .await?;
+    let [client_id, client_secret]: [_; 2] = values.try_into().expect("two keys were asked for");
+    let credentials = ClientCredentials { client_id: client_id.expose_secret().to_string(), client_secret };
+    let ca = match &target.ca {
+        Some(source) => Some(read_ca_bundle(&ctx.client, source).await?),
+        None => None,
+    };
+    let print = fingerprint(target, &credentials, ca.as_deref());
+    let client = ctx.connections.client(key, print, || {
+        MedplumClient::new(&target.base_url, credentials, ca.as_deref(), ctx.settings.medplum_timeout, ctx.metrics.clone())
+    })?;
+    let health = client.health().await?;
+    let me = client.me().await?;
+    check_identity(&me, target.project_id.as_deref())?;
+    Ok(Verified {
+        project_id: me.project.id,
+        project_name: me.project.name,
+        server_version: health.version,
+        client_id: client.client_id().to_string(),
+    })
+}
+
+fn kind_name(kind: ConnectionKind) -> &'static str {
+    match kind {
+        ConnectionKind::MedplumConnection => "MedplumConnection",
+        ConnectionKind::ClusterMedplumConnection => "ClusterMedplumConnection",
+    }
+}
+
+async fn reconcile<K: ConnectionObject>(obj: Arc<K>, ctx: Arc<Context>, store: Store<K>) -> Result<Action, Error> {
+    let kind = kind_name(K::KIND);
+    ctx.connections.retain(|key| key.kind != K::KIND || store.get(&key.object_ref()).is_some());
+    let key = obj.key();
+    let result = verify(&ctx, &key, &obj.target()).await;
+    let current = obj.connection_status();
+    let desired = desired_status(current, &result, obj.meta().generation, Timestamp::now());
+    let api = K::api(ctx.client.clone(), key.namespace.as_deref());
+    let was_ready = current.is_some_and(|s| is_ready(&s.conditions));
+    if apply_status(&api, &key.name, current, &desired).await.map_err(Error::Status)? {
+        let now_ready = is_ready(&desired.conditions);
+        if now_ready != was_ready || current.is_none() {
+            let ready = desired.conditions.iter().find(|c| c.type_ == READY).expect("Ready is always set");
+            let event = Event {
+                type_: if now_ready { EventType::Normal } else { EventType::Warning },
+                reason: ready.reason.clone(),
+                note: Some(ready.message.clone()),
+                action: "Verify".into(),
+                secondary: None,
+            };
+            ctx.publish(&obj.object_ref(&()), &event).await;
+        }
+    }
+    ctx.metrics.set_connection_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, result.is_ok());
+    let backoff_key = format!("{kind}/{}/{}", key.namespace.as_deref().unwrap_or_default(), key.name);
+    match result {
+        Ok(_) => {
+            ctx.backoff.reset(&backoff_key);
+            Ok(Action::requeue(ctx.settings.resync_interval))
+        }
+        Err(e) => {
+            // A rate limit window is 60 s in Medplum; retrying sooner only burns the budget.
+            let floor = if e.is_rate_limit() { std::time::Duration::from_secs(60) } else { Default::default() };
+            let delay = ctx.backoff.next_delay(&backoff_key, floor).min(ctx.settings.resync_interval.max(floor));
+            if e.is_transient() {
+                warn!(kind, name = %key.name, namespace = key.namespace.as_deref().unwrap_or_default(), reason = e.reason(), error = %e, retry_in = ?delay, "connection not ready");
+            } else {
+                info!(kind, name = %key.name, namespace = key.namespace.as_deref().unwrap_or_default(), reason = e.reason(), error = %e, retry_in = ?delay, "connection refused");
+            }
+            Ok(Action::requeue(delay))
+        }
+    }
+}
+
+/// Connections whose credentials Secret (or CA Secret) is `secret`.
+fn connections_using<K: ConnectionObject>(store: &Store<K>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<K>> {
+    let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+    store
+        .state()
+        .iter()
+        .filter(|c| {
+            let t = c.target();
+            let ca_uses = matches!(&t.ca, Some(CaSource::Secret { namespace: n, name: s, .. }) if *n == namespace && *s == name);
+            (t.credentials_namespace == namespace && t.credentials_name == name) || ca_uses
+        })
+        .map(|c| ObjectRef::from_obj(&**c))
+        .collect()
+}
+
+/// A controller for one connection kind over `objects`, and a future that resolves once its cache is
+/// filled. Labelled credentials Secrets are watched (metadata only) through `secrets`, if given.
+pub fn controller<K: ConnectionObject>(
+    ctx: Arc<Context>,
+    objects: Api<K>,
+    label_selector: &str,
+    secrets: Option<Api<PartialObjectMeta<Secret>>>,
+) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
+    let mut config = watcher::Config::default().any_semantic();
+    if !label_selector.is_empty() {
+        config = config.labels(label_selector);
+    }
+    let controller = Controller::new(objects, config)
+        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.connection_concurrency));
+    let store = controller.store();
+    let ready = super::cache_synced(store.clone());
+    let controller = match secrets {
+        Some(secrets) => {
+            let mapper_store = store.clone();
+            let labelled = watcher::Config::default().labels(CREDENTIALS_LABEL);
+            controller.watches(secrets, labelled, move |secret| connections_using(&mapper_store, &secret))
+        }
+        None => controller,
+    };
+    let stream = controller
+        .shutdown_on_signal()
+        .run(
+            move |obj, ctx: Arc<Context>| {
+                let store = store.clone();
+                async move {
+                    let started = Instant::now();
+                    let result = reconcile(obj, ctx.clone(), store).await;
+                    ctx.metrics.record_reconcile(kind_name(K::KIND), result.is_ok(), started.elapsed());
+                    result
+                }
+            },
+            |obj: Arc<K>, error: &Error, ctx: Arc<Context>| ctx.error_policy(kind_name(K::KIND), &*obj, error),
+            ctx,
+        );
+    (super::boxed(stream), ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::medplum::Me;
+
+    fn me(project: &str, admin: bool, super_admin: bool) -> Me {
+        serde_json::from_value(serde_json::json!({
+            "project": {"id": project, "name": "P", "superAdmin": super_admin},
+            "membership": {"id": "m", "admin": admin, "profile": {"reference": "ClientApplication/c"}},
+            "profile": {"resourceType": "ClientApplication", "secret": "never-read"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn identity_must_be_a_project_admin_of_the_expected_project() {
+        assert!(check_identity(&me("p1", true, false), Some("p1")).is_ok());
+        assert!(check_identity(&me("p1", true, false), None).is_ok());
+        assert_eq!(check_identity(&me("p1", true, false), Some("p2")).unwrap_err().reason(), "ProjectMismatch");
+        assert_eq!(check_identity(&me("p1", false, false), None).unwrap_err().reason(), "NotProjectAdmin");
+        assert_eq!(check_identity(&me("sa", true, true), None).unwrap_err().reason(), "SuperAdminCredential");
+    }
+
+    #[test]
+    fn status_reports_what_was_found_and_keeps_it_through_failures() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        let verified = Verified {
+            project_id: "p1".into(),
+            project_name: Some("Lab".into()),
+            server_version: Some("5.1.29".into()),
+            client_id: "c1".into(),
+        };
+        let ok = desired_status(None, &Ok(verified), Some(4), now);
+        assert_eq!((ok.project_id.as_deref(), ok.observed_generation), (Some("p1"), Some(4)));
+        assert!(is_ready(&ok.conditions));
+        assert_eq!(ok.conditions[0].message, "authenticated as ClientApplication/c1, project admin of Lab (p1)");
+
+        let failed = desired_status(Some(&ok), &Err(ConnectionError::NotProjectAdmin { project: "p1".into() }), Some(4), now);
+        assert!(!is_ready(&failed.conditions));
+        assert_eq!(failed.conditions[0].reason, "NotProjectAdmin");
+        assert_eq!(failed.project_id.as_deref(), Some("p1"));
+    }
+
+    #[test]
+    fn fingerprint_changes_with_every_input() {
+        let target = ConnectionTarget {
+            base_url: "https://m".into(),
+            project_id: None,
+            credentials_namespace: "ns".into(),
+            credentials_name: "s".into(),
+            client_id_key: "id".into(),
+            client_secret_key: "secret".into(),
+            ca: None,
+        };
+        let creds = |secret: &str| ClientCredentials { client_id: "c".into(), client_secret: secret.to_string().into() };
+        let base = fingerprint(&target, &creds("a"), None);
+        assert_eq!(base, fingerprint(&target, &creds("a"), None));
+        assert_ne!(base, fingerprint(&target, &creds("b"), None));
+        assert_ne!(base, fingerprint(&target, &creds("a"), Some(b"pem")));
+        let other = ConnectionTarget { base_url: "https://n".into(), ..target.clone() };
+        assert_ne!(base, fingerprint(&other, &creds("a"), None));
+    }
+}

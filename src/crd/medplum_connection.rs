@@ -1,0 +1,118 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Which Medplum server and project to use, and the project-admin credential to use it with.
+/// Resources in the same namespace refer to it by name (`spec.connectionRef`).
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "medplum.com",
+    version = "v1alpha1",
+    kind = "MedplumConnection",
+    namespaced,
+    status = "ConnectionStatus",
+    shortname = "mpconn",
+    category = "medplum",
+    doc = "A Medplum server, project and project-admin credential that resources in this namespace are reconciled through.",
+    printcolumn(name = "URL", type_ = "string", json_path = ".spec.baseUrl"),
+    printcolumn(name = "Project", type_ = "string", json_path = ".status.projectId"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".status.serverVersion"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MedplumConnectionSpec {
+    /// Base URL of the Medplum server, for example `https://api.medplum.com/`.
+    #[schemars(regex(pattern = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"), length(max = 2048))]
+    pub base_url: String,
+    /// The Medplum project the credential must belong to. When set, the connection is Ready only if the
+    /// credential is a member of exactly this project; when empty, the credential's project is used and
+    /// reported in `status.projectId`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub project_id: Option<String>,
+    /// Secret in this namespace holding the client id and secret of a project-admin ClientApplication.
+    pub credentials_secret_ref: CredentialsSecretRef,
+    /// PEM CA bundle to trust for the Medplum server, in addition to the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundleRef>,
+}
+
+/// A Secret in the connection's namespace with the project-admin client credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key that holds the ClientApplication id.
+    #[serde(default = "default_client_id_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_id_key: String,
+    /// Key that holds the ClientApplication secret.
+    #[serde(default = "default_client_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_secret_key: String,
+}
+
+pub(crate) fn default_client_id_key() -> String {
+    "MEDPLUM_CLIENT_ID".into()
+}
+
+pub(crate) fn default_client_secret_key() -> String {
+    "MEDPLUM_CLIENT_SECRET".into()
+}
+
+/// A key of a Secret or a ConfigMap (exactly one) that holds PEM certificates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.secretRef) != has(self.configMapRef)",
+    "message": "set exactly one of secretRef and configMapRef"
+}]))]
+pub struct CaBundleRef {
+    /// A Secret key holding the PEM bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<KeySelector>,
+    /// A ConfigMap key holding the PEM bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<KeySelector>,
+}
+
+/// One key of a named Secret or ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KeySelector {
+    /// Name of the object.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within it.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Observed state of a connection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionStatus {
+    /// `Ready` is True once a token was obtained with the credential and the credential was verified to be
+    /// a project admin of the expected project.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` the status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The Medplum project the credential belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    /// The name of that project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_name: Option<String>,
+    /// The Medplum server version reported by `/healthcheck`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_version: Option<String>,
+    /// The ClientApplication the credential authenticates as (an id, never its secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+}

@@ -1,0 +1,97 @@
+//! The custom resources of `medplum.com/v1alpha1`, one file per kind, and the types they share.
+
+mod access_policy;
+mod client_application;
+mod cluster_medplum_connection;
+mod medplum_connection;
+mod project_user;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResourceExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use access_policy::{AccessPolicy, AccessPolicySpec};
+pub use client_application::{ClientApplication, ClientApplicationSpec};
+pub use cluster_medplum_connection::{
+    AllowedNamespaces, ClusterCaBundleRef, ClusterCredentialsSecretRef, ClusterMedplumConnection,
+    ClusterMedplumConnectionSpec,
+};
+pub use medplum_connection::{
+    CaBundleRef, ConnectionStatus, CredentialsSecretRef, MedplumConnection, MedplumConnectionSpec,
+};
+pub use project_user::{ProjectUser, ProjectUserSpec};
+
+/// API group of every kind this operator serves.
+pub const GROUP: &str = "medplum.com";
+
+/// Every CustomResourceDefinition this operator serves, in a stable order.
+pub fn all() -> Vec<CustomResourceDefinition> {
+    vec![
+        MedplumConnection::crd(),
+        ClusterMedplumConnection::crd(),
+        ClientApplication::crd(),
+        AccessPolicy::crd(),
+        ProjectUser::crd(),
+    ]
+}
+
+/// Renders one CRD as the YAML document committed under `crds/`.
+pub fn to_yaml(crd: &CustomResourceDefinition) -> String {
+    serde_yaml::to_string(crd).expect("a CRD always serializes to YAML")
+}
+
+/// The file name of a CRD under `crds/`: `<plural>.<group>.yaml`.
+pub fn file_name(crd: &CustomResourceDefinition) -> String {
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or_default())
+}
+
+/// Writes every CRD into `dir`, one file each.
+pub fn write_files(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for crd in all() {
+        std::fs::write(dir.join(file_name(&crd)), to_yaml(&crd))?;
+    }
+    Ok(())
+}
+
+/// The kind of connection object a resource uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ConnectionKind {
+    /// A `MedplumConnection` in the resource's own namespace.
+    #[default]
+    MedplumConnection,
+    /// A cluster-wide `ClusterMedplumConnection` whose `allowedNamespaces` admits the resource's namespace.
+    ClusterMedplumConnection,
+}
+
+/// Which connection (Medplum server, project and credential) a resource is reconciled through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionRef {
+    /// `MedplumConnection` (same namespace) or `ClusterMedplumConnection`.
+    #[serde(default)]
+    pub kind: ConnectionKind,
+    /// Name of the connection object.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+impl Default for ConnectionRef {
+    fn default() -> Self {
+        Self { kind: ConnectionKind::MedplumConnection, name: "default".into() }
+    }
+}
+
+/// Status shared by the kinds that are reconciled through a connection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceStatus {
+    /// kstatus conditions; `Ready` summarises the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` the status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}

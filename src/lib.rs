@@ -1,0 +1,9 @@
+//! medplum-operator: Medplum ClientApplications, AccessPolicies and project users as Kubernetes resources.
+
+pub mod config;
+pub mod controller;
+pub mod crd;
+pub mod medplum;
+pub mod metrics;
+pub mod server;
+pub mod telemetry;

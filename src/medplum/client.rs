@@ -1,0 +1,230 @@
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use super::model::{Health, Me, OperationOutcome, TokenError, TokenResponse};
+use super::token::{Source, TokenCache};
+use super::MedplumError;
+use crate::metrics::Metrics;
+
+/// The id and secret of a ClientApplication. The secret is redacted in Debug output.
+#[derive(Clone, Debug)]
+pub struct ClientCredentials {
+    pub client_id: String,
+    pub client_secret: SecretString,
+}
+
+/// An HTTP client for one Medplum server, authenticated as one ClientApplication, with a token cache.
+pub struct MedplumClient {
+    http: reqwest::Client,
+    base_url: Url,
+    credentials: ClientCredentials,
+    tokens: TokenCache,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for MedplumClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MedplumClient")
+            .field("base_url", &self.base_url.as_str())
+            .field("client_id", &self.credentials.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The base URL with exactly one trailing slash, so that joining relative paths keeps its path.
+fn normalized_base(base_url: &str) -> Result<Url, MedplumError> {
+    let with_slash = format!("{}/", base_url.trim_end_matches('/'));
+    let url = Url::parse(&with_slash).map_err(|e| MedplumError::Settings { detail: format!("base URL: {e}") })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(MedplumError::Settings { detail: "base URL must be an http(s) URL with a host".into() });
+    }
+    Ok(url)
+}
+
+impl MedplumClient {
+    /// A client for `base_url`, trusting `ca_pem` (PEM certificates) besides the system roots.
+    pub fn new(
+        base_url: &str,
+        credentials: ClientCredentials,
+        ca_pem: Option<&[u8]>,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, MedplumError> {
+        let base_url = normalized_base(base_url)?;
+        let mut builder = reqwest::Client::builder()
+            .tls_backend_rustls()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("medplum-operator/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| MedplumError::Settings { detail: format!("CA bundle: {e}") })?;
+            if certs.is_empty() {
+                return Err(MedplumError::Settings { detail: "CA bundle holds no PEM certificate".into() });
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder.build().map_err(|e| MedplumError::Settings { detail: format!("HTTP client: {e}") })?;
+        Ok(Self { http, base_url, credentials, tokens: TokenCache::default(), metrics })
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base_url
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.credentials.client_id
+    }
+
+    fn url(&self, path: &str) -> Url {
+        self.base_url.join(path).expect("operator paths are valid relative URLs")
+    }
+
+    /// `GET /healthcheck` (no authentication): is the server up, and which version is it.
+    pub async fn health(&self) -> Result<Health, MedplumError> {
+        let request = self.http.get(self.url("healthcheck"));
+        let response = self.send("healthcheck", request).await?;
+        json(response).await
+    }
+
+    /// `GET /auth/me`: the project and membership of the credential.
+    pub async fn me(&self) -> Result<Me, MedplumError> {
+        self.authed("auth_me", Method::GET, "auth/me", |r| r).await
+    }
+
+    /// Sends an authenticated request, built from a fresh token. A 401 drops the cached token and the
+    /// request is tried once more with a new one (the token may have been revoked early).
+    async fn authed<T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        method: Method,
+        path: &str,
+        build: impl Fn(RequestBuilder) -> RequestBuilder,
+    ) -> Result<T, MedplumError> {
+        let url = self.url(path);
+        for attempt in 0..2 {
+            let token = self.token().await?;
+            let request = build(self.http.request(method.clone(), url.clone()).bearer_auth(token.expose_secret()));
+            match self.send(operation, request).await {
+                Err(MedplumError::Unauthorized) if attempt == 0 => self.tokens.invalidate(&token).await,
+                Err(e) => return Err(e),
+                Ok(response) => return json(response).await,
+            }
+        }
+        Err(MedplumError::Unauthorized)
+    }
+
+    /// An access token for the credential, from the cache when possible.
+    async fn token(&self) -> Result<SecretString, MedplumError> {
+        let (token, source) = self.tokens.get(|| self.fetch_token()).await?;
+        self.metrics.record_token(source == Source::Cache);
+        Ok(token)
+    }
+
+    async fn fetch_token(&self) -> Result<(SecretString, Duration), MedplumError> {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.credentials.client_id.as_str()),
+            ("client_secret", self.credentials.client_secret.expose_secret()),
+        ];
+        let request = self.http.post(self.url("oauth2/token")).form(&form);
+        let response = self.send("token", request).await?;
+        // Medplum answers every refused credential with 400 invalid_request (never 401).
+        if response.status() == StatusCode::BAD_REQUEST {
+            let body = response.bytes().await.map_err(|e| transport_error(&self.base_url, &e))?;
+            let description = serde_json::from_slice::<TokenError>(&body)
+                .ok()
+                .and_then(|e| e.error_description)
+                .or_else(|| serde_json::from_slice::<OperationOutcome>(&body).ok().and_then(|o| o.text()))
+                .unwrap_or_else(|| "HTTP 400".into());
+            return Err(MedplumError::InvalidCredentials { description });
+        }
+        let token: TokenResponse = json(response).await?;
+        Ok((SecretString::from(token.access_token), Duration::from_secs(token.expires_in.max(1))))
+    }
+
+    /// Sends a request and maps Medplum's error statuses. 400 on `/oauth2/token` is returned as a
+    /// response, since its body says why the credentials were refused.
+    async fn send(&self, operation: &'static str, request: RequestBuilder) -> Result<Response, MedplumError> {
+        let started = Instant::now();
+        let result = match request.send().await {
+            Err(e) => Err(transport_error(&self.base_url, &e)),
+            Ok(response) if response.status().is_success() => Ok(response),
+            Ok(response) if operation == "token" && response.status() == StatusCode::BAD_REQUEST => Ok(response),
+            Ok(response) => Err(status_error(response).await),
+        };
+        let status = match &result {
+            Ok(response) => response.status().as_u16().to_string(),
+            Err(e) => e.status_label(),
+        };
+        self.metrics.record_medplum_request(operation, &status, started.elapsed());
+        result
+    }
+}
+
+/// A transport failure, described without the URL's query (which never holds secrets, but may be long).
+fn transport_error(base_url: &Url, error: &reqwest::Error) -> MedplumError {
+    let detail = if error.is_timeout() {
+        "timed out".to_string()
+    } else if error.is_connect() {
+        "connection failed".to_string()
+    } else if error.is_decode() || error.is_body() {
+        "connection closed while reading the response".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let detail = match std::error::Error::source(error) {
+        Some(source) => format!("{detail} ({source})"),
+        None => detail,
+    };
+    MedplumError::Unreachable { url: base_url.to_string(), detail }
+}
+
+async fn status_error(response: Response) -> MedplumError {
+    let status = response.status();
+    let body = response.bytes().await.unwrap_or_default();
+    let message = serde_json::from_slice::<OperationOutcome>(&body)
+        .ok()
+        .and_then(|o| o.text())
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
+    match status.as_u16() {
+        401 => MedplumError::Unauthorized,
+        403 => MedplumError::Forbidden { message },
+        404 => MedplumError::NotFound,
+        409 => MedplumError::Conflict { message },
+        410 => MedplumError::Gone,
+        412 => MedplumError::PreconditionFailed { message },
+        // Medplum sends no Retry-After with 429; the window is 60 s.
+        429 => MedplumError::RateLimited { retry_after: None },
+        s if s >= 500 => MedplumError::ServerError { status: s, message },
+        s => MedplumError::Rejected { status: s, message },
+    }
+}
+
+async fn json<T: DeserializeOwned>(response: Response) -> Result<T, MedplumError> {
+    let body = response.bytes().await.map_err(|e| MedplumError::Protocol { detail: format!("reading body: {e}") })?;
+    serde_json::from_slice(&body).map_err(|e| MedplumError::Protocol { detail: format!("decoding JSON: {e}") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_keeps_its_path_and_gets_one_slash() {
+        assert_eq!(normalized_base("https://m.example.org").unwrap().as_str(), "https://m.example.org/");
+        assert_eq!(normalized_base("https://m.example.org/medplum//").unwrap().as_str(), "https://m.example.org/medplum/");
+        assert_eq!(
+            normalized_base("https://m.example.org/medplum").unwrap().join("auth/me").unwrap().as_str(),
+            "https://m.example.org/medplum/auth/me"
+        );
+        assert!(normalized_base("ftp://m.example.org").is_err());
+        assert!(normalized_base("not a url").is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! Medplum's HTTP API as the operator uses it: an authenticated client with a token cache, the model
+//! types it reads and writes, and its error type.
+
+mod client;
+mod error;
+mod model;
+mod token;
+
+pub use client::{ClientCredentials, MedplumClient};
+pub use error::MedplumError;
+pub use model::{Health, Me};
