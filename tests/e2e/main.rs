@@ -1,0 +1,8 @@
+//! Integration suite: the operator against a real kube-apiserver (RBAC on) and a Medplum target
+//! (the Medplum test server by default, a real Medplum when `MEDPLUM_TEST_*` is set).
+
+mod support;
+
+mod connection;
+mod contract;
+mod crds;

@@ -1,0 +1,109 @@
+//! The local control plane: started once per test run by `hack/controlplane/start.sh` (which reuses a
+//! running one), or the cluster named by `KUBECONFIG` when the caller set it. CRDs are applied once.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use tokio::sync::OnceCell;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The kubeconfig of the cluster under test.
+pub fn kubeconfig() -> &'static PathBuf {
+    static KUBECONFIG: OnceLock<PathBuf> = OnceLock::new();
+    KUBECONFIG.get_or_init(|| {
+        if let Some(path) = std::env::var_os("KUBECONFIG").filter(|p| !p.is_empty()) {
+            return PathBuf::from(path);
+        }
+        let output = std::process::Command::new("bash")
+            .arg(repo_root().join("hack/controlplane/start.sh"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running hack/controlplane/start.sh");
+        assert!(output.status.success(), "hack/controlplane/start.sh failed");
+        PathBuf::from(String::from_utf8(output.stdout).expect("path is UTF-8").trim())
+    })
+}
+
+/// A client for this test's runtime (a kube Client must not outlive the runtime it was made on).
+pub async fn cluster_client() -> Client {
+    super::init();
+    let kubeconfig = Kubeconfig::read_from(kubeconfig()).expect("reading kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig");
+    let client = Client::try_from(config).expect("kube client");
+    install_crds(&client).await;
+    client
+}
+
+async fn install_crds(client: &Client) {
+    static INSTALLED: OnceCell<()> = OnceCell::const_new();
+    INSTALLED
+        .get_or_init(|| async {
+            let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+            for crd in medplum_operator::crd::all() {
+                let name = crd.metadata.name.clone().expect("CRDs are named");
+                api.patch(&name, &PatchParams::apply("medplum-operator-tests").force(), &Patch::Apply(&crd))
+                    .await
+                    .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+                super::eventually(Duration::from_secs(30), &format!("CRD {name} established"), || {
+                    let api = api.clone();
+                    let name = name.clone();
+                    async move {
+                        let crd = api.get(&name).await.ok()?;
+                        let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                        established.then_some(())
+                    }
+                })
+                .await;
+            }
+        })
+        .await;
+}
+
+/// A namespace of one test, deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    pub uid: String,
+}
+
+impl TestNamespace {
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let name = format!("t-{prefix}-{}", super::suffix());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"medplum-operator-test": "true"}}
+        }))
+        .expect("namespace");
+        let created = Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("creating namespace");
+        Self { name, uid: created.metadata.uid.expect("created namespaces have a uid") }
+    }
+
+    /// An owner reference to this namespace, so cluster-scoped test objects are garbage collected with it.
+    pub fn owner_reference(&self) -> serde_json::Value {
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "name": self.name, "uid": self.uid})
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Drop cannot await; delete from a short-lived runtime on another thread.
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let kubeconfig = Kubeconfig::read_from(kubeconfig()).ok()?;
+                let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.ok()?;
+                let client = Client::try_from(config).ok()?;
+                Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await.ok()
+            })
+        })
+        .join();
+    }
+}

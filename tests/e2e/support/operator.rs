@@ -1,0 +1,100 @@
+//! The operator binary as a child process, watching one test namespace, with its logs captured.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+use super::cluster::kubeconfig;
+
+pub struct Operator {
+    /// Held so the process ends with this handle (`kill_on_drop`).
+    _child: Child,
+    logs: Arc<Mutex<String>>,
+    pub address: SocketAddr,
+}
+
+fn capture(stream: impl AsyncRead + Unpin + Send + 'static, logs: Arc<Mutex<String>>) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if std::env::var_os("OPERATOR_LOGS").is_some() {
+                eprintln!("operator: {line}");
+            }
+            let mut logs = logs.lock().unwrap();
+            logs.push_str(&line);
+            logs.push('\n');
+        }
+    });
+}
+
+impl Operator {
+    /// Starts `medplum-operator run` for `namespace` (and the ClusterMedplumConnections labelled
+    /// `medplum-operator-test=<namespace>`) with debug logging in JSON.
+    pub async fn start(namespace: &str, extra_args: &[&str]) -> Self {
+        let selector = format!("medplum-operator-test={namespace}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_medplum-operator"))
+            .args(["run", "--watch-namespaces", namespace, "--cluster-connection-selector", &selector])
+            .args(["--http-address", "127.0.0.1:0", "--log-format", "json"])
+            .args(extra_args)
+            .env("KUBECONFIG", kubeconfig())
+            .env("RUST_LOG", std::env::var("OPERATOR_RUST_LOG").unwrap_or_else(|_| "debug".into()))
+            .env("POD_NAME", format!("operator-{namespace}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting medplum-operator");
+        let logs = Arc::new(Mutex::new(String::new()));
+        capture(child.stdout.take().expect("stdout"), logs.clone());
+        capture(child.stderr.take().expect("stderr"), logs.clone());
+        let address = super::eventually(Duration::from_secs(30), "operator HTTP address in its logs", || {
+            let logs = logs.clone();
+            async move {
+                let text = logs.lock().unwrap().clone();
+                text.lines()
+                    .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                    .find(|entry| entry["message"] == "serving /healthz, /readyz and /metrics")
+                    .and_then(|entry| entry["address"].as_str()?.parse().ok())
+            }
+        })
+        .await;
+        let operator = Self { _child: child, logs, address };
+        operator.wait_ready().await;
+        operator
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let response = reqwest::get(format!("http://{}{path}", self.address)).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
+    pub async fn wait_ready(&self) {
+        super::eventually(Duration::from_secs(30), "operator /readyz", || async {
+            self.get("/readyz").await.filter(|(status, _)| *status == 200).map(|_| ())
+        })
+        .await;
+    }
+
+    /// The `/metrics` exposition.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.expect("metrics endpoint answers").1
+    }
+
+    /// The value of one metric sample, e.g. `medplum_operator_token_refreshes_total`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .filter(|line| line.starts_with(sample))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
