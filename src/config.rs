@@ -6,7 +6,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "medplum-operator", version, about = "Medplum ClientApplications, AccessPolicies and users as Kubernetes resources")]
+#[command(
+    name = "medplum-operator",
+    version,
+    about = "Medplum ClientApplications, AccessPolicies and users as Kubernetes resources"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -64,7 +64,11 @@ impl Default for Metrics {
         let reconcile_duration = HistogramFamily::new_with_constructor(duration_histogram as fn() -> Histogram);
         registry.register("reconcile_duration_seconds", "Duration of reconciliations", reconcile_duration.clone());
         let medplum_requests = Family::default();
-        registry.register("medplum_requests", "Requests to Medplum by operation and HTTP status", medplum_requests.clone());
+        registry.register(
+            "medplum_requests",
+            "Requests to Medplum by operation and HTTP status",
+            medplum_requests.clone(),
+        );
         let medplum_request_duration = HistogramFamily::new_with_constructor(duration_histogram as fn() -> Histogram);
         registry.register(
             "medplum_request_duration_seconds",
@@ -74,7 +78,11 @@ impl Default for Metrics {
         let token_cache_hits = Counter::default();
         registry.register("token_cache_hits", "Medplum access tokens served from the cache", token_cache_hits.clone());
         let token_refreshes = Counter::default();
-        registry.register("token_refreshes", "Medplum access tokens requested from /oauth2/token", token_refreshes.clone());
+        registry.register(
+            "token_refreshes",
+            "Medplum access tokens requested from /oauth2/token",
+            token_refreshes.clone(),
+        );
         let connection_ready = Family::default();
         registry.register("connection_ready", "1 when a connection is Ready, else 0", connection_ready.clone());
         Self {
@@ -103,7 +111,11 @@ impl Metrics {
     }
 
     pub fn record_token(&self, from_cache: bool) {
-        if from_cache { self.token_cache_hits.inc() } else { self.token_refreshes.inc() };
+        if from_cache {
+            self.token_cache_hits.inc()
+        } else {
+            self.token_refreshes.inc()
+        };
     }
 
     pub fn set_connection_ready(&self, kind: &'static str, namespace: &str, name: &str, ready: bool) {

@@ -44,10 +44,7 @@ async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(state): State<ServerState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
 }
 
 /// Binds the address; returns the bound address and the server future.

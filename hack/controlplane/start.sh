@@ -70,7 +70,8 @@ KUBECONFIG
 
 launch() { # name args...
   local name=$1; shift
-  nohup setsid "$@" >"$dir/$name.log" 2>&1 &
+  # 9>&-: the servers must not inherit the lock, or the next start.sh would wait for them forever.
+  nohup setsid "$@" >"$dir/$name.log" 2>&1 9>&- &
   echo $! > "$dir/$name.pid"
 }
 

@@ -23,7 +23,7 @@ use super::secret::{CaSource, SourceError, read_ca_bundle, read_secret_strings};
 use super::status::{ConditionState, READY, apply_status, is_ready, set_condition};
 use super::{Context, Error, ReconcileStream};
 use crate::crd::{ClusterMedplumConnection, ConnectionKind, ConnectionStatus, MedplumConnection};
-use crate::medplum::{ClientCredentials, MedplumClient, MedplumError, Me};
+use crate::medplum::{ClientCredentials, Me, MedplumClient, MedplumError};
 
 /// Label that opts a connection's credentials Secret into a metadata-only watch, so that edits to it
 /// are picked up at once instead of at the next periodic verification.
@@ -87,12 +87,14 @@ impl ConnectionObject for MedplumConnection {
     fn target(&self) -> ConnectionTarget {
         let namespace = self.namespace().unwrap_or_default();
         let creds = &self.spec.credentials_secret_ref;
-        let ca = self.spec.ca_bundle.as_ref().and_then(|ca| {
-            match (&ca.secret_ref, &ca.config_map_ref) {
-                (Some(s), _) => Some(CaSource::Secret { namespace: namespace.clone(), name: s.name.clone(), key: s.key.clone() }),
-                (None, Some(c)) => Some(CaSource::ConfigMap { namespace: namespace.clone(), name: c.name.clone(), key: c.key.clone() }),
-                (None, None) => None,
+        let ca = self.spec.ca_bundle.as_ref().and_then(|ca| match (&ca.secret_ref, &ca.config_map_ref) {
+            (Some(s), _) => {
+                Some(CaSource::Secret { namespace: namespace.clone(), name: s.name.clone(), key: s.key.clone() })
             }
+            (None, Some(c)) => {
+                Some(CaSource::ConfigMap { namespace: namespace.clone(), name: c.name.clone(), key: c.key.clone() })
+            }
+            (None, None) => None,
         });
         ConnectionTarget {
             base_url: self.spec.base_url.clone(),
@@ -120,7 +122,9 @@ impl ConnectionObject for ClusterMedplumConnection {
     fn target(&self) -> ConnectionTarget {
         let creds = &self.spec.credentials_secret_ref;
         let ca = self.spec.ca_bundle.as_ref().and_then(|ca| match (&ca.secret_ref, &ca.config_map_ref) {
-            (Some(s), _) => Some(CaSource::Secret { namespace: ca.namespace.clone(), name: s.name.clone(), key: s.key.clone() }),
+            (Some(s), _) => {
+                Some(CaSource::Secret { namespace: ca.namespace.clone(), name: s.name.clone(), key: s.key.clone() })
+            }
             (None, Some(c)) => {
                 Some(CaSource::ConfigMap { namespace: ca.namespace.clone(), name: c.name.clone(), key: c.key.clone() })
             }
@@ -160,9 +164,13 @@ pub enum ConnectionError {
     Medplum(#[from] MedplumError),
     #[error("the credential belongs to project {actual}, but spec.projectId is {expected}")]
     ProjectMismatch { expected: String, actual: String },
-    #[error("the credential is a member of project {project} but not a project admin; the operator needs a ClientApplication whose membership has admin: true")]
+    #[error(
+        "the credential is a member of project {project} but not a project admin; the operator needs a ClientApplication whose membership has admin: true"
+    )]
     NotProjectAdmin { project: String },
-    #[error("the credential is a super-admin client; refusing it, use a project-admin ClientApplication of the project instead")]
+    #[error(
+        "the credential is a super-admin client; refusing it, use a project-admin ClientApplication of the project instead"
+    )]
     SuperAdminCredential,
 }
 
@@ -271,7 +279,9 @@ impl ConnectionRegistry {
         fingerprint: [u8; 32],
         make: impl FnOnce() -> Result<MedplumClient, MedplumError>,
     ) -> Result<Arc<MedplumClient>, MedplumError> {
-        if let Some(entry) = self.entries.read().expect("registry lock").get(key).filter(|e| e.fingerprint == fingerprint) {
+        if let Some(entry) =
+            self.entries.read().expect("registry lock").get(key).filter(|e| e.fingerprint == fingerprint)
+        {
             return Ok(entry.client.clone());
         }
         let client = Arc::new(make()?);
@@ -304,7 +314,13 @@ async fn verify(ctx: &Context, key: &ConnectionKey, target: &ConnectionTarget) -
     };
     let print = fingerprint(target, &credentials, ca.as_deref());
     let client = ctx.connections.client(key, print, || {
-        MedplumClient::new(&target.base_url, credentials, ca.as_deref(), ctx.settings.medplum_timeout, ctx.metrics.clone())
+        MedplumClient::new(
+            &target.base_url,
+            credentials,
+            ca.as_deref(),
+            ctx.settings.medplum_timeout,
+            ctx.metrics.clone(),
+        )
     })?;
     let health = client.health().await?;
     let me = client.me().await?;
@@ -376,7 +392,8 @@ fn connections_using<K: ConnectionObject>(store: &Store<K>, secret: &PartialObje
         .iter()
         .filter(|c| {
             let t = c.target();
-            let ca_uses = matches!(&t.ca, Some(CaSource::Secret { namespace: n, name: s, .. }) if *n == namespace && *s == name);
+            let ca_uses =
+                matches!(&t.ca, Some(CaSource::Secret { namespace: n, name: s, .. }) if *n == namespace && *s == name);
             (t.credentials_namespace == namespace && t.credentials_name == name) || ca_uses
         })
         .map(|c| ObjectRef::from_obj(&**c))
@@ -407,21 +424,19 @@ pub fn controller<K: ConnectionObject>(
         }
         None => controller,
     };
-    let stream = controller
-        .shutdown_on_signal()
-        .run(
-            move |obj, ctx: Arc<Context>| {
-                let store = store.clone();
-                async move {
-                    let started = Instant::now();
-                    let result = reconcile(obj, ctx.clone(), store).await;
-                    ctx.metrics.record_reconcile(kind_name(K::KIND), result.is_ok(), started.elapsed());
-                    result
-                }
-            },
-            |obj: Arc<K>, error: &Error, ctx: Arc<Context>| ctx.error_policy(kind_name(K::KIND), &*obj, error),
-            ctx,
-        );
+    let stream = controller.shutdown_on_signal().run(
+        move |obj, ctx: Arc<Context>| {
+            let store = store.clone();
+            async move {
+                let started = Instant::now();
+                let result = reconcile(obj, ctx.clone(), store).await;
+                ctx.metrics.record_reconcile(kind_name(K::KIND), result.is_ok(), started.elapsed());
+                result
+            }
+        },
+        |obj: Arc<K>, error: &Error, ctx: Arc<Context>| ctx.error_policy(kind_name(K::KIND), &*obj, error),
+        ctx,
+    );
     (super::boxed(stream), ready)
 }
 
@@ -462,7 +477,8 @@ mod tests {
         assert!(is_ready(&ok.conditions));
         assert_eq!(ok.conditions[0].message, "authenticated as ClientApplication/c1, project admin of Lab (p1)");
 
-        let failed = desired_status(Some(&ok), &Err(ConnectionError::NotProjectAdmin { project: "p1".into() }), Some(4), now);
+        let failed =
+            desired_status(Some(&ok), &Err(ConnectionError::NotProjectAdmin { project: "p1".into() }), Some(4), now);
         assert!(!is_ready(&failed.conditions));
         assert_eq!(failed.conditions[0].reason, "NotProjectAdmin");
         assert_eq!(failed.project_id.as_deref(), Some("p1"));
@@ -479,7 +495,8 @@ mod tests {
             client_secret_key: "secret".into(),
             ca: None,
         };
-        let creds = |secret: &str| ClientCredentials { client_id: "c".into(), client_secret: secret.to_string().into() };
+        let creds =
+            |secret: &str| ClientCredentials { client_id: "c".into(), client_secret: secret.to_string().into() };
         let base = fingerprint(&target, &creds("a"), None);
         assert_eq!(base, fingerprint(&target, &creds("a"), None));
         assert_ne!(base, fingerprint(&target, &creds("b"), None));

@@ -128,11 +128,8 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
     let mut streams = Vec::new();
     let mut ready = Vec::new();
     let namespaced = !settings.watch_namespaces.is_empty();
-    let scopes: Vec<Option<&str>> = if namespaced {
-        settings.watch_namespaces.iter().map(|ns| Some(ns.as_str())).collect()
-    } else {
-        vec![None]
-    };
+    let scopes: Vec<Option<&str>> =
+        if namespaced { settings.watch_namespaces.iter().map(|ns| Some(ns.as_str())).collect() } else { vec![None] };
     for scope in scopes {
         let (connections, secrets) = match scope {
             Some(ns) => (Api::<MedplumConnection>::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),

@@ -15,7 +15,7 @@ pub enum SourceError {
     #[error("{kind} {namespace}/{name} key {key:?} is not UTF-8 text")]
     NotText { kind: &'static str, namespace: String, name: String, key: String },
     #[error("cannot read {kind} {namespace}/{name}: {source}")]
-    Api { kind: &'static str, namespace: String, name: String, source: kube::Error },
+    Api { kind: &'static str, namespace: String, name: String, source: Box<kube::Error> },
 }
 
 impl SourceError {
@@ -31,8 +31,10 @@ impl SourceError {
     /// Kubernetes API failures other than "forbidden" may pass on their own.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Api { source: kube::Error::Api(status), .. } => status.code >= 500 || status.code == 429,
-            Self::Api { .. } => true,
+            Self::Api { source, .. } => match &**source {
+                kube::Error::Api(status) => status.code >= 500 || status.code == 429,
+                _ => true,
+            },
             _ => false,
         }
     }
@@ -51,9 +53,13 @@ pub async fn read_secret_strings(
         kind: "Secret",
         namespace: namespace.into(),
         name: name.into(),
-        source,
+        source: Box::new(source),
     })?;
-    let secret = secret.ok_or_else(|| SourceError::NotFound { kind: "Secret", namespace: namespace.into(), name: name.into() })?;
+    let secret = secret.ok_or_else(|| SourceError::NotFound {
+        kind: "Secret",
+        namespace: namespace.into(),
+        name: name.into(),
+    })?;
     let data = secret.data.unwrap_or_default();
     keys.iter()
         .map(|key| {
@@ -96,9 +102,13 @@ pub async fn read_ca_bundle(client: &Client, source: &CaSource) -> Result<Vec<u8
                 kind: "ConfigMap",
                 namespace: namespace.clone(),
                 name: name.clone(),
-                source,
+                source: Box::new(source),
             })?;
-            let map = map.ok_or_else(|| SourceError::NotFound { kind: "ConfigMap", namespace: namespace.clone(), name: name.clone() })?;
+            let map = map.ok_or_else(|| SourceError::NotFound {
+                kind: "ConfigMap",
+                namespace: namespace.clone(),
+                name: name.clone(),
+            })?;
             map.data
                 .as_ref()
                 .and_then(|d| d.get(key))

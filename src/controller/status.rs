@@ -5,8 +5,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
 use kube::Resource;
+use kube::api::{Api, Patch, PatchParams};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -31,7 +31,12 @@ impl ConditionState {
 }
 
 /// `conditions` with `state` set: the transition time is kept when the status did not change.
-pub fn set_condition(conditions: &[Condition], state: ConditionState, generation: Option<i64>, now: Timestamp) -> Vec<Condition> {
+pub fn set_condition(
+    conditions: &[Condition],
+    state: ConditionState,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
     let status = if state.status { "True" } else { "False" };
     let previous = conditions.iter().find(|c| c.type_ == state.type_);
     let last_transition_time = match previous {
@@ -104,7 +109,8 @@ mod tests {
     #[test]
     fn keeps_transition_time_while_status_is_unchanged() {
         let first = set_condition(&[], ConditionState::new(READY, false, "Connecting", "a"), Some(1), at(100));
-        let again = set_condition(&first, ConditionState::new(READY, false, "MedplumUnreachable", "b"), Some(2), at(200));
+        let again =
+            set_condition(&first, ConditionState::new(READY, false, "MedplumUnreachable", "b"), Some(2), at(200));
         assert_eq!(again[0].last_transition_time, Time(at(100)));
         assert_eq!((again[0].reason.as_str(), again[0].observed_generation), ("MedplumUnreachable", Some(2)));
         let flipped = set_condition(&again, ConditionState::new(READY, true, "Connected", "c"), Some(2), at(300));

@@ -19,7 +19,12 @@ use super::medplum_connection::{ConnectionStatus, KeySelector, default_client_id
     printcolumn(name = "Project", type_ = "string", json_path = ".status.projectId"),
     printcolumn(name = "Version", type_ = "string", json_path = ".status.serverVersion"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

@@ -1,14 +1,17 @@
 //! The custom resources of `medplum.com/v1alpha1`, one file per kind, and the types they share.
 
+// Several `printcolumn(type_ = "string", …)` attributes are distinct columns, not duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 mod access_policy;
 mod client_application;
 mod cluster_medplum_connection;
 mod medplum_connection;
 mod project_user;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResourceExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 

@@ -6,9 +6,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use super::MedplumError;
 use super::model::{Health, Me, OperationOutcome, TokenError, TokenResponse};
 use super::token::{Source, TokenCache};
-use super::MedplumError;
 use crate::metrics::Metrics;
 
 /// The id and secret of a ClientApplication. The secret is redacted in Debug output.
@@ -219,7 +219,10 @@ mod tests {
     #[test]
     fn base_url_keeps_its_path_and_gets_one_slash() {
         assert_eq!(normalized_base("https://m.example.org").unwrap().as_str(), "https://m.example.org/");
-        assert_eq!(normalized_base("https://m.example.org/medplum//").unwrap().as_str(), "https://m.example.org/medplum/");
+        assert_eq!(
+            normalized_base("https://m.example.org/medplum//").unwrap().as_str(),
+            "https://m.example.org/medplum/"
+        );
         assert_eq!(
             normalized_base("https://m.example.org/medplum").unwrap().join("auth/me").unwrap().as_str(),
             "https://m.example.org/medplum/auth/me"

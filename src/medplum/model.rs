@@ -79,8 +79,7 @@ struct Details {
 
 impl OperationOutcome {
     pub fn text(&self) -> Option<String> {
-        let texts: Vec<&str> =
-            self.issue.iter().filter_map(|i| i.details.as_ref()?.text.as_deref()).collect();
+        let texts: Vec<&str> = self.issue.iter().filter_map(|i| i.details.as_ref()?.text.as_deref()).collect();
         (!texts.is_empty()).then(|| texts.join("; "))
     }
 }

@@ -65,7 +65,10 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    async fn fetch_counted(counter: Arc<AtomicU32>, lifetime: Duration) -> Result<(SecretString, Duration), MedplumError> {
+    async fn fetch_counted(
+        counter: Arc<AtomicU32>,
+        lifetime: Duration,
+    ) -> Result<(SecretString, Duration), MedplumError> {
         let n = counter.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(10)).await;
         Ok((SecretString::from(format!("token-{n}")), lifetime))
@@ -108,8 +111,14 @@ mod tests {
         let fetches = Arc::new(AtomicU32::new(0));
         let (token, _) = cache.get(|| fetch_counted(fetches.clone(), Duration::from_secs(60))).await.unwrap();
         cache.invalidate(&SecretString::from("some-older-token")).await;
-        assert_eq!(cache.get(|| fetch_counted(fetches.clone(), Duration::from_secs(60))).await.unwrap().1, Source::Cache);
+        assert_eq!(
+            cache.get(|| fetch_counted(fetches.clone(), Duration::from_secs(60))).await.unwrap().1,
+            Source::Cache
+        );
         cache.invalidate(&token).await;
-        assert_eq!(cache.get(|| fetch_counted(fetches.clone(), Duration::from_secs(60))).await.unwrap().1, Source::Fetched);
+        assert_eq!(
+            cache.get(|| fetch_counted(fetches.clone(), Duration::from_secs(60))).await.unwrap().1,
+            Source::Fetched
+        );
     }
 }

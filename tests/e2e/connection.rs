@@ -29,7 +29,10 @@ async fn create_connection(client: &Client, namespace: &str, name: &str, spec: V
         "apiVersion": "medplum.com/v1alpha1", "kind": "MedplumConnection", "metadata": {"name": name}, "spec": spec
     }))
     .unwrap();
-    Api::<MedplumConnection>::namespaced(client.clone(), namespace).create(&PostParams::default(), &object).await.unwrap();
+    Api::<MedplumConnection>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
 }
 
 fn ready_of(status: Option<&ConnectionStatus>) -> Option<(String, String, String)> {
@@ -50,7 +53,8 @@ async fn wait_ready(api: &Api<MedplumConnection>, name: &str, status: &str, reas
 /// Fails if any secret value appears in the operator's logs, the namespace's Events or its objects.
 async fn assert_no_secret_leaks(client: &Client, namespace: &str, operator: &Operator, secrets: &[&str]) {
     let events = Api::<Event>::namespaced(client.clone(), namespace).list(&ListParams::default()).await.unwrap();
-    let connections = Api::<MedplumConnection>::namespaced(client.clone(), namespace).list(&ListParams::default()).await.unwrap();
+    let connections =
+        Api::<MedplumConnection>::namespaced(client.clone(), namespace).list(&ListParams::default()).await.unwrap();
     let places = [
         ("operator logs", operator.logs()),
         ("events", serde_json::to_string(&events.items).unwrap()),
@@ -113,7 +117,11 @@ async fn connection_becomes_ready_and_steady_state_makes_no_writes() {
     assert_eq!(later.resource_version(), version, "no writes to Kubernetes in steady state");
     let verifications = operator.metric("medplum_operator_medplum_requests_total{operation=\"auth_me\"").await;
     assert!(verifications >= 4.0, "the connection was verified again on every resync ({verifications})");
-    assert_eq!(operator.metric("medplum_operator_token_refreshes_total").await, 1.0, "one token for every verification");
+    assert_eq!(
+        operator.metric("medplum_operator_token_refreshes_total").await,
+        1.0,
+        "one token for every verification"
+    );
     if medplum.is_test_server() {
         let after = medplum.stats().await;
         let grown: Vec<(&String, u64)> =
@@ -126,7 +134,8 @@ async fn connection_becomes_ready_and_steady_state_makes_no_writes() {
 
     let events = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.unwrap();
     assert!(
-        events.items.iter().any(|e| e.reason.as_deref() == Some("Connected") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("default")),
+        events.items.iter().any(|e| e.reason.as_deref() == Some("Connected")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("default")),
         "a Connected event was published"
     );
     assert_no_secret_leaks(&client, &ns.name, &operator, &[&admin.client_secret]).await;
@@ -172,15 +181,23 @@ async fn connection_says_why_it_is_not_ready_without_printing_secrets() {
         json!({}),
     )
     .await;
-    let connection = |secret: &str, project: &str, base_url: &str| {
-        json!({"baseUrl": base_url, "projectId": project, "credentialsSecretRef": {"name": secret}})
-    };
+    let connection = |secret: &str, project: &str, base_url: &str| json!({"baseUrl": base_url, "projectId": project, "credentialsSecretRef": {"name": secret}});
     let url = medplum.base_url().to_string();
     let cases = [
         ("wrong-secret", connection("wrong-secret", &admin.project_id, &url), "InvalidCredentials", "Invalid secret"),
         ("wrong-project", connection("good", &other.project_id, &url), "ProjectMismatch", &other.project_id as &str),
-        ("unreachable", connection("good", &admin.project_id, "http://127.0.0.1:1/"), "MedplumUnreachable", "unreachable"),
-        ("missing-key", connection("no-secret-key", &admin.project_id, &url), "SecretKeyMissing", "MEDPLUM_CLIENT_SECRET"),
+        (
+            "unreachable",
+            connection("good", &admin.project_id, "http://127.0.0.1:1/"),
+            "MedplumUnreachable",
+            "unreachable",
+        ),
+        (
+            "missing-key",
+            connection("no-secret-key", &admin.project_id, &url),
+            "SecretKeyMissing",
+            "MEDPLUM_CLIENT_SECRET",
+        ),
         ("missing-secret", connection("absent", &admin.project_id, &url), "SecretNotFound", "absent"),
         ("not-admin", connection("member", &admin.project_id, &url), "NotProjectAdmin", "admin: true"),
     ];
@@ -209,9 +226,19 @@ async fn connection_says_why_it_is_not_ready_without_printing_secrets() {
     println!("figure: fixed credentials picked up in {:?}", started.elapsed());
 
     let events = Api::<Event>::namespaced(client.clone(), &ns.name).list(&ListParams::default()).await.unwrap();
-    assert!(events.items.iter().any(|e| e.reason.as_deref() == Some("InvalidCredentials") && e.type_.as_deref() == Some("Warning")));
-    assert_no_secret_leaks(&client, &ns.name, &operator, &[&admin.client_secret, &wrong_secret, &member_secret, &other.client_secret])
-        .await;
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidCredentials") && e.type_.as_deref() == Some("Warning"))
+    );
+    assert_no_secret_leaks(
+        &client,
+        &ns.name,
+        &operator,
+        &[&admin.client_secret, &wrong_secret, &member_secret, &other.client_secret],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -220,8 +247,21 @@ async fn super_admin_credentials_are_refused() {
     let ns = TestNamespace::create(&client, "conn-sa").await;
     let medplum = MedplumTarget::start().await;
     let (id, secret) = medplum.super_admin_credentials();
-    create_secret(&client, &ns.name, "sa", &[("MEDPLUM_CLIENT_ID", &id), ("MEDPLUM_CLIENT_SECRET", &secret)], json!({})).await;
-    create_connection(&client, &ns.name, "sa", json!({"baseUrl": medplum.base_url(), "credentialsSecretRef": {"name": "sa"}})).await;
+    create_secret(
+        &client,
+        &ns.name,
+        "sa",
+        &[("MEDPLUM_CLIENT_ID", &id), ("MEDPLUM_CLIENT_SECRET", &secret)],
+        json!({}),
+    )
+    .await;
+    create_connection(
+        &client,
+        &ns.name,
+        "sa",
+        json!({"baseUrl": medplum.base_url(), "credentialsSecretRef": {"name": "sa"}}),
+    )
+    .await;
     let operator = Operator::start(&ns.name, &[]).await;
     let api: Api<MedplumConnection> = Api::namespaced(client.clone(), &ns.name);
     wait_ready(&api, "sa", "False", "SuperAdminCredential").await;
@@ -267,14 +307,24 @@ async fn medplum_outage_and_rate_limits_show_in_status_and_recover() {
     let ns = TestNamespace::create(&client, "conn-outage").await;
     let admin = medplum.new_project("conn-outage").await;
     creds_secret(&client, &ns.name, "admin", &admin, false).await;
-    create_connection(&client, &ns.name, "default", json!({"baseUrl": medplum.base_url(), "credentialsSecretRef": {"name": "admin"}})).await;
+    create_connection(
+        &client,
+        &ns.name,
+        "default",
+        json!({"baseUrl": medplum.base_url(), "credentialsSecretRef": {"name": "admin"}}),
+    )
+    .await;
     let _operator = Operator::start(&ns.name, &["--resync-interval", "1s", "--medplum-timeout", "2s"]).await;
     let api: Api<MedplumConnection> = Api::namespaced(client.clone(), &ns.name);
     wait_ready(&api, "default", "True", "Connected").await;
 
     medplum.set_faults(json!({"outage": true})).await;
     let down = wait_ready(&api, "default", "False", "MedplumUnreachable").await;
-    assert_eq!(down.status.as_ref().unwrap().project_id.as_deref(), Some(admin.project_id.as_str()), "last known project kept");
+    assert_eq!(
+        down.status.as_ref().unwrap().project_id.as_deref(),
+        Some(admin.project_id.as_str()),
+        "last known project kept"
+    );
     medplum.set_faults(json!({})).await;
     wait_ready(&api, "default", "True", "Connected").await;
 

@@ -19,7 +19,8 @@ fn committed_crds_match_the_generated_ones() {
             path.display()
         );
     }
-    let mut present: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut present: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     present.sort();
     expected.sort();
     assert_eq!(present, expected, "crds/ holds exactly one file per kind");
@@ -35,14 +36,19 @@ async fn api_server_accepts_the_crds_and_enforces_their_schema() {
     let apply = |name: &str, spec: serde_json::Value| {
         let api = api.clone();
         let object = json!({"apiVersion": "medplum.com/v1alpha1", "kind": "MedplumConnection", "metadata": {"name": name}, "spec": spec});
-        async move { api.patch(&object["metadata"]["name"].as_str().unwrap().to_string(), &PatchParams::apply("test"), &Patch::Apply(&object)).await }
+        async move {
+            api.patch(object["metadata"]["name"].as_str().unwrap(), &PatchParams::apply("test"), &Patch::Apply(&object))
+                .await
+        }
     };
-    let created = apply("ok", json!({"baseUrl": "https://medplum.example.org/", "credentialsSecretRef": {"name": "creds"}}))
-        .await
-        .expect("a valid connection is accepted");
+    let created =
+        apply("ok", json!({"baseUrl": "https://medplum.example.org/", "credentialsSecretRef": {"name": "creds"}}))
+            .await
+            .expect("a valid connection is accepted");
     assert_eq!(created.spec.credentials_secret_ref.client_id_key, "MEDPLUM_CLIENT_ID", "schema default applied");
 
-    let bad_url = apply("bad-url", json!({"baseUrl": "medplum.example.org", "credentialsSecretRef": {"name": "c"}})).await;
+    let bad_url =
+        apply("bad-url", json!({"baseUrl": "medplum.example.org", "credentialsSecretRef": {"name": "c"}})).await;
     assert!(bad_url.unwrap_err().to_string().contains("spec.baseUrl"), "URL pattern enforced");
 
     let both_cas = apply(

@@ -85,7 +85,12 @@ fn default_policy(store: &Store, pid: &str, profile_type: &str) -> Option<Value>
 }
 
 /// `POST /admin/projects/{pid}/invite`.
-pub async fn invite(State(app): State<Arc<App>>, caller: Caller, Path(pid): Path<String>, Json(body): Json<Value>) -> Result<Response> {
+pub async fn invite(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(pid): Path<String>,
+    Json(body): Json<Value>,
+) -> Result<Response> {
     require_admin(&caller)?;
     let pid = target_project(&caller, &pid);
     let resource_type = body["resourceType"].as_str().unwrap_or_default();
@@ -112,7 +117,11 @@ pub async fn invite(State(app): State<Arc<App>>, caller: Caller, Path(pid): Path
     let existing_user = store
         .all("User")
         .find(|u| {
-            let same_scope = if project_scoped { u["project"]["reference"] == format!("Project/{pid}") } else { u["project"].is_null() };
+            let same_scope = if project_scoped {
+                u["project"]["reference"] == format!("Project/{pid}")
+            } else {
+                u["project"].is_null()
+            };
             same_scope
                 && match (&email, &external_id) {
                     (Some(e), _) => u["email"] == e.as_str(),
@@ -123,7 +132,10 @@ pub async fn invite(State(app): State<Arc<App>>, caller: Caller, Path(pid): Path
         .cloned();
     let existing_membership = existing_user.as_ref().and_then(|u| {
         let user_ref = format!("User/{}", u["id"].as_str().unwrap_or_default());
-        store.all("ProjectMembership").find(|m| m["user"]["reference"] == user_ref && project_of(m) == Some(pid.as_str())).cloned()
+        store
+            .all("ProjectMembership")
+            .find(|m| m["user"]["reference"] == user_ref && project_of(m) == Some(pid.as_str()))
+            .cloned()
     });
     let admin = body["admin"] == true;
     if let Some(mut membership) = existing_membership {
@@ -145,11 +157,13 @@ pub async fn invite(State(app): State<Arc<App>>, caller: Caller, Path(pid): Path
         return Ok(outcome::with_version_headers(outcome::fhir(StatusCode::OK, &updated), &updated));
     }
 
-    let display = format!("{} {}", body["firstName"].as_str().unwrap_or_default(), body["lastName"].as_str().unwrap_or_default());
+    let display =
+        format!("{} {}", body["firstName"].as_str().unwrap_or_default(), body["lastName"].as_str().unwrap_or_default());
     let user = match existing_user {
         Some(user) => user,
         None => {
-            let mut user = json!({"resourceType": "User", "firstName": body["firstName"], "lastName": body["lastName"]});
+            let mut user =
+                json!({"resourceType": "User", "firstName": body["firstName"], "lastName": body["lastName"]});
             if let Some(e) = &email {
                 user["email"] = json!(e);
             }
@@ -216,7 +230,11 @@ fn own_membership(store: &Store, caller: &Caller, mid: &str) -> Result<Value> {
     Ok(membership.clone())
 }
 
-pub async fn get_member(State(app): State<Arc<App>>, caller: Caller, Path((_pid, mid)): Path<(String, String)>) -> Result<Response> {
+pub async fn get_member(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path((_pid, mid)): Path<(String, String)>,
+) -> Result<Response> {
     require_admin(&caller)?;
     let store = app.store();
     Ok(outcome::json(StatusCode::OK, &own_membership(&store, &caller, &mid)?))
@@ -245,10 +263,11 @@ pub async fn update_member(
     if body["admin"] != current["admin"] {
         let (from, to) = if body["admin"] == true { ("Practitioner", "Admin") } else { ("Admin", "Practitioner") };
         let pid = caller.project_id.clone();
-        if let (Some(from_policy), Some(to_policy)) = (default_policy(&store, &pid, from), default_policy(&store, &pid, to)) {
-            if body["accessPolicy"]["reference"] == from_policy["reference"] {
-                body["accessPolicy"] = to_policy;
-            }
+        if let (Some(from_policy), Some(to_policy)) =
+            (default_policy(&store, &pid, from), default_policy(&store, &pid, to))
+            && body["accessPolicy"]["reference"] == from_policy["reference"]
+        {
+            body["accessPolicy"] = to_policy;
         }
     }
     validate("ProjectMembership", &body)?;
@@ -257,11 +276,16 @@ pub async fn update_member(
 }
 
 /// `DELETE /admin/projects/{pid}/members/{mid}`: a project-scoped User goes with its last membership.
-pub async fn delete_member(State(app): State<Arc<App>>, caller: Caller, Path((_pid, mid)): Path<(String, String)>) -> Result<Response> {
+pub async fn delete_member(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path((_pid, mid)): Path<(String, String)>,
+) -> Result<Response> {
     require_admin(&caller)?;
     let mut store = app.store();
     let membership = own_membership(&store, &caller, &mid)?;
-    let owner = store.find("Project", &caller.project_id).map(|p| p["owner"]["reference"].clone()).unwrap_or(Value::Null);
+    let owner =
+        store.find("Project", &caller.project_id).map(|p| p["owner"]["reference"].clone()).unwrap_or(Value::Null);
     if !owner.is_null() && membership["user"]["reference"] == owner {
         return Err(Outcome::invalid("Cannot delete the owner of the project"));
     }

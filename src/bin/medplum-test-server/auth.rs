@@ -71,9 +71,15 @@ impl Caller {
 
 /// The policy references of a membership: `accessPolicy` and every `access[].policy`.
 pub fn membership_policies(membership: &Value) -> Vec<String> {
-    let mut refs: Vec<String> = membership["accessPolicy"]["reference"].as_str().map(str::to_string).into_iter().collect();
+    let mut refs: Vec<String> =
+        membership["accessPolicy"]["reference"].as_str().map(str::to_string).into_iter().collect();
     refs.extend(
-        membership["access"].as_array().into_iter().flatten().filter_map(|a| a["policy"]["reference"].as_str()).map(str::to_string),
+        membership["access"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["policy"]["reference"].as_str())
+            .map(str::to_string),
     );
     refs
 }
@@ -153,7 +159,8 @@ fn caller_from_basic(store: &Store, encoded: &str, realm: &str) -> Result<Caller
 }
 
 fn caller_for(store: &Store, client_id: &str, membership: &Value) -> Caller {
-    let project_id = membership["project"]["reference"].as_str().and_then(|r| r.strip_prefix("Project/")).unwrap_or_default();
+    let project_id =
+        membership["project"]["reference"].as_str().and_then(|r| r.strip_prefix("Project/")).unwrap_or_default();
     let super_admin = store.find("Project", project_id).is_some_and(|p| p["superAdmin"] == true);
     Caller {
         client_id: client_id.to_string(),
@@ -326,7 +333,8 @@ pub async fn me(State(app): State<Arc<App>>, caller: Caller) -> Response {
     let project = store.find("Project", &caller.project_id).cloned().unwrap_or(Value::Null);
     let profile = store.find("ClientApplication", &caller.client_id).cloned().unwrap_or(Value::Null);
     let m = &caller.membership;
-    let mut membership = json!({"resourceType": "ProjectMembership", "id": m["id"], "user": m["user"], "profile": m["profile"]});
+    let mut membership =
+        json!({"resourceType": "ProjectMembership", "id": m["id"], "user": m["user"], "profile": m["profile"]});
     for key in ["identifier", "admin"] {
         if !m[key].is_null() {
             membership[key] = m[key].clone();

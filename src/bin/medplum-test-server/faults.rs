@@ -70,10 +70,8 @@ pub async fn reset_stats(State(app): State<Arc<App>>) -> StatusCode {
 
 /// `/fhir/R4/ClientApplication/0c1…/$rotate-secret` → `/fhir/R4/ClientApplication/{id}/$rotate-secret`.
 fn route_key(method: &str, path: &str) -> String {
-    let normalized: Vec<&str> = path
-        .split('/')
-        .map(|segment| if uuid::Uuid::parse_str(segment).is_ok() { "{id}" } else { segment })
-        .collect();
+    let normalized: Vec<&str> =
+        path.split('/').map(|segment| if uuid::Uuid::parse_str(segment).is_ok() { "{id}" } else { segment }).collect();
     format!("{method} {}", normalized.join("/"))
 }
 
@@ -90,7 +88,12 @@ pub async fn inject(State(app): State<Arc<App>>, request: Request, next: Next) -
     if path.starts_with("/__test/") {
         return next.run(request).await;
     }
-    *app.faults.stats.lock().unwrap_or_else(|p| p.into_inner()).entry(route_key(request.method().as_str(), &path)).or_default() += 1;
+    *app.faults
+        .stats
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(route_key(request.method().as_str(), &path))
+        .or_default() += 1;
 
     let config = app.faults.config();
     if config.path_prefix.as_deref().is_some_and(|prefix| !path.starts_with(prefix)) {

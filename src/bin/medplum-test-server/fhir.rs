@@ -15,27 +15,59 @@ use crate::outcome::{self, Outcome, Result};
 use crate::search;
 use crate::store::{Lookup, Store, generate_secret, present, project_of};
 
-const BASE_ELEMENTS: [&str; 9] = [
-    "resourceType", "id", "meta", "implicitRules", "language", "text", "contained", "extension", "modifierExtension",
-];
+const BASE_ELEMENTS: [&str; 9] =
+    ["resourceType", "id", "meta", "implicitRules", "language", "text", "contained", "extension", "modifierExtension"];
 
 /// Elements Medplum's strict mode accepts on the types whose shape the operator depends on.
 fn allowed_elements(path: &str) -> Option<&'static [&'static str]> {
     Some(match path {
         "ClientApplication" => &[
-            "status", "name", "description", "signInForm", "secret", "retiringSecret", "jwksUri", "redirectUri",
-            "redirectUris", "launchUri", "pkceOptional", "identityProvider", "accessTokenLifetime",
-            "refreshTokenLifetime", "allowedOrigin", "defaultScope", "grantType",
+            "status",
+            "name",
+            "description",
+            "signInForm",
+            "secret",
+            "retiringSecret",
+            "jwksUri",
+            "redirectUri",
+            "redirectUris",
+            "launchUri",
+            "pkceOptional",
+            "identityProvider",
+            "accessTokenLifetime",
+            "refreshTokenLifetime",
+            "allowedOrigin",
+            "defaultScope",
+            "grantType",
         ],
         "AccessPolicy" => &["name", "basedOn", "compartment", "resource", "ipAccessRule"],
         "AccessPolicy.resource" => &[
-            "id", "extension", "modifierExtension", "resourceType", "compartment", "criteria", "readonly",
-            "interaction", "hiddenFields", "readonlyFields", "writeConstraint",
+            "id",
+            "extension",
+            "modifierExtension",
+            "resourceType",
+            "compartment",
+            "criteria",
+            "readonly",
+            "interaction",
+            "hiddenFields",
+            "readonlyFields",
+            "writeConstraint",
         ],
         "AccessPolicy.ipAccessRule" => &["id", "extension", "modifierExtension", "name", "value", "action"],
         "ProjectMembership" => &[
-            "project", "invitedBy", "user", "profile", "userName", "externalId", "accessPolicy", "access",
-            "userConfiguration", "admin", "active", "identifier",
+            "project",
+            "invitedBy",
+            "user",
+            "profile",
+            "userName",
+            "externalId",
+            "accessPolicy",
+            "access",
+            "userConfiguration",
+            "admin",
+            "active",
+            "identifier",
         ],
         "ProjectMembership.access" => &["id", "extension", "modifierExtension", "policy", "parameter"],
         _ => return None,
@@ -47,7 +79,8 @@ fn check_elements(value: &Value, schema: &str, path: &str, base: bool) -> Result
     let Some(allowed) = allowed_elements(schema) else { return Ok(()) };
     let Some(map) = value.as_object() else { return Ok(()) };
     for key in map.keys() {
-        if !allowed.contains(&key.as_str()) && !(base && BASE_ELEMENTS.contains(&key.as_str())) {
+        let known = allowed.contains(&key.as_str()) || (base && BASE_ELEMENTS.contains(&key.as_str()));
+        if !known {
             return Err(Outcome::structure(format!("Invalid additional property \"{key}\""), format!("{path}.{key}")));
         }
     }
@@ -63,7 +96,10 @@ pub fn validate(rtype: &str, resource: &Value) -> Result<()> {
             for (i, rule) in each("resource") {
                 check_elements(rule, "AccessPolicy.resource", &format!("AccessPolicy.resource[{i}]"), false)?;
                 if rule["resourceType"].as_str().is_none_or(str::is_empty) {
-                    return Err(Outcome::structure("Missing required property", format!("AccessPolicy.resource[{i}].resourceType")));
+                    return Err(Outcome::structure(
+                        "Missing required property",
+                        format!("AccessPolicy.resource[{i}].resourceType"),
+                    ));
                 }
             }
             for (i, rule) in each("ipAccessRule") {
@@ -92,7 +128,12 @@ fn etag_version(value: &str) -> &str {
 fn written(status: StatusCode, app: &App, resource: &Value, extended: bool, location: bool) -> Response {
     let mut response = outcome::with_version_headers(outcome::fhir(status, &present(resource, extended)), resource);
     if location {
-        let url = format!("{}fhir/R4/{}/{}", app.base_url, resource["resourceType"].as_str().unwrap_or_default(), resource["id"].as_str().unwrap_or_default());
+        let url = format!(
+            "{}fhir/R4/{}/{}",
+            app.base_url,
+            resource["resourceType"].as_str().unwrap_or_default(),
+            resource["id"].as_str().unwrap_or_default()
+        );
         if let Ok(value) = HeaderValue::from_str(&url) {
             response.headers_mut().insert(header::LOCATION, value);
         }
@@ -130,7 +171,9 @@ fn matching(store: &Store, caller: &Caller, rtype: &str, query: &str) -> Result<
 
 /// Project admins see only project-scoped Users (records f6, f7).
 fn visible_user(caller: &Caller, rtype: &str, resource: &Value) -> bool {
-    rtype != "User" || caller.super_admin || resource["project"]["reference"] == format!("Project/{}", caller.project_id)
+    rtype != "User"
+        || caller.super_admin
+        || resource["project"]["reference"] == format!("Project/{}", caller.project_id)
 }
 
 fn stored_project(caller: &Caller, body: &Value) -> String {
@@ -163,7 +206,11 @@ pub async fn not_found_route() -> Response {
     Outcome::not_found().into_response()
 }
 
-pub async fn read(State(app): State<Arc<App>>, caller: Caller, Path((rtype, id)): Path<(String, String)>) -> Result<Response> {
+pub async fn read(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path((rtype, id)): Path<(String, String)>,
+) -> Result<Response> {
     let store = app.store();
     require(&caller, &store, &rtype, false)?;
     let resource = visible(&store, &caller, &rtype, &id)?;
@@ -173,7 +220,12 @@ pub async fn read(State(app): State<Arc<App>>, caller: Caller, Path((rtype, id))
     Ok(written(StatusCode::OK, &app, resource, caller.extended, false))
 }
 
-pub async fn search(State(app): State<Arc<App>>, caller: Caller, Path(rtype): Path<String>, RawQuery(query): RawQuery) -> Result<Response> {
+pub async fn search(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(rtype): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response> {
     let query = query.unwrap_or_default();
     let store = app.store();
     require(&caller, &store, &rtype, false)?;
@@ -248,10 +300,10 @@ pub async fn create(
 }
 
 fn check_if_match(headers: &HeaderMap, current: &Value) -> Result<()> {
-    if let Some(expected) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
-        if current["meta"]["versionId"].as_str() != Some(etag_version(expected)) {
-            return Err(Outcome::precondition_failed());
-        }
+    if let Some(expected) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok())
+        && current["meta"]["versionId"].as_str() != Some(etag_version(expected))
+    {
+        return Err(Outcome::precondition_failed());
     }
     Ok(())
 }
@@ -325,7 +377,11 @@ pub async fn patch(
     Ok(written(StatusCode::OK, &app, &updated, caller.extended, false))
 }
 
-pub async fn delete(State(app): State<Arc<App>>, caller: Caller, Path((rtype, id)): Path<(String, String)>) -> Result<Response> {
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path((rtype, id)): Path<(String, String)>,
+) -> Result<Response> {
     let mut store = app.store();
     require(&caller, &store, &rtype, true)?;
     visible(&store, &caller, &rtype, &id)?;
@@ -378,21 +434,41 @@ pub async fn instance_operation(
 fn default_policies(project_name: &str) -> [(&'static str, Value); 4] {
     let everything = json!([{"resourceType": "*"}]);
     [
-        ("Patient", json!({"name": "Default Patient Access Policy", "resource": [
+        (
+            "Patient",
+            json!({"name": "Default Patient Access Policy", "resource": [
             {"resourceType": "Patient", "criteria": "Patient?_id=%patient.id"},
-            {"resourceType": "Observation", "criteria": "Observation?subject=%patient", "readonly": true}]})),
-        ("RelatedPerson", json!({"name": "Default RelatedPerson Access Policy", "resource": [
-            {"resourceType": "Patient", "criteria": "Patient?_id=%patient.id", "readonly": true}]})),
+            {"resourceType": "Observation", "criteria": "Observation?subject=%patient", "readonly": true}]}),
+        ),
+        (
+            "RelatedPerson",
+            json!({"name": "Default RelatedPerson Access Policy", "resource": [
+            {"resourceType": "Patient", "criteria": "Patient?_id=%patient.id", "readonly": true}]}),
+        ),
         ("Admin", json!({"name": "Default Admin Access Policy", "resource": everything})),
-        ("Practitioner", json!({"name": "Default Practitioner Access Policy", "resource": everything,
-                                "description": format!("Practitioners of {project_name}")})),
+        (
+            "Practitioner",
+            json!({"name": "Default Practitioner Access Policy", "resource": everything,
+                                "description": format!("Practitioners of {project_name}")}),
+        ),
     ]
 }
 
 /// `POST /fhir/R4/Project/$init`: any authenticated caller may create a project (record a13).
-pub async fn project_init(State(app): State<Arc<App>>, caller: Caller, Json(parameters): Json<Value>) -> Result<Response> {
-    let name = parameter(&parameters, "name").filter(|n| !n.is_empty()).ok_or_else(|| Outcome::invalid("Project name is required").with_expression("name"))?;
-    let owner = parameters["parameter"].as_array().into_iter().flatten().find(|p| p["name"] == "owner").map(|p| p["valueReference"].clone());
+pub async fn project_init(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Json(parameters): Json<Value>,
+) -> Result<Response> {
+    let name = parameter(&parameters, "name")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| Outcome::invalid("Project name is required").with_expression("name"))?;
+    let owner = parameters["parameter"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "owner")
+        .map(|p| p["valueReference"].clone());
     let mut store = app.store();
     let author = caller.profile_ref();
     // A project belongs to itself, so its admins can read it.

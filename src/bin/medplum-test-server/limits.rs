@@ -11,8 +11,8 @@ use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::{App, Config};
 use crate::outcome::Outcome;
+use crate::{App, Config};
 
 const WINDOW: Duration = Duration::from_secs(60);
 

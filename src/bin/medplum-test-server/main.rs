@@ -5,6 +5,9 @@
 //! writes, ETags, errors, rate limits). It is not part of the operator binary. State lives in memory.
 //! Test-only endpoints under `/__test/` switch fault injection at run time and report request counts.
 
+// Handlers reject with whole HTTP responses, as axum extractors do.
+#![allow(clippy::result_large_err)]
+
 mod admin;
 mod auth;
 mod faults;
@@ -27,7 +30,11 @@ pub struct Config {
     #[arg(long, env = "MEDPLUM_TEST_SERVER_LISTEN", default_value = "127.0.0.1:8103")]
     pub listen: SocketAddr,
     /// Client id of the seeded super-admin ClientApplication.
-    #[arg(long, env = "MEDPLUM_TEST_SERVER_SUPER_ADMIN_CLIENT_ID", default_value = "5e9c7a2b-4c6f-4b1e-9f3a-6b8d2c1e0a01")]
+    #[arg(
+        long,
+        env = "MEDPLUM_TEST_SERVER_SUPER_ADMIN_CLIENT_ID",
+        default_value = "5e9c7a2b-4c6f-4b1e-9f3a-6b8d2c1e0a01"
+    )]
     pub super_admin_client_id: String,
     /// Secret of the seeded super-admin ClientApplication.
     #[arg(long, env = "MEDPLUM_TEST_SERVER_SUPER_ADMIN_CLIENT_SECRET", hide_env_values = true)]
@@ -112,10 +119,7 @@ fn routes(app: Arc<App>) -> axum::Router {
         .route("/fhir/R4/metadata", get(fhir::metadata))
         .route("/fhir/R4/Project/$init", post(fhir::project_init))
         .route("/fhir/R4/{rtype}", get(fhir::search).post(fhir::create).put(fhir::conditional_update))
-        .route(
-            "/fhir/R4/{rtype}/{id}",
-            get(fhir::read).put(fhir::update).patch(fhir::patch).delete(fhir::delete),
-        )
+        .route("/fhir/R4/{rtype}/{id}", get(fhir::read).put(fhir::update).patch(fhir::patch).delete(fhir::delete))
         .route("/fhir/R4/{rtype}/{id}/{operation}", post(fhir::instance_operation))
         .route("/__test/faults", get(faults::get_faults).put(faults::put_faults))
         .route("/__test/stats", get(faults::get_stats).delete(faults::reset_stats))

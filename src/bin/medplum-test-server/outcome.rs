@@ -26,10 +26,10 @@ fn with_type(status: StatusCode, content_type: &'static str, body: &Value) -> Re
 /// Adds the `ETag` and `Last-Modified` headers a read of a versioned resource carries.
 pub fn with_version_headers(mut response: Response, resource: &Value) -> Response {
     let meta = &resource["meta"];
-    if let Some(version) = meta["versionId"].as_str() {
-        if let Ok(value) = HeaderValue::from_str(&format!("W/\"{version}\"")) {
-            response.headers_mut().insert(header::ETAG, value);
-        }
+    if let Some(version) = meta["versionId"].as_str()
+        && let Ok(value) = HeaderValue::from_str(&format!("W/\"{version}\""))
+    {
+        response.headers_mut().insert(header::ETAG, value);
     }
     if let Some(updated) = meta["lastUpdated"].as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok()) {
         let http_date = updated.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string();
@@ -99,7 +99,8 @@ impl Outcome {
     }
     /// 429 with the rate limiter's state as diagnostics and, like Medplum, no `Retry-After`.
     pub fn too_many_requests(ms_before_next: u64, consumed: u32, limit: u32) -> Self {
-        let mut outcome = Self::new(StatusCode::TOO_MANY_REQUESTS, Some("too-many-requests"), "throttled", "Too Many Requests");
+        let mut outcome =
+            Self::new(StatusCode::TOO_MANY_REQUESTS, Some("too-many-requests"), "throttled", "Too Many Requests");
         outcome.diagnostics = Some(
             json!({"_remainingPoints": 0, "_msBeforeNext": ms_before_next, "_consumedPoints": consumed,
                    "_isFirstInDuration": false, "limit": limit})

@@ -48,8 +48,16 @@ fn known(rtype: &str, name: &str) -> bool {
         "ClientApplication" | "AccessPolicy" | "Project" => name == "name",
         "ProjectMembership" => matches!(
             name,
-            "profile" | "user" | "external-id" | "identifier" | "user-name" | "profile-type" | "admin" | "active"
-                | "access-policy" | "project"
+            "profile"
+                | "user"
+                | "external-id"
+                | "identifier"
+                | "user-name"
+                | "profile-type"
+                | "admin"
+                | "active"
+                | "access-policy"
+                | "project"
         ),
         "User" => matches!(name, "email" | "identifier" | "external-id" | "project"),
         "Practitioner" | "Patient" | "RelatedPerson" => matches!(name, "identifier" | "name" | "email"),
@@ -93,7 +101,8 @@ fn matches_one(resource: &Value, p: &Param) -> bool {
             resource["meta"]["tag"].as_array().into_iter().flatten().any(|t| token_matches(&t["system"], &t["code"], v))
         }),
         "_project" | "project" => any_of(&|v| {
-            resource["meta"]["project"] == v.trim_start_matches("Project/") || reference_matches(&resource["project"], v)
+            resource["meta"]["project"] == v.trim_start_matches("Project/")
+                || reference_matches(&resource["project"], v)
         }),
         "_compartment" => any_of(&|v| {
             resource["meta"]["compartment"].as_array().into_iter().flatten().any(|c| reference_matches(c, v))
@@ -107,9 +116,9 @@ fn matches_one(resource: &Value, p: &Param) -> bool {
         }
         "profile" => any_of(&|v| reference_matches(&resource["profile"], v)),
         "user" => any_of(&|v| reference_matches(&resource["user"], v)),
-        "profile-type" => any_of(&|v| {
-            resource["profile"]["reference"].as_str().is_some_and(|r| r.starts_with(&format!("{v}/")))
-        }),
+        "profile-type" => {
+            any_of(&|v| resource["profile"]["reference"].as_str().is_some_and(|r| r.starts_with(&format!("{v}/"))))
+        }
         "external-id" => any_of(&|v| resource["externalId"] == v),
         "user-name" => any_of(&|v| resource["userName"] == v),
         "admin" => bool_param(&resource["admin"], value),
@@ -160,7 +169,8 @@ pub fn subset(mut resource: Value, elements: &str) -> Value {
     if let Some(map) = resource.as_object_mut() {
         map.retain(|k, _| keep.contains(&k.as_str()) || matches!(k.as_str(), "id" | "meta" | "resourceType"));
         let meta = map.entry("meta").or_insert_with(|| serde_json::json!({}));
-        let tags = meta.as_object_mut().expect("meta is an object").entry("tag").or_insert_with(|| serde_json::json!([]));
+        let tags =
+            meta.as_object_mut().expect("meta is an object").entry("tag").or_insert_with(|| serde_json::json!([]));
         if let Some(tags) = tags.as_array_mut() {
             tags.push(serde_json::json!({"system": "http://hl7.org/fhir/v3/ObservationValue", "code": "SUBSETTED"}));
         }

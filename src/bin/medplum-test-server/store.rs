@@ -203,12 +203,10 @@ pub fn project_of(resource: &Value) -> Option<&str> {
 /// caller asked for `X-Medplum: extended`.
 pub fn present(resource: &Value, extended: bool) -> Value {
     let mut out = resource.clone();
-    if !extended {
-        if let Some(meta) = out.get_mut("meta").and_then(Value::as_object_mut) {
-            meta.remove("project");
-            meta.remove("author");
-            meta.remove("compartment");
-        }
+    if !extended && let Some(meta) = out.get_mut("meta").and_then(Value::as_object_mut) {
+        meta.remove("project");
+        meta.remove("author");
+        meta.remove("compartment");
     }
     out
 }

@@ -16,12 +16,42 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Refuses a `KUBECONFIG` whose current cluster is not on this machine: the suite installs CRDs and
+/// creates namespaces, which must never happen in a shared cluster by accident.
+fn check_local(path: &std::path::Path) {
+    if std::env::var_os("MEDPLUM_OPERATOR_TEST_ANY_CLUSTER").is_some() {
+        return;
+    }
+    let kubeconfig = Kubeconfig::read_from(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let context = kubeconfig.current_context.clone().unwrap_or_default();
+    let cluster_name = kubeconfig
+        .contexts
+        .iter()
+        .find(|c| c.name == context)
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone());
+    let server = kubeconfig
+        .clusters
+        .iter()
+        .find(|c| Some(&c.name) == cluster_name.as_ref())
+        .and_then(|c| c.cluster.as_ref()?.server.clone())
+        .unwrap_or_default();
+    let host = url::Url::parse(&server).ok().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_default();
+    assert!(
+        matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]"),
+        "KUBECONFIG points at {server}, not at a local control plane; unset KUBECONFIG to use hack/controlplane, \
+         or set MEDPLUM_OPERATOR_TEST_ANY_CLUSTER=1 to run the suite there anyway"
+    );
+}
+
 /// The kubeconfig of the cluster under test.
 pub fn kubeconfig() -> &'static PathBuf {
     static KUBECONFIG: OnceLock<PathBuf> = OnceLock::new();
     KUBECONFIG.get_or_init(|| {
         if let Some(path) = std::env::var_os("KUBECONFIG").filter(|p| !p.is_empty()) {
-            return PathBuf::from(path);
+            let path = PathBuf::from(path);
+            check_local(&path);
+            return path;
         }
         let output = std::process::Command::new("bash")
             .arg(repo_root().join("hack/controlplane/start.sh"))
@@ -58,7 +88,8 @@ async fn install_crds(client: &Client) {
                     let name = name.clone();
                     async move {
                         let crd = api.get(&name).await.ok()?;
-                        let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                        let established =
+                            crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
                         established.then_some(())
                     }
                 })
@@ -81,7 +112,10 @@ impl TestNamespace {
             "metadata": {"name": name, "labels": {"medplum-operator-test": "true"}}
         }))
         .expect("namespace");
-        let created = Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("creating namespace");
+        let created = Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("creating namespace");
         Self { name, uid: created.metadata.uid.expect("created namespaces have a uid") }
     }
 

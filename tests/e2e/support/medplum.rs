@@ -78,11 +78,17 @@ impl Http {
     }
 
     pub async fn post(&self, path: &str, token: &str, body: &Value) -> Answer {
-        self.send(self.request(Method::POST, path, Some(token)).header("content-type", "application/fhir+json").json(body)).await
+        self.send(
+            self.request(Method::POST, path, Some(token)).header("content-type", "application/fhir+json").json(body),
+        )
+        .await
     }
 
     pub async fn put(&self, path: &str, token: &str, body: &Value) -> Answer {
-        self.send(self.request(Method::PUT, path, Some(token)).header("content-type", "application/fhir+json").json(body)).await
+        self.send(
+            self.request(Method::PUT, path, Some(token)).header("content-type", "application/fhir+json").json(body),
+        )
+        .await
     }
 
     pub async fn patch(&self, path: &str, token: &str, operations: &Value) -> Answer {
@@ -195,10 +201,19 @@ impl MedplumTarget {
             .json();
         let client_id = client["id"].as_str().expect("client id").to_string();
         let client_secret = client["secret"].as_str().expect("client secret").to_string();
-        let search = self.http.get(&format!("fhir/R4/ProjectMembership?user=ClientApplication/{client_id}"), &sa).await.expect(200).json();
+        let search = self
+            .http
+            .get(&format!("fhir/R4/ProjectMembership?user=ClientApplication/{client_id}"), &sa)
+            .await
+            .expect(200)
+            .json();
         let membership_id = search["entry"][0]["resource"]["id"].as_str().expect("membership").to_string();
         self.http
-            .patch(&format!("fhir/R4/ProjectMembership/{membership_id}"), &sa, &json!([{"op": "add", "path": "/admin", "value": true}]))
+            .patch(
+                &format!("fhir/R4/ProjectMembership/{membership_id}"),
+                &sa,
+                &json!([{"op": "add", "path": "/admin", "value": true}]),
+            )
             .await
             .expect(200);
         ProjectAdmin { project_id, client_id, client_secret, membership_id }
