@@ -23,7 +23,8 @@ impl SourceError {
         match self {
             Self::NotFound { kind: "Secret", .. } => "SecretNotFound",
             Self::NotFound { .. } => "ConfigMapNotFound",
-            Self::KeyMissing { .. } | Self::NotText { .. } => "SecretKeyMissing",
+            Self::KeyMissing { kind: "Secret", .. } | Self::NotText { .. } => "SecretKeyMissing",
+            Self::KeyMissing { .. } => "ConfigMapKeyMissing",
             Self::Api { .. } => "KubernetesApiError",
         }
     }

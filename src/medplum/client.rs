@@ -168,20 +168,25 @@ impl MedplumClient {
     }
 }
 
-/// A transport failure, described without the URL's query (which never holds secrets, but may be long).
+/// A transport failure, described by its root cause (e.g. "invalid peer certificate: UnknownIssuer").
 fn transport_error(base_url: &Url, error: &reqwest::Error) -> MedplumError {
-    let detail = if error.is_timeout() {
-        "timed out".to_string()
+    let kind = if error.is_timeout() {
+        "timed out"
     } else if error.is_connect() {
-        "connection failed".to_string()
+        "connection failed"
     } else if error.is_decode() || error.is_body() {
-        "connection closed while reading the response".to_string()
+        "connection closed while reading the response"
     } else {
-        "request failed".to_string()
+        "request failed"
     };
-    let detail = match std::error::Error::source(error) {
-        Some(source) => format!("{detail} ({source})"),
-        None => detail,
+    let mut root: &dyn std::error::Error = error;
+    while let Some(source) = root.source() {
+        root = source;
+    }
+    let detail = if std::ptr::addr_eq(root, error as &dyn std::error::Error) {
+        kind.to_string()
+    } else {
+        format!("{kind}: {root}")
     };
     MedplumError::Unreachable { url: base_url.to_string(), detail }
 }

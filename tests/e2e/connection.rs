@@ -269,6 +269,55 @@ async fn super_admin_credentials_are_refused() {
 }
 
 #[tokio::test]
+async fn connection_trusts_a_custom_ca_bundle() {
+    let (medplum, ca) = MedplumTarget::start_tls().await;
+    let Some(ca) = ca else {
+        println!("SKIPPED: a custom CA needs the Medplum test server");
+        return;
+    };
+    assert!(medplum.base_url().starts_with("https://"));
+    let client = cluster_client().await;
+    let ns = TestNamespace::create(&client, "conn-ca").await;
+    let admin = medplum.new_project("conn-ca").await;
+    creds_secret(&client, &ns.name, "admin", &admin, false).await;
+    create_secret(&client, &ns.name, "ca", &[("ca.crt", &ca)], json!({})).await;
+    let map: k8s_openapi::api::core::v1::ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "ca"}, "data": {"bundle.pem": ca}})).unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &ns.name)
+        .create(&PostParams::default(), &map)
+        .await
+        .unwrap();
+    let spec = |ca_bundle: Value| {
+        let mut spec = json!({"baseUrl": medplum.base_url(), "credentialsSecretRef": {"name": "admin"}});
+        if !ca_bundle.is_null() {
+            spec["caBundle"] = ca_bundle;
+        }
+        spec
+    };
+    create_connection(&client, &ns.name, "system-roots", spec(Value::Null)).await;
+    create_connection(
+        &client,
+        &ns.name,
+        "from-configmap",
+        spec(json!({"configMapRef": {"name": "ca", "key": "bundle.pem"}})),
+    )
+    .await;
+    create_connection(&client, &ns.name, "from-secret", spec(json!({"secretRef": {"name": "ca", "key": "ca.crt"}})))
+        .await;
+    create_connection(&client, &ns.name, "wrong-key", spec(json!({"configMapRef": {"name": "ca", "key": "nope"}})))
+        .await;
+    let _operator = Operator::start(&ns.name, &[]).await;
+    let api: Api<MedplumConnection> = Api::namespaced(client.clone(), &ns.name);
+    let untrusted = wait_ready(&api, "system-roots", "False", "MedplumUnreachable").await;
+    let message = ready_of(untrusted.status.as_ref()).unwrap().2;
+    assert!(message.contains("certificate"), "the message says the certificate is not trusted: {message}");
+    println!("refusal system-roots: {message:?}");
+    wait_ready(&api, "from-configmap", "True", "Connected").await;
+    wait_ready(&api, "from-secret", "True", "Connected").await;
+    wait_ready(&api, "wrong-key", "False", "ConfigMapKeyMissing").await;
+}
+
+#[tokio::test]
 async fn cluster_connection_becomes_ready() {
     let client = cluster_client().await;
     let ns = TestNamespace::create(&client, "cconn").await;

@@ -628,7 +628,7 @@ async fn project_init_creates_the_defaults() {
 
 #[tokio::test]
 async fn rate_limits_and_fault_injection() {
-    let medplum = MedplumTarget::start_with(&["--auth-rate-limit", "5"]).await;
+    let medplum = MedplumTarget::start_with(&["--auth-rate-limit", "5", "--fhir-quota", "250"]).await;
     if !medplum.is_test_server() {
         println!("SKIPPED: rate limit settings and fault injection need the Medplum test server");
         return;
@@ -654,6 +654,19 @@ async fn rate_limits_and_fault_injection() {
     // /auth/me is outside the auth limiter.
     let token = answers[0].json()["access_token"].as_str().unwrap().to_string();
     http.get("auth/me", &token).await.expect(200);
+    // h13: the FHIR quota per membership (writes cost 100 units; 250 allow two).
+    let policy = json!({"resourceType": "AccessPolicy", "name": "quota", "resource": [{"resourceType": "Patient"}]});
+    http.post("fhir/R4/AccessPolicy", &token, &policy).await.expect(201);
+    let second = http.post("fhir/R4/AccessPolicy", &token, &policy).await.expect(201);
+    assert!(
+        second
+            .headers
+            .get_all("ratelimit")
+            .iter()
+            .any(|v| v.to_str().unwrap().starts_with("\"fhirInteractions\";r=50;"))
+    );
+    let over = http.post("fhir/R4/AccessPolicy", &token, &policy).await.expect(429);
+    assert_eq!(over.json()["id"], "too-many-requests");
 
     medplum.set_faults(json!({"errorRate": 1.0})).await;
     http.get("auth/me", &token).await.expect(500);

@@ -118,28 +118,63 @@ pub async fn inject(State(app): State<Arc<App>>, request: Request, next: Next) -
     next.run(request).await
 }
 
-/// A listener that refuses (accepts and closes) new connections during an outage.
+/// A TLS acceptor for a PEM certificate chain and key.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+type Connection =
+    tokio_util::either::Either<tokio::net::TcpStream, tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+/// A listener, plain or TLS, that refuses (accepts and closes) new connections during an outage.
 pub struct FaultyListener {
     inner: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     faults: Arc<Faults>,
 }
 
 impl FaultyListener {
-    pub fn new(inner: tokio::net::TcpListener, faults: Arc<Faults>) -> Self {
-        Self { inner, faults }
+    pub fn new(inner: tokio::net::TcpListener, tls: Option<tokio_rustls::TlsAcceptor>, faults: Arc<Faults>) -> Self {
+        Self { inner, tls, faults }
     }
 }
 
 impl axum::serve::Listener for FaultyListener {
-    type Io = tokio::net::TcpStream;
+    type Io = Connection;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            match self.inner.accept().await {
-                Ok((stream, _)) if self.faults.outage.load(Ordering::SeqCst) => drop(stream),
-                Ok(pair) => return pair,
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            let (stream, peer) = match self.inner.accept().await {
+                Ok(pair) => pair,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            if self.faults.outage.load(Ordering::SeqCst) {
+                continue;
+            }
+            match &self.tls {
+                None => return (Connection::Left(stream), peer),
+                // A failed handshake (e.g. a client that does not trust the CA) just ends that connection.
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls) => return (Connection::Right(tls), peer),
+                    Err(_) => continue,
+                },
             }
         }
     }

@@ -51,6 +51,12 @@ pub struct Config {
     /// FHIR quota units a minute per membership (read 1, history 10, search 20, write 100).
     #[arg(long, env = "MEDPLUM_TEST_SERVER_FHIR_QUOTA", default_value_t = 50_000)]
     pub fhir_quota: u32,
+    /// PEM certificate chain to serve HTTPS with (with --tls-key); default plain HTTP.
+    #[arg(long, env = "MEDPLUM_TEST_SERVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MEDPLUM_TEST_SERVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Version string reported by /healthcheck and /fhir/R4/metadata.
     #[arg(long, env = "MEDPLUM_TEST_SERVER_VERSION", default_value = "5.1.29-testserver")]
     pub version: String,
@@ -64,12 +70,20 @@ async fn main() {
         std::process::exit(1);
     });
     let local = listener.local_addr().expect("bound listener has an address");
-    let base_url = format!("http://{local}/");
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(faults::tls_acceptor(cert, key).unwrap_or_else(|e| {
+            eprintln!("medplum-test-server: TLS: {e}");
+            std::process::exit(1);
+        })),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let base_url = format!("{scheme}://{local}/");
     let app = Arc::new(App::new(config, base_url.clone()));
     // The first stdout line is the contract with test harnesses and scripts.
     println!("listening on {base_url}");
     let router = routes(app.clone());
-    let listener = faults::FaultyListener::new(listener, app.faults.clone());
+    let listener = faults::FaultyListener::new(listener, tls, app.faults.clone());
     axum::serve(listener, router.into_make_service_with_connect_info::<faults::Peer>())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -41,8 +41,18 @@ impl Answer {
 
 impl Http {
     pub fn new(base_url: &str) -> Self {
+        Self::trusting(base_url, None)
+    }
+
+    /// A client that also trusts the PEM certificates in `ca`.
+    pub fn trusting(base_url: &str, ca: Option<&str>) -> Self {
         super::init();
-        Self { base_url: base_url.trim_end_matches('/').to_string() + "/", client: reqwest::Client::new() }
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = ca {
+            builder = builder.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem.as_bytes()).expect("CA PEM"));
+        }
+        let client = builder.build().expect("HTTP client");
+        Self { base_url: base_url.trim_end_matches('/').to_string() + "/", client }
     }
 
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
@@ -135,6 +145,75 @@ impl MedplumTarget {
     /// A real Medplum if configured, else a new test server with default settings.
     pub async fn start() -> Self {
         Self::start_with(&[]).await
+    }
+
+    /// A test server that serves HTTPS with a certificate from a new CA; returns the CA's PEM too.
+    /// With a real Medplum configured, returns that (its own certificates) and no CA.
+    pub async fn start_tls() -> (Self, Option<String>) {
+        let plain = Self::start().await;
+        if !plain.is_test_server() {
+            return (plain, None);
+        }
+        let dir = std::env::temp_dir().join(format!("medplum-test-tls-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let openssl = |args: &[&str]| {
+            let status =
+                std::process::Command::new("openssl").args(args).current_dir(&dir).stderr(Stdio::null()).status();
+            assert!(status.expect("running openssl").success(), "openssl {args:?}");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=medplum-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.csr",
+        ]);
+        std::fs::write(dir.join("ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+            .expect("ext file");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+            "-out",
+            "tls.crt",
+        ]);
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let target =
+            Self::start_with(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]).await;
+        let ca = std::fs::read_to_string(dir.join("ca.crt")).expect("CA");
+        let _ = std::fs::remove_dir_all(&dir);
+        let http = Http::trusting(target.base_url(), Some(&ca));
+        (Self { http, ..target }, Some(ca))
     }
 
     /// Like [`start`](Self::start), passing extra flags to the test server.
