@@ -41,6 +41,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from(parsed).map_err(|_| format!("duration {text:?} must not be negative"))
 }
 
+fn parse_cluster_id(text: &str) -> Result<String, String> {
+    let valid = !text.is_empty() && text.len() <= 63 && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if valid { Ok(text.to_string()) } else { Err(format!("cluster id {text:?} must be 1-63 letters, digits or '-'")) }
+}
+
 /// Settings of `medplum-operator run`. Every flag has an environment fallback.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Settings {
@@ -56,6 +61,13 @@ pub struct Settings {
     /// Timeout of one request to Medplum.
     #[arg(long, env = "MEDPLUM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub medplum_timeout: Duration,
+    /// Names this cluster in the ownership tags written to Medplum, so that several clusters can share a
+    /// Medplum project without taking over each other's objects.
+    #[arg(long, env = "CLUSTER_ID", default_value = "default", value_parser = parse_cluster_id)]
+    pub cluster_id: String,
+    /// ClientApplications reconciled at once, per watched scope.
+    #[arg(long, env = "CLIENT_CONCURRENCY", default_value_t = 4)]
+    pub client_concurrency: u16,
     /// Connections reconciled at once, per watched scope.
     #[arg(long, env = "CONNECTION_CONCURRENCY", default_value_t = 2)]
     pub connection_concurrency: u16,

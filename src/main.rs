@@ -28,14 +28,14 @@ async fn main() -> std::process::ExitCode {
     rustls::crypto::ring::default_provider().install_default().expect("no other crypto provider was installed");
     telemetry::init(settings.log_format);
 
-    let client = match kube::Client::try_default().await {
+    let metrics = Arc::new(Metrics::default());
+    let client = match kube_client(metrics.clone()).await {
         Ok(client) => client,
         Err(e) => {
             tracing::error!(error = %e, "cannot build a Kubernetes client");
             return std::process::ExitCode::FAILURE;
         }
     };
-    let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(server::Readiness::default());
     let (address, serve) = match server::bind(settings.http_address, metrics.clone(), readiness.clone()).await {
         Ok(bound) => bound,
@@ -49,4 +49,14 @@ async fn main() -> std::process::ExitCode {
     controller::run(client, settings, metrics, readiness).await;
     tracing::info!("stopped");
     std::process::ExitCode::SUCCESS
+}
+
+/// A Kubernetes client from the environment (in-cluster or kubeconfig) that counts its requests.
+async fn kube_client(metrics: Arc<Metrics>) -> Result<kube::Client, kube::Error> {
+    let config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+    let counting = tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+        metrics.record_kube_request(request.method(), request.uri());
+        request
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&counting).build())
 }

@@ -23,13 +23,13 @@ pub struct KindLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub operation: &'static str,
+    pub operation: String,
     pub status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
-    pub operation: &'static str,
+    pub operation: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +37,12 @@ pub struct ObjectLabels {
     pub kind: &'static str,
     pub namespace: String,
     pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeRequestLabels {
+    pub verb: &'static str,
+    pub resource: String,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -54,6 +60,7 @@ pub struct Metrics {
     token_cache_hits: Counter,
     token_refreshes: Counter,
     connection_ready: Family<ObjectLabels, Gauge>,
+    kubernetes_requests: Family<KubeRequestLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -85,6 +92,12 @@ impl Default for Metrics {
         );
         let connection_ready = Family::default();
         registry.register("connection_ready", "1 when a connection is Ready, else 0", connection_ready.clone());
+        let kubernetes_requests = Family::default();
+        registry.register(
+            "kubernetes_requests",
+            "Requests to the Kubernetes API by verb and resource",
+            kubernetes_requests.clone(),
+        );
         Self {
             registry,
             reconciliations,
@@ -94,6 +107,7 @@ impl Default for Metrics {
             token_cache_hits,
             token_refreshes,
             connection_ready,
+            kubernetes_requests,
         }
     }
 }
@@ -105,8 +119,12 @@ impl Metrics {
         self.reconcile_duration.get_or_create(&KindLabels { kind }).observe(elapsed.as_secs_f64());
     }
 
-    pub fn record_medplum_request(&self, operation: &'static str, status: &str, elapsed: Duration) {
-        self.medplum_requests.get_or_create(&RequestLabels { operation, status: status.to_string() }).inc();
+    /// `operation` is one of a fixed set of names (`token`, `auth_me`, `read ClientApplication`, …).
+    pub fn record_medplum_request(&self, operation: &str, status: &str, elapsed: Duration) {
+        let operation = operation.to_string();
+        self.medplum_requests
+            .get_or_create(&RequestLabels { operation: operation.clone(), status: status.to_string() })
+            .inc();
         self.medplum_request_duration.get_or_create(&OperationLabels { operation }).observe(elapsed.as_secs_f64());
     }
 
@@ -127,10 +145,81 @@ impl Metrics {
         self.connection_ready.remove(&ObjectLabels { kind, namespace: namespace.to_string(), name: name.to_string() });
     }
 
+    /// Counts a request to the Kubernetes API.
+    pub fn record_kube_request(&self, method: &http::Method, uri: &http::Uri) {
+        let (verb, resource) = kube_request_kind(method, uri);
+        self.kubernetes_requests.get_or_create(&KubeRequestLabels { verb, resource }).inc();
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// The verb and resource of a Kubernetes API request, e.g. (`patch`, `clientapplications/status`).
+pub fn kube_request_kind(method: &http::Method, uri: &http::Uri) -> (&'static str, String) {
+    let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    // /api/v1/... or /apis/<group>/<version>/...
+    let rest = match segments.first() {
+        Some(&"api") => segments.get(2..).unwrap_or_default(),
+        Some(&"apis") => segments.get(3..).unwrap_or_default(),
+        _ => &[],
+    };
+    let rest = match rest {
+        ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
+        other => other,
+    };
+    let (resource, named) = match rest {
+        [] => ("other".to_string(), false),
+        [resource] => ((*resource).to_string(), false),
+        [resource, _name] => ((*resource).to_string(), true),
+        [resource, _name, sub, ..] => (format!("{resource}/{sub}"), true),
+    };
+    let watch = uri.query().is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let verb = match *method {
+        http::Method::GET if watch => "watch",
+        http::Method::GET if named => "get",
+        http::Method::GET => "list",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    };
+    (verb, resource)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(method: http::Method, uri: &str) -> (&'static str, String) {
+        kube_request_kind(&method, &uri.parse().unwrap())
+    }
+
+    #[test]
+    fn kubernetes_requests_are_labelled_by_verb_and_resource() {
+        assert_eq!(kind(http::Method::GET, "/api/v1/namespaces/a/secrets/s"), ("get", "secrets".into()));
+        assert_eq!(kind(http::Method::GET, "/api/v1/namespaces/a/secrets?labelSelector=x"), ("list", "secrets".into()));
+        assert_eq!(
+            kind(
+                http::Method::GET,
+                "/apis/medplum.com/v1alpha1/namespaces/a/clientapplications?watch=true&resourceVersion=1"
+            ),
+            ("watch", "clientapplications".into())
+        );
+        assert_eq!(
+            kind(http::Method::PATCH, "/apis/medplum.com/v1alpha1/namespaces/a/clientapplications/c/status"),
+            ("patch", "clientapplications/status".into())
+        );
+        assert_eq!(kind(http::Method::GET, "/api/v1/namespaces/a"), ("get", "namespaces".into()));
+        assert_eq!(kind(http::Method::POST, "/apis/events.k8s.io/v1/namespaces/a/events"), ("create", "events".into()));
+        assert_eq!(
+            kind(http::Method::GET, "/apis/medplum.com/v1alpha1/clustermedplumconnections/x"),
+            ("get", "clustermedplumconnections".into())
+        );
     }
 }

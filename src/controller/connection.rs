@@ -2,19 +2,21 @@
 //! the credential is (`/auth/me`) and report it. Verified connections are kept in a registry with their
 //! Medplum client, so its token cache outlives a reconcile.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use secrecy::ExposeSecret;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
@@ -22,7 +24,9 @@ use tracing::{info, warn};
 use super::secret::{CaSource, SourceError, read_ca_bundle, read_secret_strings};
 use super::status::{ConditionState, READY, apply_status, is_ready, set_condition};
 use super::{Context, Error, ReconcileStream};
-use crate::crd::{ClusterMedplumConnection, ConnectionKind, ConnectionStatus, MedplumConnection};
+use crate::crd::{
+    AllowedNamespaces, ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, MedplumConnection,
+};
 use crate::medplum::{ClientCredentials, Me, MedplumClient, MedplumError};
 
 /// Label that opts a connection's credentials Secret into a metadata-only watch, so that edits to it
@@ -35,16 +39,6 @@ pub struct ConnectionKey {
     pub kind: ConnectionKind,
     pub namespace: Option<String>,
     pub name: String,
-}
-
-impl ConnectionKey {
-    fn object_ref<K: Resource<DynamicType = ()>>(&self) -> ObjectRef<K> {
-        let reference = ObjectRef::new(&self.name);
-        match &self.namespace {
-            Some(ns) => reference.within(ns),
-            None => reference,
-        }
-    }
 }
 
 /// Where a connection's inputs live, with every reference resolved to a namespace.
@@ -61,13 +55,16 @@ pub struct ConnectionTarget {
 
 /// What both connection kinds offer the controller.
 pub trait ConnectionObject:
-    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+    Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
 {
     const KIND: ConnectionKind;
     /// The API for objects of this kind in `namespace` (ignored for cluster-scoped kinds).
     fn api(client: kube::Client, namespace: Option<&str>) -> Api<Self>;
     fn target(&self) -> ConnectionTarget;
     fn connection_status(&self) -> Option<&ConnectionStatus>;
+    fn limits(&self) -> &ConnectionLimits;
+    /// Which namespaces' resources may use it.
+    fn admission(&self) -> Admission;
 
     fn key(&self) -> ConnectionKey {
         ConnectionKey { kind: Self::KIND, namespace: self.namespace(), name: self.name_any() }
@@ -110,6 +107,14 @@ impl ConnectionObject for MedplumConnection {
     fn connection_status(&self) -> Option<&ConnectionStatus> {
         self.status.as_ref()
     }
+
+    fn limits(&self) -> &ConnectionLimits {
+        &self.spec.limits
+    }
+
+    fn admission(&self) -> Admission {
+        Admission::Namespace(self.namespace().unwrap_or_default())
+    }
 }
 
 impl ConnectionObject for ClusterMedplumConnection {
@@ -144,15 +149,71 @@ impl ConnectionObject for ClusterMedplumConnection {
     fn connection_status(&self) -> Option<&ConnectionStatus> {
         self.status.as_ref()
     }
+
+    fn limits(&self) -> &ConnectionLimits {
+        &self.spec.limits
+    }
+
+    fn admission(&self) -> Admission {
+        Admission::Namespaces(self.spec.allowed_namespaces.clone())
+    }
+}
+
+/// Which namespaces may use a connection.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admission {
+    /// A MedplumConnection: its own namespace only.
+    Namespace(String),
+    /// A ClusterMedplumConnection: its `allowedNamespaces`.
+    Namespaces(AllowedNamespaces),
+}
+
+impl Admission {
+    /// Whether resources in `namespace` (with these labels) may use the connection.
+    pub fn admits(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Self::Namespace(own) => own == namespace,
+            Self::Namespaces(allowed) => {
+                allowed.names.iter().any(|n| n == namespace)
+                    || allowed.selector.as_ref().is_some_and(|selector| selector_matches(selector, labels))
+            }
+        }
+    }
+}
+
+/// Kubernetes label selector semantics: every matchLabels pair and every expression must hold.
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let pairs = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let expressions = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            _ => false,
+        }
+    });
+    pairs && expressions
+}
+
+/// A verified connection, as dependents use it.
+#[derive(Clone)]
+pub struct UsableConnection {
+    pub client: Arc<MedplumClient>,
+    pub project_id: String,
+    pub limits: ConnectionLimits,
+    pub admission: Admission,
 }
 
 /// What a successful verification found.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Verified {
     pub project_id: String,
     pub project_name: Option<String>,
     pub server_version: Option<String>,
     pub client_id: String,
+    pub client: Arc<MedplumClient>,
 }
 
 /// Why a connection is not usable.
@@ -263,9 +324,12 @@ fn fingerprint(target: &ConnectionTarget, credentials: &ClientCredentials, ca: O
 struct RegistryEntry {
     fingerprint: [u8; 32],
     client: Arc<MedplumClient>,
+    /// The last successful verification; kept while later ones fail, for cleanups.
+    last_usable: Option<UsableConnection>,
+    ready: bool,
 }
 
-/// Medplum clients of the connections, by connection.
+/// Medplum clients of the connections, by connection, and their state for dependents.
 #[derive(Default)]
 pub struct ConnectionRegistry {
     entries: RwLock<HashMap<ConnectionKey, RegistryEntry>>,
@@ -285,16 +349,31 @@ impl ConnectionRegistry {
             return Ok(entry.client.clone());
         }
         let client = Arc::new(make()?);
-        self.entries
-            .write()
-            .expect("registry lock")
-            .insert(key.clone(), RegistryEntry { fingerprint, client: client.clone() });
+        let mut entries = self.entries.write().expect("registry lock");
+        let last_usable = entries.remove(key).and_then(|e| e.last_usable);
+        entries.insert(key.clone(), RegistryEntry { fingerprint, client: client.clone(), last_usable, ready: false });
         Ok(client)
     }
 
-    /// Forgets connections that no longer exist.
-    fn retain(&self, exists: impl Fn(&ConnectionKey) -> bool) {
-        self.entries.write().expect("registry lock").retain(|key, _| exists(key));
+    fn set_usable(&self, key: &ConnectionKey, usable: Option<UsableConnection>) {
+        if let Some(entry) = self.entries.write().expect("registry lock").get_mut(key) {
+            entry.ready = usable.is_some();
+            if usable.is_some() {
+                entry.last_usable = usable;
+            }
+        }
+    }
+
+    /// The connection, if its last verification succeeded.
+    pub fn ready(&self, key: &ConnectionKey) -> Option<UsableConnection> {
+        let entries = self.entries.read().expect("registry lock");
+        entries.get(key).filter(|e| e.ready).and_then(|e| e.last_usable.clone())
+    }
+
+    /// The connection as last verified, even if it is failing now or was deleted: cleanups use it so
+    /// that a namespace being deleted (credentials Secret first) can still be cleaned up in Medplum.
+    pub fn last_usable(&self, key: &ConnectionKey) -> Option<UsableConnection> {
+        self.entries.read().expect("registry lock").get(key).and_then(|e| e.last_usable.clone())
     }
 }
 
@@ -330,6 +409,7 @@ async fn verify(ctx: &Context, key: &ConnectionKey, target: &ConnectionTarget) -
         project_name: me.project.name,
         server_version: health.version,
         client_id: client.client_id().to_string(),
+        client,
     })
 }
 
@@ -340,29 +420,37 @@ fn kind_name(kind: ConnectionKind) -> &'static str {
     }
 }
 
-async fn reconcile<K: ConnectionObject>(obj: Arc<K>, ctx: Arc<Context>, store: Store<K>) -> Result<Action, Error> {
+/// Held on every connection while resources still use it, so their own cleanups can reach Medplum.
+pub const FINALIZER: &str = "medplum.com/connection-in-use";
+
+async fn reconcile<K: ConnectionObject>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api = K::api(ctx.client.clone(), obj.namespace().as_deref());
+    finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            FinalizerEvent::Apply(obj) => apply(&*obj, &ctx, &api).await,
+            FinalizerEvent::Cleanup(obj) => release(&*obj, &ctx, &api).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Result<Action, Error> {
     let kind = kind_name(K::KIND);
-    ctx.connections.retain(|key| key.kind != K::KIND || store.get(&key.object_ref()).is_some());
     let key = obj.key();
-    let result = verify(&ctx, &key, &obj.target()).await;
+    let result = verify(ctx, &key, &obj.target()).await;
+    ctx.connections.set_usable(
+        &key,
+        result.as_ref().ok().map(|v| UsableConnection {
+            client: v.client.clone(),
+            project_id: v.project_id.clone(),
+            limits: obj.limits().clone(),
+            admission: obj.admission(),
+        }),
+    );
     let current = obj.connection_status();
     let desired = desired_status(current, &result, obj.meta().generation, Timestamp::now());
-    let api = K::api(ctx.client.clone(), key.namespace.as_deref());
-    let was_ready = current.is_some_and(|s| is_ready(&s.conditions));
-    if apply_status(&api, &key.name, current, &desired).await.map_err(Error::Status)? {
-        let now_ready = is_ready(&desired.conditions);
-        if now_ready != was_ready || current.is_none() {
-            let ready = desired.conditions.iter().find(|c| c.type_ == READY).expect("Ready is always set");
-            let event = Event {
-                type_: if now_ready { EventType::Normal } else { EventType::Warning },
-                reason: ready.reason.clone(),
-                note: Some(ready.message.clone()),
-                action: "Verify".into(),
-                secondary: None,
-            };
-            ctx.publish(&obj.object_ref(&()), &event).await;
-        }
-    }
+    write_status(ctx, obj, api, &desired, "Verify").await?;
     ctx.metrics.set_connection_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, result.is_ok());
     let backoff_key = format!("{kind}/{}/{}", key.namespace.as_deref().unwrap_or_default(), key.name);
     match result {
@@ -374,14 +462,70 @@ async fn reconcile<K: ConnectionObject>(obj: Arc<K>, ctx: Arc<Context>, store: S
             // A rate limit window is 60 s in Medplum; retrying sooner only burns the budget.
             let floor = if e.is_rate_limit() { std::time::Duration::from_secs(60) } else { Default::default() };
             let delay = ctx.backoff.next_delay(&backoff_key, floor).min(ctx.settings.resync_interval.max(floor));
+            let namespace = key.namespace.as_deref().unwrap_or_default();
             if e.is_transient() {
-                warn!(kind, name = %key.name, namespace = key.namespace.as_deref().unwrap_or_default(), reason = e.reason(), error = %e, retry_in = ?delay, "connection not ready");
+                warn!(kind, name = %key.name, namespace, reason = e.reason(), error = %e, retry_in = ?delay, "connection not ready");
             } else {
-                info!(kind, name = %key.name, namespace = key.namespace.as_deref().unwrap_or_default(), reason = e.reason(), error = %e, retry_in = ?delay, "connection refused");
+                info!(kind, name = %key.name, namespace, reason = e.reason(), error = %e, retry_in = ?delay, "connection refused");
             }
             Ok(Action::requeue(delay))
         }
     }
+}
+
+/// Writes the status if it changed, with an Event when readiness changed.
+async fn write_status<K: ConnectionObject>(
+    ctx: &Context,
+    obj: &K,
+    api: &Api<K>,
+    desired: &ConnectionStatus,
+    action: &str,
+) -> Result<(), Error> {
+    let current = obj.connection_status();
+    let was = current
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
+        .map(|c| (c.status.clone(), c.reason.clone()));
+    if apply_status(api, &obj.name_any(), current, desired).await.map_err(Error::Status)? {
+        let ready = desired.conditions.iter().find(|c| c.type_ == READY).expect("Ready is always set");
+        if was.as_ref() != Some(&(ready.status.clone(), ready.reason.clone())) {
+            let event = Event {
+                type_: if is_ready(&desired.conditions) { EventType::Normal } else { EventType::Warning },
+                reason: ready.reason.clone(),
+                note: Some(ready.message.clone()),
+                action: action.into(),
+                secondary: None,
+            };
+            ctx.publish(&obj.object_ref(&()), &event).await;
+        }
+    }
+    Ok(())
+}
+
+/// Deletion: the finalizer stays while resources still use the connection.
+async fn release<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Result<Action, Error> {
+    let key = obj.key();
+    let users = super::connection_users(ctx, &key).await.map_err(Error::Kube)?;
+    if users.is_empty() {
+        ctx.metrics.forget_connection(kind_name(K::KIND), key.namespace.as_deref().unwrap_or_default(), &key.name);
+        return Ok(Action::await_change());
+    }
+    let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
+    let more = users.len().saturating_sub(shown.len());
+    let message = format!(
+        "waiting for {} resource(s) using this connection to be deleted: {}{}",
+        users.len(),
+        shown.join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() }
+    );
+    let mut desired = obj.connection_status().cloned().unwrap_or_default();
+    desired.conditions = set_condition(
+        &desired.conditions,
+        ConditionState::new(READY, false, "InUse", message),
+        obj.meta().generation,
+        Timestamp::now(),
+    );
+    write_status(ctx, obj, api, &desired, "Delete").await?;
+    Err(Error::InUse { count: users.len() })
 }
 
 /// Connections whose credentials Secret (or CA Secret) is `secret`.
@@ -424,26 +568,15 @@ pub fn controller<K: ConnectionObject>(
         }
         None => controller,
     };
-    let stream = controller.shutdown_on_signal().run(
-        move |obj, ctx: Arc<Context>| {
-            let store = store.clone();
-            async move {
-                let started = Instant::now();
-                let result = reconcile(obj, ctx.clone(), store).await;
-                ctx.metrics.record_reconcile(kind_name(K::KIND), result.is_ok(), started.elapsed());
-                result
-            }
-        },
-        |obj: Arc<K>, error: &Error, ctx: Arc<Context>| ctx.error_policy(kind_name(K::KIND), &*obj, error),
-        ctx,
-    );
-    (super::boxed(stream), ready)
+    let stream = super::drive(controller, kind_name(K::KIND), ctx, reconcile::<K>);
+    (stream, ready)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::medplum::Me;
+    use std::time::Duration;
 
     fn me(project: &str, admin: bool, super_admin: bool) -> Me {
         serde_json::from_value(serde_json::json!({
@@ -466,11 +599,16 @@ mod tests {
     #[test]
     fn status_reports_what_was_found_and_keeps_it_through_failures() {
         let now = Timestamp::from_second(1_000).unwrap();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let credentials = ClientCredentials { client_id: "c1".into(), client_secret: "s".to_string().into() };
+        let client =
+            MedplumClient::new("https://m.example.org", credentials, None, Duration::from_secs(1), Default::default());
         let verified = Verified {
             project_id: "p1".into(),
             project_name: Some("Lab".into()),
             server_version: Some("5.1.29".into()),
             client_id: "c1".into(),
+            client: Arc::new(client.unwrap()),
         };
         let ok = desired_status(None, &Ok(verified), Some(4), now);
         assert_eq!((ok.project_id.as_deref(), ok.observed_generation), (Some("p1"), Some(4)));

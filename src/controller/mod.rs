@@ -1,9 +1,11 @@
 //! The controllers, one file per kind, and what they share: the context, the error type, backoff,
 //! conditions and status writes, and reading Secrets.
 
+mod client_application;
 mod connection;
 mod secret;
 mod status;
+mod workload;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,16 +14,20 @@ use std::time::Duration;
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::Api;
-use kube::runtime::controller::Action;
+use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use std::time::Instant;
 use tracing::{debug, warn};
 
 pub use connection::{CREDENTIALS_LABEL, ConnectionRegistry};
 pub use status::FIELD_MANAGER;
 
 use crate::config::Settings;
-use crate::crd::{ClusterMedplumConnection, MedplumConnection};
+use crate::crd::{
+    AccessPolicy, ClientApplication, ClusterMedplumConnection, ConnectionRef, MedplumConnection, ProjectUser,
+};
 use crate::metrics::Metrics;
 use crate::server::Readiness;
 
@@ -30,6 +36,32 @@ use crate::server::Readiness;
 pub enum Error {
     #[error("writing status: {0}")]
     Status(#[source] kube::Error),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("still used by {count} resource(s)")]
+    InUse { count: usize },
+    #[error("cleanup blocked: {0}")]
+    Blocked(String),
+    #[error("cleanup in Medplum failed: {0}")]
+    Cleanup(String),
+}
+
+/// Test hook of debug builds: with `MEDPLUM_OPERATOR_CRASH_AT=<point>`, the process aborts at that
+/// point, as a SIGKILL there would, so tests can restart it and check the sequence resumes.
+/// Release builds have no hook.
+pub fn crash_point(point: &str) {
+    #[cfg(debug_assertions)]
+    {
+        static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        if AT.get_or_init(|| std::env::var("MEDPLUM_OPERATOR_CRASH_AT").ok()).as_deref() == Some(point) {
+            eprintln!("crash point {point}: aborting");
+            std::process::abort();
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
 }
 
 /// Consecutive failures per object, for exponential backoff with jitter.
@@ -97,6 +129,74 @@ impl Context {
 
 type ReconcileStream = BoxStream<'static, ()>;
 
+/// Runs `controller` with `reconcile`, timing every reconcile into the metrics and retrying failures
+/// with backoff.
+fn drive<K, R, Fut>(controller: Controller<K>, kind: &'static str, ctx: Arc<Context>, reconcile: R) -> ReconcileStream
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    R: Fn(Arc<K>, Arc<Context>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let stream = controller.shutdown_on_signal().run(
+        move |obj, ctx: Arc<Context>| {
+            let started = Instant::now();
+            let reconciled = reconcile(obj, ctx.clone());
+            async move {
+                let result = reconciled.await;
+                ctx.metrics.record_reconcile(kind, result.is_ok(), started.elapsed());
+                result
+            }
+        },
+        move |obj: Arc<K>, error: &Error, ctx: Arc<Context>| ctx.error_policy(kind, &*obj, error),
+        ctx,
+    );
+    boxed(stream)
+}
+
+/// The resources (`Kind namespace/name`) whose `spec.connectionRef` points at `key`.
+async fn connection_users(ctx: &Context, key: &connection::ConnectionKey) -> Result<Vec<String>, kube::Error> {
+    let mut users = Vec::new();
+    let scopes: Vec<Option<&str>> = match (&key.namespace, ctx.settings.watch_namespaces.is_empty()) {
+        (Some(ns), _) => vec![Some(ns.as_str())],
+        (None, true) => vec![None],
+        (None, false) => ctx.settings.watch_namespaces.iter().map(|ns| Some(ns.as_str())).collect(),
+    };
+    for scope in scopes {
+        users.extend(users_of::<ClientApplication>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
+        users.extend(users_of::<AccessPolicy>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
+        users.extend(users_of::<ProjectUser>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
+    }
+    Ok(users)
+}
+
+async fn users_of<K>(
+    ctx: &Context,
+    namespace: Option<&str>,
+    key: &connection::ConnectionKey,
+    reference: impl Fn(&K) -> &ConnectionRef,
+) -> Result<Vec<String>, kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let list = api.list(&kube::api::ListParams::default()).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|o| {
+            let r = reference(o);
+            r.kind == key.kind && r.name == key.name && (key.namespace.is_none() || o.namespace() == key.namespace)
+        })
+        .map(|o| format!("{} {}/{}", K::kind(&()), o.namespace().unwrap_or_default(), o.name_any()))
+        .collect())
+}
+
 /// Resolves once `store` holds the first full list from the API server.
 async fn cache_synced<K>(store: kube::runtime::reflector::Store<K>)
 where
@@ -136,6 +236,9 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
         let (stream, synced) = connection::controller(ctx.clone(), connections, "", Some(secrets));
+        streams.push(stream);
+        ready.push(futures::FutureExt::boxed(synced));
+        let (stream, synced) = client_application::controller(ctx.clone(), scope);
         streams.push(stream);
         ready.push(futures::FutureExt::boxed(synced));
     }

@@ -1,9 +1,13 @@
 //! Reading values the operator needs from Secrets and ConfigMaps. Secret values go straight into
 //! redacting types; errors name the object and key, never a value.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Why a referenced value could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +99,7 @@ pub async fn read_ca_bundle(client: &Client, source: &CaSource) -> Result<Vec<u8
     match source {
         CaSource::Secret { namespace, name, key } => {
             let values = read_secret_strings(client, namespace, name, &[key]).await?;
-            Ok(secrecy::ExposeSecret::expose_secret(&values[0]).as_bytes().to_vec())
+            Ok(values[0].expose_secret().as_bytes().to_vec())
         }
         CaSource::ConfigMap { namespace, name, key } => {
             let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
@@ -123,4 +127,98 @@ pub async fn read_ca_bundle(client: &Client, source: &CaSource) -> Result<Vec<u8
                 })
         }
     }
+}
+
+/// Label on every Secret the operator writes credentials to; its value names the ClientApplication.
+/// Only Secrets with this label are watched (metadata only).
+pub const CLIENT_LABEL: &str = "medplum.com/client-application";
+
+/// A Secret the operator writes credentials to, as read: only the operator's keys are kept.
+#[derive(Default)]
+pub struct WrittenSecret {
+    pub exists: bool,
+    pub owner_uids: Vec<String>,
+    pub values: BTreeMap<String, SecretString>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What the operator's part of a Secret should be. Applied with server-side apply, so fields the
+/// operator no longer sets are removed and fields of other managers are left alone.
+pub struct SecretContent {
+    pub data: BTreeMap<String, SecretString>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub owner: Option<OwnerReference>,
+}
+
+impl SecretContent {
+    /// Whether `written` already holds this content (so no write is needed).
+    pub fn is_in(&self, written: &WrittenSecret) -> bool {
+        let same_data = self.data.len() == written.values.len()
+            && self
+                .data
+                .iter()
+                .all(|(k, v)| written.values.get(k).is_some_and(|w| w.expose_secret() == v.expose_secret()));
+        let has = |wanted: &BTreeMap<String, String>, actual: &BTreeMap<String, String>| {
+            wanted.iter().all(|(k, v)| actual.get(k) == Some(v))
+        };
+        let owner_ok = self.owner.as_ref().is_none_or(|o| written.owner_uids.contains(&o.uid));
+        written.exists
+            && same_data
+            && has(&self.labels, &written.labels)
+            && has(&self.annotations, &written.annotations)
+            && owner_ok
+    }
+}
+
+/// Reads a Secret, keeping the values of `keys` only.
+pub async fn read_written(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    keys: &[&str],
+) -> Result<WrittenSecret, kube::Error> {
+    let Some(secret) = Api::<Secret>::namespaced(client.clone(), namespace).get_opt(name).await? else {
+        return Ok(WrittenSecret::default());
+    };
+    let data = secret.data.unwrap_or_default();
+    let values = keys
+        .iter()
+        .filter_map(|key| {
+            let text = String::from_utf8(data.get(*key)?.0.clone()).ok()?;
+            Some(((*key).to_string(), SecretString::from(text)))
+        })
+        .collect();
+    Ok(WrittenSecret {
+        exists: true,
+        owner_uids: secret.metadata.owner_references.unwrap_or_default().into_iter().map(|o| o.uid).collect(),
+        values,
+        labels: secret.metadata.labels.unwrap_or_default(),
+        annotations: secret.metadata.annotations.unwrap_or_default(),
+    })
+}
+
+/// Writes the operator's part of a Secret.
+pub async fn apply_written(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    content: &SecretContent,
+) -> Result<(), kube::Error> {
+    use base64::Engine;
+    let data: serde_json::Map<String, serde_json::Value> = content
+        .data
+        .iter()
+        .map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v.expose_secret()).into()))
+        .collect();
+    let mut metadata = serde_json::json!({"name": name, "labels": content.labels, "annotations": content.annotations});
+    if let Some(owner) = &content.owner {
+        metadata["ownerReferences"] = serde_json::json!([owner]);
+    }
+    let body =
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "data": data});
+    let params = PatchParams::apply(super::status::FIELD_MANAGER).force();
+    Api::<Secret>::namespaced(client.clone(), namespace).patch(name, &params, &Patch::Apply(&body)).await?;
+    Ok(())
 }

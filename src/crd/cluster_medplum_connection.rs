@@ -3,7 +3,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::medplum_connection::{ConnectionStatus, KeySelector, default_client_id_key, default_client_secret_key};
+use super::medplum_connection::{
+    ConnectionLimits, ConnectionStatus, KeySelector, default_client_id_key, default_client_secret_key,
+};
 
 /// A cluster-wide Medplum connection that a platform team offers to the namespaces it names.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -41,6 +43,9 @@ pub struct ClusterMedplumConnectionSpec {
     /// PEM CA bundle to trust for the Medplum server, in addition to the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<ClusterCaBundleRef>,
+    /// The most that resources reconciled through this connection may ask for.
+    #[serde(default)]
+    pub limits: ConnectionLimits,
     /// Namespaces whose resources may use this connection. Empty admits none.
     #[serde(default)]
     pub allowed_namespaces: AllowedNamespaces,

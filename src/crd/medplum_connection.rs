@@ -43,6 +43,19 @@ pub struct MedplumConnectionSpec {
     /// PEM CA bundle to trust for the Medplum server, in addition to the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<CaBundleRef>,
+    /// The most that resources reconciled through this connection may ask for.
+    #[serde(default)]
+    pub limits: ConnectionLimits,
+}
+
+/// The ceiling of what resources using a connection may grant in Medplum.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionLimits {
+    /// Allow memberships without any access policy (`unrestrictedAccess`), which Medplum treats as full
+    /// access to the project. Default: not allowed.
+    #[serde(default)]
+    pub allow_unrestricted_access: bool,
 }
 
 /// A Secret in the connection's namespace with the project-admin client credentials.

@@ -15,14 +15,18 @@ use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use access_policy::{AccessPolicy, AccessPolicySpec};
-pub use client_application::{ClientApplication, ClientApplicationSpec};
+pub use access_policy::{AccessPolicy, AccessPolicySpec, AccessPolicyStatus};
+pub use client_application::{
+    AccessGrant, Adopt, AdoptSecret, ClientApplication, ClientApplicationSpec, ClientApplicationStatus, DeletionPolicy,
+    IdentityProvider, PolicyParameter, RestartTarget, RotationSpec, SecretKeys, SecretSpec, TokenAuthMethod,
+    WorkloadKind,
+};
 pub use cluster_medplum_connection::{
     AllowedNamespaces, ClusterCaBundleRef, ClusterCredentialsSecretRef, ClusterMedplumConnection,
     ClusterMedplumConnectionSpec,
 };
 pub use medplum_connection::{
-    CaBundleRef, ConnectionStatus, CredentialsSecretRef, MedplumConnection, MedplumConnectionSpec,
+    CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialsSecretRef, MedplumConnection, MedplumConnectionSpec,
 };
 pub use project_user::{ProjectUser, ProjectUserSpec};
 

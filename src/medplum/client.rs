@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use url::Url;
 
 use super::MedplumError;
-use super::model::{Health, Me, OperationOutcome, TokenError, TokenResponse};
+use super::model::{Bundle, FhirResource, Health, Me, OperationOutcome, TokenError, TokenResponse};
 use super::token::{Source, TokenCache};
 use crate::metrics::Metrics;
 
@@ -98,11 +98,81 @@ impl MedplumClient {
         self.authed("auth_me", Method::GET, "auth/me", |r| r).await
     }
 
+    /// Reads a resource; `None` if it does not exist or was deleted.
+    pub async fn read<T: FhirResource>(&self, id: &str) -> Result<Option<T>, MedplumError> {
+        let path = format!("fhir/R4/{}/{id}", T::TYPE);
+        match self.authed(&format!("read {}", T::TYPE), Method::GET, &path, |r| r).await {
+            Ok(resource) => Ok(Some(resource)),
+            Err(MedplumError::NotFound | MedplumError::Gone) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Searches resources of a type (first page; the operator's searches match at most a handful).
+    pub async fn search<T: FhirResource>(&self, params: &[(&str, &str)]) -> Result<Vec<T>, MedplumError> {
+        let path = format!("fhir/R4/{}", T::TYPE);
+        let bundle: Bundle<T> =
+            self.authed(&format!("search {}", T::TYPE), Method::GET, &path, |r| r.query(params)).await?;
+        Ok(bundle.entry.into_iter().map(|e| e.resource).collect())
+    }
+
+    /// Creates a resource; with `if_none_exist`, Medplum returns the one match instead (or 412 if several).
+    pub async fn create<T: FhirResource>(&self, resource: &T, if_none_exist: Option<&str>) -> Result<T, MedplumError> {
+        let path = format!("fhir/R4/{}", T::TYPE);
+        self.authed(&format!("create {}", T::TYPE), Method::POST, &path, |r| {
+            let r = r.header("content-type", "application/fhir+json").json(resource);
+            match if_none_exist {
+                Some(condition) => r.header("if-none-exist", condition),
+                None => r,
+            }
+        })
+        .await
+    }
+
+    /// Replaces a resource (PUT is a full replace in Medplum), only if it is still at `version`.
+    pub async fn update<T: FhirResource>(&self, id: &str, resource: &T, version: &str) -> Result<T, MedplumError> {
+        let path = format!("fhir/R4/{}/{id}", T::TYPE);
+        let if_match = format!("W/\"{version}\"");
+        self.authed(&format!("update {}", T::TYPE), Method::PUT, &path, |r| {
+            r.header("content-type", "application/fhir+json").header("if-match", &if_match).json(resource)
+        })
+        .await
+    }
+
+    /// Deletes a resource; a 404 or 410 counts as done.
+    pub async fn delete<T: FhirResource>(&self, id: &str) -> Result<(), MedplumError> {
+        let path = format!("fhir/R4/{}/{id}", T::TYPE);
+        ignore_missing(
+            self.authed::<serde::de::IgnoredAny>(&format!("delete {}", T::TYPE), Method::DELETE, &path, |r| r).await,
+        )
+    }
+
+    /// Deletes a membership through the admin API, which ends the member's live tokens at once.
+    pub async fn delete_membership(&self, project_id: &str, membership_id: &str) -> Result<(), MedplumError> {
+        let path = format!("admin/projects/{project_id}/members/{membership_id}");
+        ignore_missing(self.authed::<serde::de::IgnoredAny>("delete membership", Method::DELETE, &path, |r| r).await)
+    }
+
+    /// Whether Medplum issues a token for these client credentials (not cached: this checks them).
+    pub async fn check_credentials(&self, credentials: &ClientCredentials) -> Result<(), MedplumError> {
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", credentials.client_id.as_str()),
+            ("client_secret", credentials.client_secret.expose_secret()),
+        ];
+        let request = self.http.post(self.url("oauth2/token")).form(&form);
+        let response = self.send("check credentials", request).await?;
+        if response.status() == StatusCode::BAD_REQUEST {
+            return Err(refusal(&self.base_url, response).await);
+        }
+        json::<serde::de::IgnoredAny>(response).await.map(|_| ())
+    }
+
     /// Sends an authenticated request, built from a fresh token. A 401 drops the cached token and the
     /// request is tried once more with a new one (the token may have been revoked early).
     async fn authed<T: DeserializeOwned>(
         &self,
-        operation: &'static str,
+        operation: &str,
         method: Method,
         path: &str,
         build: impl Fn(RequestBuilder) -> RequestBuilder,
@@ -135,15 +205,8 @@ impl MedplumClient {
         ];
         let request = self.http.post(self.url("oauth2/token")).form(&form);
         let response = self.send("token", request).await?;
-        // Medplum answers every refused credential with 400 invalid_request (never 401).
         if response.status() == StatusCode::BAD_REQUEST {
-            let body = response.bytes().await.map_err(|e| transport_error(&self.base_url, &e))?;
-            let description = serde_json::from_slice::<TokenError>(&body)
-                .ok()
-                .and_then(|e| e.error_description)
-                .or_else(|| serde_json::from_slice::<OperationOutcome>(&body).ok().and_then(|o| o.text()))
-                .unwrap_or_else(|| "HTTP 400".into());
-            return Err(MedplumError::InvalidCredentials { description });
+            return Err(refusal(&self.base_url, response).await);
         }
         let token: TokenResponse = json(response).await?;
         Ok((SecretString::from(token.access_token), Duration::from_secs(token.expires_in.max(1))))
@@ -151,12 +214,12 @@ impl MedplumClient {
 
     /// Sends a request and maps Medplum's error statuses. 400 on `/oauth2/token` is returned as a
     /// response, since its body says why the credentials were refused.
-    async fn send(&self, operation: &'static str, request: RequestBuilder) -> Result<Response, MedplumError> {
+    async fn send(&self, operation: &str, request: RequestBuilder) -> Result<Response, MedplumError> {
         let started = Instant::now();
         let result = match request.send().await {
             Err(e) => Err(transport_error(&self.base_url, &e)),
             Ok(response) if response.status().is_success() => Ok(response),
-            Ok(response) if operation == "token" && response.status() == StatusCode::BAD_REQUEST => Ok(response),
+            Ok(response) if is_token_request(operation) && response.status() == StatusCode::BAD_REQUEST => Ok(response),
             Ok(response) => Err(status_error(response).await),
         };
         let status = match &result {
@@ -165,6 +228,31 @@ impl MedplumClient {
         };
         self.metrics.record_medplum_request(operation, &status, started.elapsed());
         result
+    }
+}
+
+fn is_token_request(operation: &str) -> bool {
+    matches!(operation, "token" | "check credentials")
+}
+
+/// Medplum answers every refused credential on `/oauth2/token` with 400 `invalid_request` (never 401).
+async fn refusal(base_url: &Url, response: Response) -> MedplumError {
+    let body = match response.bytes().await {
+        Ok(body) => body,
+        Err(e) => return transport_error(base_url, &e),
+    };
+    let description = serde_json::from_slice::<TokenError>(&body)
+        .ok()
+        .and_then(|e| e.error_description)
+        .or_else(|| serde_json::from_slice::<OperationOutcome>(&body).ok().and_then(|o| o.text()))
+        .unwrap_or_else(|| "HTTP 400".into());
+    MedplumError::InvalidCredentials { description }
+}
+
+fn ignore_missing<T>(result: Result<T, MedplumError>) -> Result<(), MedplumError> {
+    match result {
+        Ok(_) | Err(MedplumError::NotFound | MedplumError::Gone) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

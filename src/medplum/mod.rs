@@ -8,4 +8,7 @@ mod token;
 
 pub use client::{ClientCredentials, MedplumClient};
 pub use error::MedplumError;
-pub use model::{Health, Me};
+pub use model::{
+    ClientApplicationResource, Coding, FhirResource, Health, Identifier, IdentityProviderResource, Me,
+    MembershipAccess, MembershipParameter, MembershipResource, Meta, Ref,
+};

@@ -1,6 +1,7 @@
 //! The parts of Medplum's answers the operator reads. Unknown fields are ignored on purpose: `/auth/me`
 //! returns the caller's own ClientApplication, secret included, and that part is never deserialized.
 
+use secrecy::SecretString;
 use serde::Deserialize;
 
 /// `GET /healthcheck`.
@@ -82,4 +83,222 @@ impl OperationOutcome {
         let texts: Vec<&str> = self.issue.iter().filter_map(|i| i.details.as_ref()?.text.as_deref()).collect();
         (!texts.is_empty()).then(|| texts.join("; "))
     }
+}
+
+/// A FHIR resource type the operator reads and writes.
+pub trait FhirResource: serde::Serialize + serde::de::DeserializeOwned + Send + Sync {
+    const TYPE: &'static str;
+    fn id(&self) -> Option<&str>;
+    fn version_id(&self) -> Option<&str>;
+}
+
+/// A FHIR Coding, as used in `meta.tag`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Coding {
+    pub system: String,
+    pub code: String,
+}
+
+/// The part of `meta` the operator sets and reads; the server keeps the rest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    #[serde(default, skip_serializing)]
+    pub version_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tag: Vec<Coding>,
+}
+
+impl Meta {
+    pub fn has_tag(&self, tag: &Coding) -> bool {
+        self.tag.contains(tag)
+    }
+}
+
+/// Serializes a secret into a request body, the one place its value leaves the redacting type.
+mod exposed {
+    use secrecy::{ExposeSecret, SecretString};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<SecretString>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(secret) => serializer.serialize_some(secret.expose_secret()),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<SecretString>, D::Error> {
+        Ok(Option::<String>::deserialize(deserializer)?.map(SecretString::from))
+    }
+}
+
+fn client_application_type() -> String {
+    "ClientApplication".into()
+}
+
+/// Medplum's ClientApplication, with the fields the operator manages. Secrets stay redacted in Debug.
+#[derive(Clone, Debug, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientApplicationResource {
+    #[serde(default = "client_application_type")]
+    pub resource_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub meta: Meta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "exposed")]
+    pub secret: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "exposed")]
+    pub retiring_secret: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirect_uris: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkce_optional: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_provider: Option<IdentityProviderResource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token_lifetime: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_lifetime: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origin: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default_scope: Vec<String>,
+}
+
+impl FhirResource for ClientApplicationResource {
+    const TYPE: &'static str = "ClientApplication";
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+    fn version_id(&self) -> Option<&str> {
+        self.meta.version_id.as_deref()
+    }
+}
+
+/// Medplum's IdentityProvider; its client secret stays redacted in Debug.
+#[derive(Clone, Debug, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityProviderResource {
+    pub authorize_url: String,
+    pub token_url: String,
+    pub user_info_url: String,
+    pub client_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "exposed")]
+    pub client_secret: Option<SecretString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_auth_method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_pkce: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_subject: Option<bool>,
+}
+
+/// A FHIR Reference with an optional display (which the operator never compares).
+#[derive(Clone, Debug, Default, serde::Serialize, Deserialize)]
+pub struct Ref {
+    pub reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
+}
+
+impl Ref {
+    pub fn to(reference: impl Into<String>) -> Self {
+        Self { reference: reference.into(), display: None }
+    }
+}
+
+impl PartialEq for Ref {
+    fn eq(&self, other: &Self) -> bool {
+        self.reference == other.reference
+    }
+}
+
+/// A FHIR Identifier.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Identifier {
+    pub system: String,
+    pub value: String,
+}
+
+/// One `ProjectMembership.access[]` entry.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
+pub struct MembershipAccess {
+    pub policy: Ref,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parameter: Vec<MembershipParameter>,
+}
+
+/// A policy parameter: `valueString` or `valueReference`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MembershipParameter {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_string: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_reference: Option<Ref>,
+}
+
+fn membership_type() -> String {
+    "ProjectMembership".into()
+}
+
+/// Medplum's ProjectMembership. Fields the operator does not manage are kept as they are.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MembershipResource {
+    #[serde(default = "membership_type")]
+    pub resource_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub meta: Meta,
+    pub project: Ref,
+    pub user: Ref,
+    pub profile: Ref,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_policy: Option<Ref>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<MembershipAccess>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identifier: Vec<Identifier>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+impl FhirResource for MembershipResource {
+    const TYPE: &'static str = "ProjectMembership";
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+    fn version_id(&self) -> Option<&str> {
+        self.meta.version_id.as_deref()
+    }
+}
+
+/// A search result page.
+#[derive(Deserialize)]
+pub(super) struct Bundle<T> {
+    #[serde(default = "Vec::new")]
+    pub entry: Vec<BundleEntry<T>>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct BundleEntry<T> {
+    pub resource: T,
 }

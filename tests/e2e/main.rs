@@ -3,6 +3,7 @@
 
 mod support;
 
+mod client_application;
 mod connection;
 mod contract;
 mod crds;

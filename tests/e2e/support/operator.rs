@@ -11,8 +11,7 @@ use tokio::process::{Child, Command};
 use super::cluster::kubeconfig;
 
 pub struct Operator {
-    /// Held so the process ends with this handle (`kill_on_drop`).
-    _child: Child,
+    child: Child,
     logs: Arc<Mutex<String>>,
     pub address: SocketAddr,
 }
@@ -33,8 +32,15 @@ fn capture(stream: impl AsyncRead + Unpin + Send + 'static, logs: Arc<Mutex<Stri
 
 impl Operator {
     /// Starts `medplum-operator run` for `namespace` (and the ClusterMedplumConnections labelled
-    /// `medplum-operator-test=<namespace>`) with debug logging in JSON.
+    /// `medplum-operator-test=<namespace>`) with debug logging in JSON, and waits until it is ready.
     pub async fn start(namespace: &str, extra_args: &[&str]) -> Self {
+        let operator = Self::spawn(namespace, extra_args, &[]).await;
+        operator.wait_ready().await;
+        operator
+    }
+
+    /// Starts the operator without waiting for readiness, with extra environment variables.
+    pub async fn spawn(namespace: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let selector = format!("medplum-operator-test={namespace}");
         let mut child = Command::new(env!("CARGO_BIN_EXE_medplum-operator"))
             .args(["run", "--watch-namespaces", namespace, "--cluster-connection-selector", &selector])
@@ -43,6 +49,7 @@ impl Operator {
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", std::env::var("OPERATOR_RUST_LOG").unwrap_or_else(|_| "debug".into()))
             .env("POD_NAME", format!("operator-{namespace}"))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -62,9 +69,7 @@ impl Operator {
             }
         })
         .await;
-        let operator = Self { _child: child, logs, address };
-        operator.wait_ready().await;
-        operator
+        Self { child, logs, address }
     }
 
     pub fn logs(&self) -> String {
@@ -96,5 +101,18 @@ impl Operator {
             .filter(|line| line.starts_with(sample))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// Waits for the process to end by itself (a crash point aborting it); panics after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .expect("the operator should have stopped by itself")
+            .expect("waiting for the operator")
+    }
+
+    /// SIGKILL: no cleanup at all, as a crash or an OOM kill would do.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
     }
 }
