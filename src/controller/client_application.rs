@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PartialObjectMeta};
@@ -29,7 +29,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::connection::{ConnectionKey, UsableConnection};
+use super::connection::{ConnectionKey, UsableConnection, UseError, namespace_labels, usable_connection};
 use super::secret::{
     CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, read_secret_strings, read_written,
 };
@@ -68,19 +68,15 @@ const MAX_STEPS: usize = 24;
 /// Why a ClientApplication cannot be reconciled now.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{kind} {name} not found")]
-    ConnectionNotFound { kind: &'static str, name: String },
-    #[error("{kind} {name} is not Ready")]
-    ConnectionNotReady { kind: &'static str, name: String },
-    #[error("ClusterMedplumConnection {name} does not admit namespace {namespace} (spec.allowedNamespaces)")]
-    ConnectionNotAllowed { name: String, namespace: String },
+    #[error(transparent)]
+    Connection(#[from] UseError),
     #[error(
         "spec.unrestrictedAccess asks for a membership without any policy (full access), which the connection does not allow (spec.limits.allowUnrestrictedAccess)"
     )]
     UnrestrictedAccessNotAllowed,
     #[error("AccessPolicy {name} not found in this namespace")]
     PolicyNotFound { name: String },
-    #[error("AccessPolicy {name} is not Ready")]
+    #[error("AccessPolicy {name} does not exist in Medplum yet")]
     PolicyNotReady { name: String },
     #[error("AccessPolicy {name} uses another connection than this ClientApplication")]
     PolicyConnectionMismatch { name: String },
@@ -109,9 +105,7 @@ pub enum ClientError {
 impl ClientError {
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::ConnectionNotFound { .. } => "ConnectionNotFound",
-            Self::ConnectionNotReady { .. } => "ConnectionNotReady",
-            Self::ConnectionNotAllowed { .. } => "ConnectionNotAllowed",
+            Self::Connection(e) => e.reason(),
             Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
             Self::PolicyNotFound { .. } => "PolicyNotFound",
             Self::PolicyNotReady { .. } => "PolicyNotReady",
@@ -133,7 +127,8 @@ impl ClientError {
         match self {
             Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
             Self::Source(e) => e.is_transient(),
-            Self::Kube(_) | Self::ConnectionNotReady { .. } | Self::PolicyNotReady { .. } => true,
+            Self::Connection(e) => e.is_transient(),
+            Self::Kube(_) | Self::PolicyNotReady { .. } => true,
             _ => false,
         }
     }
@@ -163,11 +158,6 @@ pub struct Desired {
     pub restart_targets: Vec<RestartTarget>,
     pub rotation_request: Option<String>,
     pub adopt: Option<crate::crd::Adopt>,
-}
-
-/// The ownership tag of a ClientApplication resource in Medplum.
-pub fn ownership_tag(cluster_id: &str, namespace: &str, name: &str) -> Coding {
-    Coding { system: format!("urn:medplum-operator:{cluster_id}"), code: format!("{KIND}/{namespace}/{name}") }
 }
 
 fn parse_duration(field: &str, text: &str) -> Result<Duration, ClientError> {
@@ -799,53 +789,6 @@ fn secret_keys(d: &Desired) -> Vec<&str> {
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
 
-fn connection_key(ca: &ClientApplication) -> ConnectionKey {
-    let r = &ca.spec.connection_ref;
-    let namespace = match r.kind {
-        ConnectionKind::MedplumConnection => ca.namespace(),
-        ConnectionKind::ClusterMedplumConnection => None,
-    };
-    ConnectionKey { kind: r.kind, namespace, name: r.name.clone() }
-}
-
-fn kind_label(kind: ConnectionKind) -> &'static str {
-    match kind {
-        ConnectionKind::MedplumConnection => "MedplumConnection",
-        ConnectionKind::ClusterMedplumConnection => "ClusterMedplumConnection",
-    }
-}
-
-async fn namespace_labels(ctx: &Context, namespace: &str) -> Result<(BTreeMap<String, String>, bool), kube::Error> {
-    let ns = Api::<Namespace>::all(ctx.client.clone()).get_opt(namespace).await?;
-    let terminating = ns.as_ref().is_some_and(|n| n.metadata.deletion_timestamp.is_some());
-    Ok((ns.and_then(|n| n.metadata.labels).unwrap_or_default(), terminating))
-}
-
-/// The connection, if it exists, is Ready and admits the namespace.
-async fn usable_connection(ctx: &Context, ca: &ClientApplication) -> Result<UsableConnection, ClientError> {
-    let key = connection_key(ca);
-    let kind = kind_label(key.kind);
-    let namespace = ca.namespace().unwrap_or_default();
-    let exists = match key.kind {
-        ConnectionKind::MedplumConnection => {
-            Api::<MedplumConnection>::namespaced(ctx.client.clone(), &namespace).get_opt(&key.name).await?.is_some()
-        }
-        ConnectionKind::ClusterMedplumConnection => {
-            Api::<ClusterMedplumConnection>::all(ctx.client.clone()).get_opt(&key.name).await?.is_some()
-        }
-    };
-    if !exists {
-        return Err(ClientError::ConnectionNotFound { kind, name: key.name });
-    }
-    let usable =
-        ctx.connections.ready(&key).ok_or_else(|| ClientError::ConnectionNotReady { kind, name: key.name.clone() })?;
-    let (labels, _) = namespace_labels(ctx, &namespace).await?;
-    if !usable.admission.admits(&namespace, &labels) {
-        return Err(ClientError::ConnectionNotAllowed { name: key.name, namespace });
-    }
-    Ok(usable)
-}
-
 /// Resolves `spec.access` to Medplum policy ids through the AccessPolicy resources.
 async fn resolve_access(ctx: &Context, ca: &ClientApplication) -> Result<Vec<MembershipAccess>, ClientError> {
     let api: Api<AccessPolicy> = Api::namespaced(ctx.client.clone(), &ca.namespace().unwrap_or_default());
@@ -856,11 +799,10 @@ async fn resolve_access(ctx: &Context, ca: &ClientApplication) -> Result<Vec<Mem
         if policy.spec.connection_ref != ca.spec.connection_ref {
             return Err(ClientError::PolicyConnectionMismatch { name });
         }
-        let status = policy.status.as_ref();
-        let ready = status.is_some_and(|s| super::status::is_ready(&s.conditions));
-        match status.and_then(|s| s.policy_id.clone()) {
-            Some(id) if ready => resolved.push((id, grant)),
-            _ => return Err(ClientError::PolicyNotReady { name }),
+        // A policy with an id exists in Medplum; whether its latest spec was applied is its own status.
+        match policy.status.as_ref().and_then(|s| s.policy_id.clone()) {
+            Some(id) => resolved.push((id, grant)),
+            None => return Err(ClientError::PolicyNotReady { name }),
         }
     }
     Ok(membership_access(&resolved))
@@ -877,7 +819,7 @@ async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnectio
         Some(r) => read_secret_strings(&ctx.client, &namespace, &r.name, &[&r.key]).await?.pop(),
         None => None,
     };
-    let tag = ownership_tag(&ctx.settings.cluster_id, &namespace, &name);
+    let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &name);
     let rotation = &ca.spec.rotation;
     Ok(Desired {
         client: desired_client(ca, &tag, idp_secret),
@@ -1098,7 +1040,7 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     let mut observed = None;
     let mut events = Vec::new();
     let result: Result<Outcome, ClientError> = async {
-        let usable = usable_connection(ctx, ca).await?;
+        let usable = usable_connection(ctx, &ca.namespace().unwrap_or_default(), &ca.spec.connection_ref).await?;
         let d = desired(ctx, ca, &usable).await?;
         let o = observe(ctx, ca, &d, &usable.client).await?;
         let mut r = Reconciler { ctx, ca, d, medplum: usable.client.clone(), events: Vec::new() };
@@ -1169,13 +1111,13 @@ async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error>
         ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
         return Ok(Action::await_change());
     }
-    let key = connection_key(ca);
+    let key = ConnectionKey::of(&namespace, &ca.spec.connection_ref);
     let Some(usable) = ctx.connections.last_usable(&key) else {
         let (_, terminating) = namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
         if terminating {
             let note = format!(
                 "namespace {namespace} is being deleted and {} {} cannot be used; left ClientApplication/{} in Medplum",
-                kind_label(key.kind),
+                key.kind_name(),
                 key.name,
                 ca.status.as_ref().and_then(|s| s.client_id.clone()).unwrap_or_default()
             );
@@ -1184,11 +1126,11 @@ async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error>
         }
         return Err(Error::Blocked(format!(
             "{} {} is not usable; its cleanup waits for it (or set {RELEASE_ANNOTATION}: \"true\" to skip it)",
-            kind_label(key.kind),
+            key.kind_name(),
             key.name
         )));
     };
-    let tag = ownership_tag(&ctx.settings.cluster_id, &namespace, &ca.name_any());
+    let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ca.name_any());
     let medplum = &usable.client;
     let result: Result<String, ClientError> = async {
         let tag_query = format!("{}|{}", tag.system, tag.code);
@@ -1241,29 +1183,27 @@ async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error>
     Ok(Action::await_change())
 }
 
-/// The Secret after deletion: an owned one goes with the resource (garbage collection), except with
-/// `Orphan`, where it stays with its credentials; from a merged one the operator's keys are removed.
+/// The Secret after deletion: with `Orphan`, the credentials stay where they are (an owned Secret is
+/// released from its owner so garbage collection leaves it); otherwise an owned Secret goes with the
+/// resource (garbage collection) and the operator's keys are removed from a merged one.
 async fn release_secret(ctx: &Context, ca: &ClientApplication) -> Result<(), kube::Error> {
     let namespace = ca.namespace().unwrap_or_default();
     let name = ca.spec.secret.name.clone().unwrap_or_else(|| ca.name_any());
-    let written = read_written(&ctx.client, &namespace, &name, &[]).await?;
-    let uid = ca.uid().unwrap_or_default();
-    if !written.exists {
-        return Ok(());
-    }
-    let owned = written.owner_uids.contains(&uid);
-    let keep_values = owned && ca.spec.deletion_policy == DeletionPolicy::Orphan;
-    if owned && !keep_values {
-        return Ok(());
-    }
-    let keys = ca.spec.secret.keys.clone();
-    let kept = if keep_values {
-        let all = [&keys.base_url, &keys.client_id, &keys.client_secret, &keys.token_url, &keys.project_id];
-        read_written(&ctx.client, &namespace, &name, &all.map(String::as_str)).await?.values
-    } else {
-        BTreeMap::new()
+    let keys = &ca.spec.secret.keys;
+    let all =
+        [&keys.base_url, &keys.client_id, &keys.client_secret, &keys.token_url, &keys.project_id].map(String::as_str);
+    let written = read_written(&ctx.client, &namespace, &name, &all).await?;
+    let owned = written.owner_uids.contains(&ca.uid().unwrap_or_default());
+    let content = match (ca.spec.deletion_policy, owned) {
+        (DeletionPolicy::Orphan, true) => {
+            SecretContent { data: written.values, labels: BTreeMap::new(), annotations: BTreeMap::new(), owner: None }
+        }
+        (DeletionPolicy::Orphan, false) | (_, true) => return Ok(()),
+        (_, false) if written.exists => {
+            SecretContent { data: BTreeMap::new(), labels: BTreeMap::new(), annotations: BTreeMap::new(), owner: None }
+        }
+        (_, false) => return Ok(()),
     };
-    let content = SecretContent { data: kept, labels: BTreeMap::new(), annotations: BTreeMap::new(), owner: None };
     apply_written(&ctx.client, &namespace, &name, &content).await
 }
 
@@ -1304,23 +1244,16 @@ pub fn controller(
     ctx: Arc<Context>,
     namespace: Option<&str>,
 ) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
-    fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
     let client = ctx.client.clone();
-    let controller =
-        Controller::new(scoped::<ClientApplication>(&client, namespace), watcher::Config::default().any_semantic())
-            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.client_concurrency));
+    let controller = Controller::new(
+        super::scoped::<ClientApplication>(&client, namespace),
+        watcher::Config::default().any_semantic(),
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.client_concurrency));
     let store = controller.store();
     let ready = super::cache_synced(store.clone());
 
-    let secrets: Api<PartialObjectMeta<Secret>> = scoped(&client, namespace);
+    let secrets: Api<PartialObjectMeta<Secret>> = super::scoped(&client, namespace);
     let by_label = |secret: PartialObjectMeta<Secret>| {
         let name = secret.labels().get(CLIENT_LABEL).cloned();
         name.map(|n| ObjectRef::new(&n).within(&secret.namespace().unwrap_or_default()))
@@ -1338,9 +1271,9 @@ pub fn controller(
     let (local_store, cluster_store) = (store.clone(), store.clone());
     let controller = controller
         .watches(secrets, watcher::Config::default().labels(CLIENT_LABEL), by_label)
-        .watches(scoped::<AccessPolicy>(&client, namespace), watcher::Config::default(), by_policy)
+        .watches(super::scoped::<AccessPolicy>(&client, namespace), watcher::Config::default(), by_policy)
         .watches(
-            scoped::<MedplumConnection>(&client, namespace),
+            super::scoped::<MedplumConnection>(&client, namespace),
             watcher::Config::default(),
             move |c: MedplumConnection| {
                 users_of_connection(
@@ -1353,17 +1286,12 @@ pub fn controller(
         )
         .watches(
             Api::<ClusterMedplumConnection>::all(client.clone()),
-            cluster_connection_config(&ctx.settings.cluster_connection_selector),
+            super::cluster_connection_config(&ctx.settings.cluster_connection_selector),
             move |c: ClusterMedplumConnection| {
                 users_of_connection(&cluster_store, ConnectionKind::ClusterMedplumConnection, None, &c.name_any())
             },
         );
     (super::drive(controller, KIND, ctx, reconcile), ready)
-}
-
-fn cluster_connection_config(selector: &str) -> watcher::Config {
-    let config = watcher::Config::default();
-    if selector.is_empty() { config } else { config.labels(selector) }
 }
 
 #[cfg(test)]

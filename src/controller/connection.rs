@@ -41,6 +41,83 @@ pub struct ConnectionKey {
     pub name: String,
 }
 
+impl ConnectionKey {
+    /// The connection a resource in `namespace` refers to.
+    pub fn of(namespace: &str, reference: &crate::crd::ConnectionRef) -> Self {
+        let namespace = match reference.kind {
+            ConnectionKind::MedplumConnection => Some(namespace.to_string()),
+            ConnectionKind::ClusterMedplumConnection => None,
+        };
+        Self { kind: reference.kind, namespace, name: reference.name.clone() }
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        kind_name(self.kind)
+    }
+}
+
+/// Why a resource cannot use the connection it refers to.
+#[derive(Debug, thiserror::Error)]
+pub enum UseError {
+    #[error("{kind} {name} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name} is not Ready")]
+    NotReady { kind: &'static str, name: String },
+    #[error("ClusterMedplumConnection {name} does not admit namespace {namespace} (spec.allowedNamespaces)")]
+    NotAllowed { name: String, namespace: String },
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl UseError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. } => "ConnectionNotFound",
+            Self::NotReady { .. } => "ConnectionNotReady",
+            Self::NotAllowed { .. } => "ConnectionNotAllowed",
+            Self::Kube(_) => "KubernetesApiError",
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::NotReady { .. } | Self::Kube(_))
+    }
+}
+
+/// A namespace's labels, and whether it is being deleted.
+pub async fn namespace_labels(ctx: &Context, namespace: &str) -> Result<(BTreeMap<String, String>, bool), kube::Error> {
+    let ns = Api::<k8s_openapi::api::core::v1::Namespace>::all(ctx.client.clone()).get_opt(namespace).await?;
+    let terminating = ns.as_ref().is_some_and(|n| n.metadata.deletion_timestamp.is_some());
+    Ok((ns.and_then(|n| n.metadata.labels).unwrap_or_default(), terminating))
+}
+
+/// The connection a resource in `namespace` refers to, if it exists, is Ready and admits the namespace.
+pub async fn usable_connection(
+    ctx: &Context,
+    namespace: &str,
+    reference: &crate::crd::ConnectionRef,
+) -> Result<UsableConnection, UseError> {
+    let key = ConnectionKey::of(namespace, reference);
+    let kind = key.kind_name();
+    let exists = match key.kind {
+        ConnectionKind::MedplumConnection => {
+            Api::<MedplumConnection>::namespaced(ctx.client.clone(), namespace).get_opt(&key.name).await?.is_some()
+        }
+        ConnectionKind::ClusterMedplumConnection => {
+            Api::<ClusterMedplumConnection>::all(ctx.client.clone()).get_opt(&key.name).await?.is_some()
+        }
+    };
+    if !exists {
+        return Err(UseError::NotFound { kind, name: key.name });
+    }
+    let usable = ctx.connections.ready(&key).ok_or_else(|| UseError::NotReady { kind, name: key.name.clone() })?;
+    let (labels, _) = namespace_labels(ctx, namespace).await?;
+    if !usable.admission.admits(namespace, &labels) {
+        return Err(UseError::NotAllowed { name: key.name, namespace: namespace.to_string() });
+    }
+    Ok(usable)
+}
+
 /// Where a connection's inputs live, with every reference resolved to a namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionTarget {

@@ -1,6 +1,7 @@
 //! The controllers, one file per kind, and what they share: the context, the error type, backoff,
 //! conditions and status writes, and reading Secrets.
 
+mod access_policy;
 mod client_application;
 mod connection;
 mod secret;
@@ -46,6 +47,15 @@ pub enum Error {
     Blocked(String),
     #[error("cleanup in Medplum failed: {0}")]
     Cleanup(String),
+}
+
+/// The tag that marks a Medplum object as made by this operator for one resource: the system names
+/// the cluster, the code `<Kind>/<namespace>/<name>`. Objects are found again through it after a crash.
+pub fn ownership_tag(cluster_id: &str, kind: &str, namespace: &str, name: &str) -> crate::medplum::Coding {
+    crate::medplum::Coding {
+        system: format!("urn:medplum-operator:{cluster_id}"),
+        code: format!("{kind}/{namespace}/{name}"),
+    }
 }
 
 /// Test hook of debug builds: with `MEDPLUM_OPERATOR_CRASH_AT=<point>`, the process aborts at that
@@ -197,6 +207,23 @@ where
         .collect())
 }
 
+/// The API for a namespaced kind in one scope (`namespace` None: all namespaces).
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Watch settings for ClusterMedplumConnections: those this instance serves.
+fn cluster_connection_config(selector: &str) -> kube::runtime::watcher::Config {
+    let config = kube::runtime::watcher::Config::default();
+    if selector.is_empty() { config } else { config.labels(selector) }
+}
+
 /// Resolves once `store` holds the first full list from the API server.
 async fn cache_synced<K>(store: kube::runtime::reflector::Store<K>)
 where
@@ -239,6 +266,9 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
         streams.push(stream);
         ready.push(futures::FutureExt::boxed(synced));
         let (stream, synced) = client_application::controller(ctx.clone(), scope);
+        streams.push(stream);
+        ready.push(futures::FutureExt::boxed(synced));
+        let (stream, synced) = access_policy::controller(ctx.clone(), scope);
         streams.push(stream);
         ready.push(futures::FutureExt::boxed(synced));
     }

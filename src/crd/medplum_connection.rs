@@ -56,6 +56,25 @@ pub struct ConnectionLimits {
     /// access to the project. Default: not allowed.
     #[serde(default)]
     pub allow_unrestricted_access: bool,
+    /// Allow ProjectUsers with `admin: true` (project administrators). Default: not allowed.
+    #[serde(default)]
+    pub allow_admin: bool,
+    /// The resource types and interactions that AccessPolicies made through this connection may grant.
+    /// Unset: any. A policy granting anything else is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_resources: Option<Vec<ResourceCeiling>>,
+}
+
+/// What policies may grant on one resource type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ResourceCeiling {
+    /// A resource type, or `*` for every type.
+    #[serde(rename = "resourceType")]
+    #[schemars(regex(pattern = r"^(\*|[A-Z][A-Za-z]+)$"))]
+    pub resource_type: String,
+    /// The interactions that may be granted; empty: all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interactions: Vec<super::access_policy::Interaction>,
 }
 
 /// A Secret in the connection's namespace with the project-admin client credentials.

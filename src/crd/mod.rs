@@ -10,12 +10,14 @@ mod medplum_connection;
 mod project_user;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use access_policy::{AccessPolicy, AccessPolicySpec, AccessPolicyStatus};
+pub use access_policy::{
+    AccessPolicy, AccessPolicySpec, AccessPolicyStatus, CompartmentRef, Interaction, IpAccessRule, IpAction,
+    PolicyDeletionPolicy, PolicyResource,
+};
 pub use client_application::{
     AccessGrant, Adopt, AdoptSecret, ClientApplication, ClientApplicationSpec, ClientApplicationStatus, DeletionPolicy,
     IdentityProvider, PolicyParameter, RestartTarget, RotationSpec, SecretKeys, SecretSpec, TokenAuthMethod,
@@ -27,8 +29,9 @@ pub use cluster_medplum_connection::{
 };
 pub use medplum_connection::{
     CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialsSecretRef, MedplumConnection, MedplumConnectionSpec,
+    ResourceCeiling,
 };
-pub use project_user::{ProjectUser, ProjectUserSpec};
+pub use project_user::{ProfileType, ProjectUser, ProjectUserSpec, ProjectUserStatus, UserDeletionPolicy, UserScope};
 
 /// API group of every kind this operator serves.
 pub const GROUP: &str = "medplum.com";
@@ -89,16 +92,4 @@ impl Default for ConnectionRef {
     fn default() -> Self {
         Self { kind: ConnectionKind::MedplumConnection, name: "default".into() }
     }
-}
-
-/// Status shared by the kinds that are reconciled through a connection.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ResourceStatus {
-    /// kstatus conditions; `Ready` summarises the others.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<Condition>,
-    /// The `metadata.generation` the status was computed for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
 }

@@ -9,6 +9,7 @@ mod token;
 pub use client::{ClientCredentials, MedplumClient};
 pub use error::MedplumError;
 pub use model::{
-    ClientApplicationResource, Coding, FhirResource, Health, Identifier, IdentityProviderResource, Me,
-    MembershipAccess, MembershipParameter, MembershipResource, Meta, Ref,
+    AccessPolicyResource, ClientApplicationResource, Coding, Expression, FhirResource, Health, Identifier,
+    IdentityProviderResource, IpAccessRuleEntry, Me, MembershipAccess, MembershipParameter, MembershipResource, Meta,
+    PolicyResourceEntry, Ref,
 };

@@ -302,3 +302,75 @@ pub(super) struct Bundle<T> {
 pub(super) struct BundleEntry<T> {
     pub resource: T,
 }
+
+fn access_policy_type() -> String {
+    "AccessPolicy".into()
+}
+
+/// Medplum's AccessPolicy, with every field the operator manages (`basedOn` is not offered: Medplum does
+/// not follow it on stored policies).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicyResource {
+    #[serde(default = "access_policy_type")]
+    pub resource_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub meta: Meta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compartment: Option<Ref>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resource: Vec<PolicyResourceEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_access_rule: Vec<IpAccessRuleEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub based_on: Vec<Ref>,
+}
+
+impl FhirResource for AccessPolicyResource {
+    const TYPE: &'static str = "AccessPolicy";
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+    fn version_id(&self) -> Option<&str> {
+        self.meta.version_id.as_deref()
+    }
+}
+
+/// `AccessPolicy.resource[]`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyResourceEntry {
+    pub resource_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criteria: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readonly: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interaction: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden_fields: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readonly_fields: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub write_constraint: Vec<Expression>,
+}
+
+/// A FHIR Expression (`writeConstraint` entries are FHIRPath).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
+pub struct Expression {
+    pub language: String,
+    pub expression: String,
+}
+
+/// `AccessPolicy.ipAccessRule[]`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
+pub struct IpAccessRuleEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub value: String,
+    pub action: String,
+}

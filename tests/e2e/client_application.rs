@@ -62,9 +62,9 @@ fn delta(after: &[(String, f64)], before: &[(String, f64)]) -> Vec<(String, f64)
 #[tokio::test]
 async fn lifecycle_creates_working_credentials_keeps_them_and_cleans_up() {
     let s = Setup::new("ca-life", &[], json!({})).await;
+    let operator = Operator::start(&s.ns.name, &["--resync-interval", "3s"]).await;
     let policy_id = s.ready_policy("lab-reader", json!([{"resourceType": "Observation", "readonly": true}])).await;
     s.deployment("lab-sync").await;
-    let operator = Operator::start(&s.ns.name, &["--resync-interval", "3s"]).await;
     wait_connection(&s).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let medplum_before = if s.medplum.is_test_server() { s.medplum.stats().await } else { Default::default() };
@@ -253,9 +253,9 @@ fn workload(
 #[tokio::test]
 async fn rotation_keeps_every_token_request_working() {
     let s = Setup::new("ca-rotate", &["--auth-rate-limit", "100000"], json!({})).await;
+    let _operator = Operator::start(&s.ns.name, &["--resync-interval", "30s"]).await;
     s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     s.deployment("rotating").await;
-    let _operator = Operator::start(&s.ns.name, &["--resync-interval", "30s"]).await;
     s.create_client(
         "rotating",
         json!({"access": access("reader"),
@@ -345,9 +345,12 @@ const ROTATION_STEPS: [&str; 5] =
 #[tokio::test]
 async fn kill_at_every_creation_and_rotation_step_resumes_without_duplicates() {
     let s = Setup::new("ca-crash", &["--auth-rate-limit", "100000"], json!({})).await;
-    s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     s.deployment("rotating").await;
     let args = ["--resync-interval", "2s"];
+    {
+        let _operator = Operator::start(&s.ns.name, &args).await;
+        s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
+    }
     for (i, point) in CREATE_STEPS.iter().enumerate() {
         let name = format!("create-{i}");
         let mut crashing = Operator::spawn(&s.ns.name, &args, &[("MEDPLUM_OPERATOR_CRASH_AT", point)]).await;
@@ -398,6 +401,7 @@ async fn kill_at_every_creation_and_rotation_step_resumes_without_duplicates() {
 #[tokio::test]
 async fn drift_in_medplum_and_in_the_secret_is_put_back() {
     let s = Setup::new("ca-drift", &[], json!({})).await;
+    let mut operator = Operator::start(&s.ns.name, &["--resync-interval", "10m"]).await;
     let policy_id = s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     s.create_client(
         "drifty",
@@ -405,7 +409,6 @@ async fn drift_in_medplum_and_in_the_secret_is_put_back() {
     )
     .await;
     // A long resync: what is restored here comes through the Secret watch.
-    let mut operator = Operator::start(&s.ns.name, &["--resync-interval", "10m"]).await;
     let ready = s.wait_ready("drifty").await;
     let client_id = ready.status.unwrap().client_id.unwrap();
     let good = s.secret("drifty").await.unwrap();
@@ -462,6 +465,7 @@ async fn drift_in_medplum_and_in_the_secret_is_put_back() {
 #[tokio::test]
 async fn a_foreign_secret_is_left_alone_unless_merging_is_asked_for() {
     let s = Setup::new("ca-foreign", &[], json!({})).await;
+    let _operator = Operator::start(&s.ns.name, &[]).await;
     s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     let theirs: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
         json!({"metadata": {"name": "shared"}, "stringData": {"DATABASE_URL": "postgres://db"}}),
@@ -470,7 +474,6 @@ async fn a_foreign_secret_is_left_alone_unless_merging_is_asked_for() {
     let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(s.client.clone(), &s.ns.name);
     secrets.create(&Default::default(), &theirs).await.unwrap();
     let version = s.secret_object("shared").await.unwrap().resource_version();
-    let _operator = Operator::start(&s.ns.name, &[]).await;
     s.create_client("app", json!({"access": access("reader"), "secret": {"name": "shared"}})).await;
     let refused = s.wait_condition("app", "Ready", "False", Some("SecretConflict")).await;
     let message = refused.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap().message;
@@ -494,8 +497,8 @@ async fn a_foreign_secret_is_left_alone_unless_merging_is_asked_for() {
 #[tokio::test]
 async fn deletion_policies_orphan_and_disable() {
     let s = Setup::new("ca-delete", &[], json!({})).await;
-    s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     let _operator = Operator::start(&s.ns.name, &[]).await;
+    s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     s.create_client("kept", json!({"access": access("reader"), "deletionPolicy": "Orphan"})).await;
     s.create_client("disabled", json!({"access": access("reader"), "deletionPolicy": "Disable"})).await;
     let kept_id = s.wait_ready("kept").await.status.unwrap().client_id.unwrap();
@@ -527,8 +530,8 @@ async fn medplum_outage_keeps_the_secret_and_recovers() {
         println!("SKIPPED: fault injection needs the Medplum test server");
         return;
     }
-    s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     let _operator = Operator::start(&s.ns.name, &["--resync-interval", "1s", "--medplum-timeout", "2s"]).await;
+    s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     s.create_client("app", json!({"access": access("reader")})).await;
     s.wait_ready("app").await;
     let before = s.secret("app").await.unwrap();
@@ -595,10 +598,10 @@ async fn least_privilege_refusals() {
 #[tokio::test]
 async fn adoption_keeps_or_rotates_the_existing_secret() {
     let s = Setup::new("ca-adopt", &[], json!({})).await;
+    let _operator = Operator::start(&s.ns.name, &[]).await;
     let policy_id = s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     let (keep_id, keep_secret) = s.legacy_client("legacy-keep").await;
     let (rotate_id, rotate_secret) = s.legacy_client("legacy-rotate").await;
-    let _operator = Operator::start(&s.ns.name, &[]).await;
     s.create_client("keep", json!({"access": access("reader"), "adopt": {"clientId": keep_id, "secret": "Keep"}}))
         .await;
     s.create_client(
@@ -631,8 +634,8 @@ async fn adoption_keeps_or_rotates_the_existing_secret() {
 #[tokio::test]
 async fn connection_and_namespace_deletion_clean_up_without_hanging() {
     let s = Setup::new("ca-ns", &[], json!({})).await;
-    s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     let _operator = Operator::start(&s.ns.name, &[]).await;
+    s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     s.create_client("first", json!({"access": access("reader")})).await;
     s.create_client("second", json!({"access": access("reader")})).await;
     let first_id = s.wait_ready("first").await.status.unwrap().client_id.unwrap();

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod access_policy;
 mod client_application;
 mod connection;
 mod contract;

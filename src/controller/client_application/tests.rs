@@ -15,7 +15,7 @@ fn s(value: &str) -> SecretString {
 }
 
 fn desired() -> Desired {
-    let tag = ownership_tag("default", "team-a", "lab-sync");
+    let tag = crate::controller::ownership_tag("default", KIND, "team-a", "lab-sync");
     Desired {
         name: "lab-sync".into(),
         namespace: "team-a".into(),

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -62,29 +62,36 @@ impl Setup {
         Api::namespaced(self.client.clone(), &self.ns.name)
     }
 
-    /// An AccessPolicy resource named `name` that stands for a policy in Medplum, Ready with its id.
-    /// The policy is created in Medplum by the test, and the resource's status set as a controller would.
-    pub async fn ready_policy(&self, name: &str, resources: Value) -> String {
-        let body =
-            json!({"resourceType": "AccessPolicy", "name": format!("{}/{name}", self.ns.name), "resource": resources});
-        let created = self.http().post("fhir/R4/AccessPolicy", &self.token, &body).await.expect(201).json();
-        let id = created["id"].as_str().unwrap().to_string();
-        let api: Api<AccessPolicy> = Api::namespaced(self.client.clone(), &self.ns.name);
+    pub fn policies(&self) -> Api<AccessPolicy> {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    /// Creates an AccessPolicy resource with `spec`.
+    pub async fn create_policy(&self, name: &str, spec: Value) {
         let policy: AccessPolicy = serde_json::from_value(json!({
-            "apiVersion": "medplum.com/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": name}, "spec": {}
+            "apiVersion": "medplum.com/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": name}, "spec": spec
         }))
         .unwrap();
-        api.create(&PostParams::default(), &policy).await.unwrap();
-        let status = json!({
-            "apiVersion": "medplum.com/v1alpha1", "kind": "AccessPolicy",
-            "status": {"policyId": id, "observedGeneration": 1, "conditions": [{
-                "type": "Ready", "status": "True", "reason": "Ready", "message": "created by the test",
-                "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
-        });
-        api.patch_status(name, &PatchParams::apply("test-policy-controller").force(), &Patch::Apply(&status))
-            .await
-            .unwrap();
-        id
+        self.policies().create(&PostParams::default(), &policy).await.unwrap();
+    }
+
+    /// Waits until the AccessPolicy's Ready condition has `status` and (if given) `reason`.
+    pub async fn wait_policy(&self, name: &str, status: &str, reason: Option<&str>) -> AccessPolicy {
+        let api = self.policies();
+        eventually(WAIT, &format!("AccessPolicy {name}: Ready={status} {reason:?}"), || async {
+            let object = api.get(name).await.ok()?;
+            let st = object.status.as_ref()?;
+            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
+            let current = st.observed_generation == object.metadata.generation;
+            (current && c.status == status && reason.is_none_or(|r| c.reason == r)).then_some(object)
+        })
+        .await
+    }
+
+    /// An AccessPolicy resource granting `resources`, once Ready (an operator must be running); its Medplum id.
+    pub async fn ready_policy(&self, name: &str, resources: Value) -> String {
+        self.create_policy(name, json!({"resources": resources})).await;
+        self.wait_policy(name, "True", None).await.status.unwrap().policy_id.unwrap()
     }
 
     pub async fn create_client(&self, name: &str, spec: Value) -> ClientApplication {

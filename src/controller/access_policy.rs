@@ -1,0 +1,623 @@
+//! `AccessPolicy`: a Medplum AccessPolicy kept as the spec says, refused up front when Medplum would
+//! reject it or misread it, and kept while memberships still use it (deleting a policy in use makes
+//! Medplum refuse every token of those memberships).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use super::connection::{ConnectionKey, UseError, namespace_labels, usable_connection};
+use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::{Context, Error, ReconcileStream};
+use crate::crd::{
+    AccessPolicy, AccessPolicySpec, ClientApplication, ClusterMedplumConnection, ConnectionKind, Interaction, IpAction,
+    MedplumConnection, PolicyDeletionPolicy, PolicyResource, ProjectUser, ResourceCeiling,
+};
+use crate::medplum::{
+    AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumClient, MedplumError, MembershipResource,
+    PolicyResourceEntry, Ref,
+};
+
+pub const KIND: &str = "AccessPolicy";
+/// Keeps the policy while resources or memberships use it, then runs the deletion policy.
+pub const FINALIZER: &str = "medplum.com/cleanup";
+const SUBSETTED: &str = "http://hl7.org/fhir/v3/ObservationValue";
+
+/// Why an AccessPolicy is not (yet) as specified in Medplum.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error(transparent)]
+    Connection(#[from] UseError),
+    #[error("spec.resources[{index}].criteria: {message}")]
+    InvalidCriteria { index: usize, message: String },
+    #[error("spec.ipAccessRules[{index}]: {message}")]
+    InvalidIpRule { index: usize, message: String },
+    #[error("exceeds the connection's limits (spec.limits.allowedResources): {0}")]
+    ExceedsLimits(String),
+    #[error("Medplum keeps {0} different from the spec after an update")]
+    NotConverging(String),
+    #[error(transparent)]
+    Medplum(#[from] MedplumError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl PolicyError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connection(e) => e.reason(),
+            Self::InvalidCriteria { .. } => "InvalidCriteria",
+            Self::InvalidIpRule { .. } => "InvalidIpRule",
+            Self::ExceedsLimits(_) => "ExceedsConnectionLimits",
+            Self::NotConverging(_) => "NotConverging",
+            Self::Medplum(e) => e.reason(),
+            Self::Kube(_) => "KubernetesApiError",
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connection(e) => e.is_transient(),
+            Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
+            Self::Kube(_) => true,
+            _ => false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Validation (pure)
+
+/// Checks one `criteria` the way Medplum evaluates it: `<resourceType>?<params>` with plain parameters,
+/// `:not` and `:missing` only, and no chained parameters (Medplum ignores or rejects the rest).
+pub fn check_criteria(resource_type: &str, criteria: &str) -> Result<(), String> {
+    let Some((target, query)) = criteria.split_once('?') else {
+        return Err(format!("{criteria:?} has no '?': write {resource_type}?<parameters>"));
+    };
+    if resource_type == "*" {
+        return Err("criteria cannot apply to resourceType \"*\"".into());
+    }
+    if target != resource_type {
+        return Err(format!("{criteria:?} searches {target}, but resourceType is {resource_type}"));
+    }
+    if query.is_empty() {
+        return Err(format!("{criteria:?} has no parameters"));
+    }
+    for param in query.split('&') {
+        let Some((key, _value)) = param.split_once('=') else {
+            return Err(format!("parameter {param:?} has no '='"));
+        };
+        let (name, modifier) = match key.split_once(':') {
+            Some((n, m)) => (n, Some(m)),
+            None => (key, None),
+        };
+        if name.starts_with("_has") || name.contains('.') {
+            return Err(format!("chained parameter {key:?} is not supported in access policy criteria"));
+        }
+        if let Some(m) = modifier.filter(|m| !matches!(*m, "not" | "missing")) {
+            return Err(format!(
+                "modifier :{m} in {key:?} is not supported in access policy criteria; only :not and :missing are"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the spec for what the CRD schema cannot say: criteria, and IP rules (repeated from the
+/// schema, so that a stored object that predates a rule is refused too).
+pub fn validate(spec: &AccessPolicySpec) -> Result<(), PolicyError> {
+    for (index, resource) in spec.resources.iter().enumerate() {
+        if let Some(criteria) = &resource.criteria {
+            check_criteria(&resource.resource_type, criteria)
+                .map_err(|message| PolicyError::InvalidCriteria { index, message })?;
+        }
+    }
+    for (index, rule) in spec.ip_access_rules.iter().enumerate() {
+        if rule.value.contains('/') {
+            let message = format!("{:?} is a CIDR range; Medplum matches address prefixes, e.g. \"10.2.\"", rule.value);
+            return Err(PolicyError::InvalidIpRule { index, message });
+        }
+    }
+    if let Some(last) = spec.ip_access_rules.last().filter(|r| r.action != IpAction::Block) {
+        let index = spec.ip_access_rules.len() - 1;
+        let message = format!(
+            "the last rule ({:?}) allows; Medplum allows any address no rule matches, so end with a block rule",
+            last.value
+        );
+        return Err(PolicyError::InvalidIpRule { index, message });
+    }
+    Ok(())
+}
+
+/// The interactions a policy resource grants.
+pub fn granted(resource: &PolicyResource) -> BTreeSet<Interaction> {
+    let listed: BTreeSet<Interaction> = resource.interactions.iter().copied().collect();
+    let base: BTreeSet<Interaction> = if listed.is_empty() { Interaction::ALL.into_iter().collect() } else { listed };
+    if resource.readonly == Some(true) {
+        base.into_iter().filter(|i| Interaction::READ_ONLY.contains(i)).collect()
+    } else {
+        base
+    }
+}
+
+/// Checks that the policy grants nothing beyond the connection's ceiling.
+pub fn check_ceiling(spec: &AccessPolicySpec, ceiling: Option<&[ResourceCeiling]>) -> Result<(), PolicyError> {
+    let Some(ceiling) = ceiling else { return Ok(()) };
+    for (index, resource) in spec.resources.iter().enumerate() {
+        let allowed: BTreeSet<Interaction> = ceiling
+            .iter()
+            .filter(|c| c.resource_type == "*" || c.resource_type == resource.resource_type)
+            .flat_map(|c| if c.interactions.is_empty() { Interaction::ALL.to_vec() } else { c.interactions.clone() })
+            .collect();
+        if allowed.is_empty() {
+            return Err(PolicyError::ExceedsLimits(format!(
+                "spec.resources[{index}] grants {}, which the connection does not allow",
+                resource.resource_type
+            )));
+        }
+        let excess: Vec<&str> = granted(resource).difference(&allowed).map(|i| i.as_str()).collect();
+        if !excess.is_empty() {
+            return Err(PolicyError::ExceedsLimits(format!(
+                "spec.resources[{index}] grants {} on {}, beyond the allowed {}",
+                excess.join(", "),
+                resource.resource_type,
+                allowed.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// What should exist (pure)
+
+/// The Medplum AccessPolicy for a spec.
+pub fn desired_policy(ap: &AccessPolicy, tag: &Coding) -> AccessPolicyResource {
+    let spec = &ap.spec;
+    AccessPolicyResource {
+        resource_type: KIND.into(),
+        meta: crate::medplum::Meta { version_id: None, tag: vec![tag.clone()] },
+        name: Some(
+            spec.display_name
+                .clone()
+                .unwrap_or_else(|| format!("{}/{}", ap.namespace().unwrap_or_default(), ap.name_any())),
+        ),
+        compartment: spec.compartment.as_ref().map(|c| Ref::to(c.reference.clone())),
+        resource: spec
+            .resources
+            .iter()
+            .map(|r| PolicyResourceEntry {
+                resource_type: r.resource_type.clone(),
+                criteria: r.criteria.clone(),
+                readonly: r.readonly,
+                interaction: r.interactions.iter().map(|i| i.as_str().to_string()).collect(),
+                hidden_fields: r.hidden_fields.clone(),
+                readonly_fields: r.readonly_fields.clone(),
+                write_constraint: r
+                    .write_constraints
+                    .iter()
+                    .map(|e| Expression { language: "text/fhirpath".into(), expression: e.clone() })
+                    .collect(),
+            })
+            .collect(),
+        ip_access_rule: spec
+            .ip_access_rules
+            .iter()
+            .map(|r| IpAccessRuleEntry {
+                name: r.name.clone(),
+                value: r.value.clone(),
+                action: match r.action {
+                    IpAction::Allow => "allow".into(),
+                    IpAction::Block => "block".into(),
+                },
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The names of fields where Medplum differs from `desired`.
+pub fn policy_drift(desired: &AccessPolicyResource, actual: &AccessPolicyResource) -> Vec<&'static str> {
+    let checks = [
+        ("meta.tag", desired.meta.tag.iter().all(|t| actual.meta.has_tag(t))),
+        ("name", desired.name == actual.name),
+        ("compartment", desired.compartment == actual.compartment),
+        ("resource", desired.resource == actual.resource),
+        ("ipAccessRule", desired.ip_access_rule == actual.ip_access_rule),
+        ("basedOn", actual.based_on.is_empty()),
+    ];
+    checks.into_iter().filter(|(_, same)| !same).map(|(name, _)| name).collect()
+}
+
+/// `desired` with the id of `actual` and the tags others put on it.
+fn policy_body(desired: &AccessPolicyResource, actual: &AccessPolicyResource) -> AccessPolicyResource {
+    let mut body = desired.clone();
+    body.id = actual.id.clone();
+    let mut tags: Vec<Coding> = actual.meta.tag.iter().filter(|t| t.system != SUBSETTED).cloned().collect();
+    for tag in &desired.meta.tag {
+        if !tags.contains(tag) {
+            tags.push(tag.clone());
+        }
+    }
+    body.meta.tag = tags;
+    body
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Reconcile
+
+fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
+    Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None }
+}
+
+async fn find_policy(
+    medplum: &MedplumClient,
+    ap: &AccessPolicy,
+    tag: &Coding,
+) -> Result<Option<AccessPolicyResource>, MedplumError> {
+    if let Some(id) = ap.status.as_ref().and_then(|s| s.policy_id.as_deref()) {
+        let known = medplum.read::<AccessPolicyResource>(id).await?;
+        if let Some(policy) = known.filter(|p| p.meta.has_tag(tag)) {
+            return Ok(Some(policy));
+        }
+    }
+    let query = format!("{}|{}", tag.system, tag.code);
+    Ok(medplum.search::<AccessPolicyResource>(&[("_tag", &query)]).await?.pop())
+}
+
+/// Creates or updates the policy; returns it and the Events to publish.
+async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResource, Vec<Event>), PolicyError> {
+    let namespace = ap.namespace().unwrap_or_default();
+    let usable = usable_connection(ctx, &namespace, &ap.spec.connection_ref).await?;
+    validate(&ap.spec)?;
+    check_ceiling(&ap.spec, usable.limits.allowed_resources.as_deref())?;
+    let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ap.name_any());
+    let desired = desired_policy(ap, &tag);
+    let medplum = &usable.client;
+    let Some(actual) = find_policy(medplum, ap, &tag).await? else {
+        let condition = format!("_tag={}|{}", tag.system, tag.code);
+        let created = medplum.create(&desired, Some(&condition)).await?;
+        let note = format!("created Medplum AccessPolicy/{}", created.id.as_deref().unwrap_or_default());
+        return Ok((created, vec![event(EventType::Normal, "Created", "Create", note)]));
+    };
+    let drift = policy_drift(&desired, &actual);
+    if drift.is_empty() {
+        return Ok((actual, Vec::new()));
+    }
+    let id = actual.id.clone().unwrap_or_default();
+    let version = actual.meta.version_id.clone().unwrap_or_default();
+    let updated = medplum.update(&id, &policy_body(&desired, &actual), &version).await?;
+    let left = policy_drift(&desired, &updated);
+    if !left.is_empty() {
+        return Err(PolicyError::NotConverging(left.join(", ")));
+    }
+    let what = drift.join(", ");
+    let generation_changed = ap.status.as_ref().and_then(|s| s.observed_generation) != ap.metadata.generation;
+    let event = if generation_changed {
+        event(EventType::Normal, "Updated", "Update", format!("updated {what} of AccessPolicy/{id}"))
+    } else {
+        event(
+            EventType::Warning,
+            "DriftCorrected",
+            "Update",
+            format!("AccessPolicy/{id} was changed in Medplum; put back {what}"),
+        )
+    };
+    Ok((updated, vec![event]))
+}
+
+async fn write_status(
+    ctx: &Context,
+    ap: &AccessPolicy,
+    policy_id: Option<String>,
+    ready: ConditionState,
+) -> Result<(), Error> {
+    let api: Api<AccessPolicy> = Api::namespaced(ctx.client.clone(), &ap.namespace().unwrap_or_default());
+    let mut status = ap.status.clone().unwrap_or_default();
+    let was = status.conditions.iter().find(|c| c.type_ == READY).map(|c| (c.status.clone(), c.reason.clone()));
+    if policy_id.is_some() {
+        status.policy_id = policy_id;
+    }
+    status.conditions = set_condition(&status.conditions, ready.clone(), ap.metadata.generation, Timestamp::now());
+    status.observed_generation = ap.metadata.generation;
+    apply_status(&api, &ap.name_any(), ap.status.as_ref(), &status).await.map_err(Error::Status)?;
+    let now = (if ready.status { "True" } else { "False" }.to_string(), ready.reason.clone());
+    if !ready.status && was.as_ref() != Some(&now) {
+        ctx.publish(&ap.object_ref(&()), &event(EventType::Warning, &ready.reason, "Reconcile", ready.message)).await;
+    }
+    Ok(())
+}
+
+async fn apply(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
+    let result = converge(ctx, ap).await;
+    let backoff_key = format!("{KIND}/{}/{}", ap.namespace().unwrap_or_default(), ap.name_any());
+    match result {
+        Ok((policy, events)) => {
+            let id = policy.id.clone().unwrap_or_default();
+            let ready =
+                ConditionState::new(READY, true, "Ready", format!("Medplum AccessPolicy/{id} matches the spec"));
+            write_status(ctx, ap, Some(id), ready).await?;
+            for e in &events {
+                ctx.publish(&ap.object_ref(&()), e).await;
+            }
+            ctx.backoff.reset(&backoff_key);
+            Ok(Action::requeue(ctx.settings.resync_interval))
+        }
+        Err(e) => {
+            write_status(ctx, ap, None, ConditionState::new(READY, false, e.reason(), e.to_string())).await?;
+            let floor = if matches!(e, PolicyError::Medplum(MedplumError::RateLimited { .. })) {
+                Duration::from_secs(60)
+            } else {
+                Duration::ZERO
+            };
+            let delay = ctx.backoff.next_delay(&backoff_key, floor);
+            let delay = if e.is_transient() { delay } else { delay.min(ctx.settings.resync_interval) };
+            let (name, namespace) = (ap.name_any(), ap.namespace().unwrap_or_default());
+            if e.is_transient() {
+                warn!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "not ready");
+            } else {
+                info!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "refused");
+            }
+            Ok(Action::requeue(delay))
+        }
+    }
+}
+
+/// The resources of the namespace that grant this policy (`Kind/name`).
+async fn referrers(ctx: &Context, namespace: &str, policy: &str) -> Result<Vec<String>, kube::Error> {
+    let clients = Api::<ClientApplication>::namespaced(ctx.client.clone(), namespace).list(&Default::default()).await?;
+    let users = Api::<ProjectUser>::namespaced(ctx.client.clone(), namespace).list(&Default::default()).await?;
+    let grants = |access: &[crate::crd::AccessGrant]| access.iter().any(|g| g.policy_ref.name == policy);
+    Ok(clients
+        .items
+        .iter()
+        .filter(|c| grants(&c.spec.access))
+        .map(|c| format!("ClientApplication/{}", c.name_any()))
+        .chain(users.items.iter().filter(|u| grants(&u.spec.access)).map(|u| format!("ProjectUser/{}", u.name_any())))
+        .collect())
+}
+
+async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
+    let reference = ap.object_ref(&());
+    let namespace = ap.namespace().unwrap_or_default();
+    if ap.annotations().get(super::client_application::RELEASE_ANNOTATION).is_some_and(|v| v == "true") {
+        let note = "medplum.com/release-finalizer is set: left Medplum as it is".to_string();
+        ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
+        return Ok(Action::await_change());
+    }
+    let users = referrers(ctx, &namespace, &ap.name_any()).await.map_err(Error::Kube)?;
+    if !users.is_empty() {
+        let message =
+            format!("still granted by {}; deleting it now would break their tokens in Medplum", users.join(", "));
+        write_status(ctx, ap, None, ConditionState::new(READY, false, "InUse", message)).await?;
+        return Err(Error::InUse { count: users.len() });
+    }
+    let key = ConnectionKey::of(&namespace, &ap.spec.connection_ref);
+    let Some(usable) = ctx.connections.last_usable(&key) else {
+        let (_, terminating) = namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
+        if terminating {
+            let note = format!(
+                "namespace {namespace} is being deleted and {} {} cannot be used; left the policy in Medplum",
+                key.kind_name(),
+                key.name
+            );
+            ctx.publish(&reference, &event(EventType::Warning, "Orphaned", "Delete", note)).await;
+            return Ok(Action::await_change());
+        }
+        return Err(Error::Blocked(format!(
+            "{} {} is not usable; the cleanup waits for it",
+            key.kind_name(),
+            key.name
+        )));
+    };
+    let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ap.name_any());
+    let medplum = &usable.client;
+    let outcome: Result<Option<String>, MedplumError> = async {
+        let Some(policy) = find_policy(medplum, ap, &tag).await? else {
+            return Ok(Some("nothing left in Medplum".into()));
+        };
+        let id = policy.id.clone().unwrap_or_default();
+        let policy_ref = format!("AccessPolicy/{id}");
+        let members = medplum.search::<MembershipResource>(&[("access-policy", &policy_ref)]).await?;
+        if !members.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(match ap.spec.deletion_policy {
+            PolicyDeletionPolicy::Delete => {
+                medplum.delete::<AccessPolicyResource>(&id).await?;
+                format!("deleted {policy_ref} from Medplum")
+            }
+            PolicyDeletionPolicy::Orphan => {
+                let mut untagged = policy.clone();
+                untagged.meta.tag.retain(|t| *t != tag && t.system != SUBSETTED);
+                medplum.update(&id, &untagged, policy.meta.version_id.as_deref().unwrap_or_default()).await?;
+                format!("left {policy_ref} in Medplum, no longer managed")
+            }
+        }))
+    }
+    .await;
+    match outcome.map_err(|e| Error::Cleanup(e.to_string()))? {
+        Some(note) => {
+            let reason = match ap.spec.deletion_policy {
+                PolicyDeletionPolicy::Delete => "Deleted",
+                PolicyDeletionPolicy::Orphan => "Orphaned",
+            };
+            ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
+            Ok(Action::await_change())
+        }
+        None => {
+            let message = "memberships in Medplum still use it (ProjectMembership?access-policy=...); deleting it would break their tokens".to_string();
+            write_status(ctx, ap, None, ConditionState::new(READY, false, "InUse", message)).await?;
+            Err(Error::InUse { count: 1 })
+        }
+    }
+}
+
+async fn reconcile(ap: Arc<AccessPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<AccessPolicy> = Api::namespaced(ctx.client.clone(), &ap.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, ap, |event| async {
+        match event {
+            FinalizerEvent::Apply(ap) => apply(&ap, &ctx).await,
+            FinalizerEvent::Cleanup(ap) => cleanup(&ap, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// The controller for one scope (`namespace` None: all), and a future that resolves once its cache is filled.
+pub fn controller(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
+    let client = ctx.client.clone();
+    let controller =
+        Controller::new(super::scoped::<AccessPolicy>(&client, namespace), watcher::Config::default().any_semantic())
+            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.client_concurrency));
+    let store = controller.store();
+    let ready = super::cache_synced(store.clone());
+    let grants = |namespace: Option<String>, access: &[crate::crd::AccessGrant]| {
+        let namespace = namespace.unwrap_or_default();
+        access.iter().map(|g| ObjectRef::new(&g.policy_ref.name).within(&namespace)).collect::<Vec<_>>()
+    };
+    let (local, cluster) = (store.clone(), store.clone());
+    let users_of = move |store: &kube::runtime::reflector::Store<AccessPolicy>, key: ConnectionKey| {
+        store
+            .state()
+            .iter()
+            .filter(|p| ConnectionKey::of(&p.namespace().unwrap_or_default(), &p.spec.connection_ref) == key)
+            .map(|p| ObjectRef::from_obj(&**p))
+            .collect::<Vec<_>>()
+    };
+    let controller = controller
+        // A grant removed or a grantee deleted may release a policy waiting to be deleted.
+        .watches(
+            super::scoped::<ClientApplication>(&client, namespace),
+            watcher::Config::default(),
+            move |c: ClientApplication| grants(c.namespace(), &c.spec.access),
+        )
+        .watches(super::scoped::<ProjectUser>(&client, namespace), watcher::Config::default(), move |u: ProjectUser| {
+            grants(u.namespace(), &u.spec.access)
+        })
+        .watches(
+            super::scoped::<MedplumConnection>(&client, namespace),
+            watcher::Config::default(),
+            move |c: MedplumConnection| {
+                users_of(
+                    &local,
+                    ConnectionKey {
+                        kind: ConnectionKind::MedplumConnection,
+                        namespace: c.namespace(),
+                        name: c.name_any(),
+                    },
+                )
+            },
+        )
+        .watches(
+            Api::<ClusterMedplumConnection>::all(client.clone()),
+            super::cluster_connection_config(&ctx.settings.cluster_connection_selector),
+            move |c: ClusterMedplumConnection| {
+                users_of(
+                    &cluster,
+                    ConnectionKey {
+                        kind: ConnectionKind::ClusterMedplumConnection,
+                        namespace: None,
+                        name: c.name_any(),
+                    },
+                )
+            },
+        );
+    (super::drive(controller, KIND, ctx, reconcile), ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{IpAccessRule, ResourceCeiling};
+
+    fn spec(value: serde_json::Value) -> AccessPolicySpec {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn criteria_medplum_would_reject_or_misread_are_refused() {
+        assert!(check_criteria("Observation", "Observation?status=final&subject=%patient").is_ok());
+        assert!(check_criteria("Patient", "Patient?_id=%patient.id").is_ok());
+        assert!(check_criteria("Observation", "Observation?code:not=1234&value:missing=true").is_ok());
+        let refused = [
+            ("Observation", "Observation?code:exact=1234", "modifier :exact"),
+            ("Observation", "Observation?subject.name=Lee", "chained parameter"),
+            ("Observation", "Observation?_has:Encounter:subject:status=done", "chained parameter"),
+            ("Observation", "Patient?name=Lee", "searches Patient, but resourceType is Observation"),
+            ("Observation", "status=final", "no '?'"),
+            ("*", "Patient?name=x", "resourceType \"*\""),
+        ];
+        for (resource_type, criteria, expected) in refused {
+            let message = check_criteria(resource_type, criteria).unwrap_err();
+            assert!(message.contains(expected), "{criteria}: {message}");
+        }
+    }
+
+    #[test]
+    fn ip_rules_must_be_prefixes_and_end_in_a_block() {
+        let ok = spec(serde_json::json!({"ipAccessRules": [
+            {"name": "office", "value": "10.2.", "action": "allow"}, {"value": "0", "action": "block"}]}));
+        assert!(validate(&ok).is_ok());
+        let mut cidr = ok.clone();
+        cidr.ip_access_rules[0] = IpAccessRule { name: None, value: "10.0.0.0/8".into(), action: IpAction::Allow };
+        assert!(validate(&cidr).unwrap_err().to_string().contains("CIDR"));
+        let mut open = ok.clone();
+        open.ip_access_rules.pop();
+        assert_eq!(validate(&open).unwrap_err().reason(), "InvalidIpRule");
+    }
+
+    #[test]
+    fn the_ceiling_limits_resource_types_and_interactions() {
+        let policy = spec(serde_json::json!({"resources": [
+            {"resourceType": "Observation", "readonly": true},
+            {"resourceType": "Patient", "interactions": ["read", "search"]}]}));
+        let ceiling = |v: serde_json::Value| -> Vec<ResourceCeiling> { serde_json::from_value(v).unwrap() };
+        assert!(check_ceiling(&policy, None).is_ok());
+        let reads =
+            ceiling(serde_json::json!([{"resourceType": "*", "interactions": ["read", "vread", "history", "search"]}]));
+        assert!(check_ceiling(&policy, Some(&reads)).is_ok());
+        let no_patients = ceiling(serde_json::json!([{"resourceType": "Observation"}]));
+        let message = check_ceiling(&policy, Some(&no_patients)).unwrap_err().to_string();
+        assert!(message.contains("grants Patient, which the connection does not allow"), "{message}");
+        let writes = spec(serde_json::json!({"resources": [{"resourceType": "Observation"}]}));
+        let message = check_ceiling(&writes, Some(&reads)).unwrap_err().to_string();
+        assert!(message.contains("grants create, update, delete on Observation"), "{message}");
+    }
+
+    #[test]
+    fn drift_names_the_fields_medplum_changed() {
+        let ap: AccessPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "medplum.com/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": "lab-reader", "namespace": "team-a"},
+            "spec": {"compartment": {"reference": "%organization"},
+                     "resources": [{"resourceType": "Observation", "criteria": "Observation?status=final", "readonly": true,
+                                    "hiddenFields": ["performer"], "writeConstraints": ["%after.status = 'final'"]}]}
+        }))
+        .unwrap();
+        let tag = crate::controller::ownership_tag("default", KIND, "team-a", "lab-reader");
+        let desired = desired_policy(&ap, &tag);
+        assert_eq!(desired.name.as_deref(), Some("team-a/lab-reader"));
+        assert_eq!(desired.resource[0].write_constraint[0].language, "text/fhirpath");
+        let mut actual = policy_body(&desired, &desired);
+        assert!(policy_drift(&desired, &actual).is_empty());
+        actual.resource[0].hidden_fields.clear();
+        actual.name = Some("edited".into());
+        actual.meta.tag.clear();
+        assert_eq!(policy_drift(&desired, &actual), ["meta.tag", "name", "resource"]);
+    }
+}
