@@ -20,12 +20,12 @@ use super::connection::{ConnectionKey, UseError, namespace_labels, usable_connec
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::{Context, Error, ReconcileStream};
 use crate::crd::{
-    AccessPolicy, AccessPolicySpec, ClientApplication, ClusterMedplumConnection, ConnectionKind, Interaction, IpAction,
-    MedplumConnection, PolicyDeletionPolicy, PolicyResource, ProjectUser, ResourceCeiling,
+    AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, ClusterMedplumConnection, ConnectionKind,
+    Interaction, IpAction, MedplumConnection, PolicyDeletionPolicy, PolicyResource, ProjectUser, ResourceCeiling,
 };
 use crate::medplum::{
-    AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumClient, MedplumError, MembershipResource,
-    PolicyResourceEntry, Ref,
+    AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumClient, MedplumError, MembershipAccess,
+    MembershipParameter, MembershipResource, PolicyResourceEntry, Ref,
 };
 
 pub const KIND: &str = "AccessPolicy";
@@ -254,6 +254,81 @@ fn policy_body(desired: &AccessPolicyResource, actual: &AccessPolicyResource) ->
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Grants: how ClientApplications and ProjectUsers refer to policies
+
+/// Why a grant (`spec.access[].policyRef`) cannot be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("AccessPolicy {name} not found in this namespace")]
+    NotFound { name: String },
+    #[error("AccessPolicy {name} does not exist in Medplum yet")]
+    NotReady { name: String },
+    #[error("AccessPolicy {name} uses another connection")]
+    ConnectionMismatch { name: String },
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl GrantError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. } => "PolicyNotFound",
+            Self::NotReady { .. } => "PolicyNotReady",
+            Self::ConnectionMismatch { .. } => "PolicyConnectionMismatch",
+            Self::Kube(_) => "KubernetesApiError",
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::NotReady { .. } | Self::Kube(_))
+    }
+}
+
+/// The membership's `access[]` for resolved grants: `(policy id, grant)`.
+pub fn membership_access(grants: &[(String, &AccessGrant)]) -> Vec<MembershipAccess> {
+    grants
+        .iter()
+        .map(|(policy_id, grant)| MembershipAccess {
+            policy: Ref::to(format!("AccessPolicy/{policy_id}")),
+            parameter: grant
+                .parameters
+                .iter()
+                .map(|p| MembershipParameter {
+                    name: p.name.clone(),
+                    value_string: p.value_string.clone(),
+                    value_reference: p.value_reference.clone().map(Ref::to),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Resolves grants to Medplum policy ids through the AccessPolicy resources of the namespace, which
+/// must use the same connection (the same Medplum project).
+pub async fn resolve_grants(
+    ctx: &Context,
+    namespace: &str,
+    connection: &crate::crd::ConnectionRef,
+    grants: &[AccessGrant],
+) -> Result<Vec<MembershipAccess>, GrantError> {
+    let api: Api<AccessPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut resolved = Vec::new();
+    for grant in grants {
+        let name = grant.policy_ref.name.clone();
+        let policy = api.get_opt(&name).await?.ok_or_else(|| GrantError::NotFound { name: name.clone() })?;
+        if policy.spec.connection_ref != *connection {
+            return Err(GrantError::ConnectionMismatch { name });
+        }
+        // A policy with an id exists in Medplum; whether its latest spec was applied is its own status.
+        match policy.status.as_ref().and_then(|s| s.policy_id.clone()) {
+            Some(id) => resolved.push((id, grant)),
+            None => return Err(GrantError::NotReady { name }),
+        }
+    }
+    Ok(membership_access(&resolved))
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Reconcile
 
 fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
@@ -377,7 +452,7 @@ async fn apply(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
 async fn referrers(ctx: &Context, namespace: &str, policy: &str) -> Result<Vec<String>, kube::Error> {
     let clients = Api::<ClientApplication>::namespaced(ctx.client.clone(), namespace).list(&Default::default()).await?;
     let users = Api::<ProjectUser>::namespaced(ctx.client.clone(), namespace).list(&Default::default()).await?;
-    let grants = |access: &[crate::crd::AccessGrant]| access.iter().any(|g| g.policy_ref.name == policy);
+    let grants = |access: &[AccessGrant]| access.iter().any(|g| g.policy_ref.name == policy);
     Ok(clients
         .items
         .iter()
@@ -486,7 +561,7 @@ pub fn controller(
             .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.client_concurrency));
     let store = controller.store();
     let ready = super::cache_synced(store.clone());
-    let grants = |namespace: Option<String>, access: &[crate::crd::AccessGrant]| {
+    let grants = |namespace: Option<String>, access: &[AccessGrant]| {
         let namespace = namespace.unwrap_or_default();
         access.iter().map(|g| ObjectRef::new(&g.policy_ref.name).within(&namespace)).collect::<Vec<_>>()
     };

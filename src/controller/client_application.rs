@@ -29,6 +29,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use super::access_policy::{GrantError, resolve_grants};
 use super::connection::{ConnectionKey, UsableConnection, UseError, namespace_labels, usable_connection};
 use super::secret::{
     CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, read_secret_strings, read_written,
@@ -42,7 +43,7 @@ use crate::crd::{
 };
 use crate::medplum::{
     ClientApplicationResource, ClientCredentials, Coding, Identifier, IdentityProviderResource, MedplumClient,
-    MedplumError, MembershipAccess, MembershipParameter, MembershipResource, Ref,
+    MedplumError, MembershipAccess, MembershipResource, Ref,
 };
 
 pub const KIND: &str = "ClientApplication";
@@ -74,12 +75,8 @@ pub enum ClientError {
         "spec.unrestrictedAccess asks for a membership without any policy (full access), which the connection does not allow (spec.limits.allowUnrestrictedAccess)"
     )]
     UnrestrictedAccessNotAllowed,
-    #[error("AccessPolicy {name} not found in this namespace")]
-    PolicyNotFound { name: String },
-    #[error("AccessPolicy {name} does not exist in Medplum yet")]
-    PolicyNotReady { name: String },
-    #[error("AccessPolicy {name} uses another connection than this ClientApplication")]
-    PolicyConnectionMismatch { name: String },
+    #[error(transparent)]
+    Grant(#[from] GrantError),
     #[error(
         "Secret {name} exists and was not made by the operator; refusing to take it over (set spec.secret.merge to write into it)"
     )]
@@ -107,9 +104,7 @@ impl ClientError {
         match self {
             Self::Connection(e) => e.reason(),
             Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
-            Self::PolicyNotFound { .. } => "PolicyNotFound",
-            Self::PolicyNotReady { .. } => "PolicyNotReady",
-            Self::PolicyConnectionMismatch { .. } => "PolicyConnectionMismatch",
+            Self::Grant(e) => e.reason(),
             Self::SecretConflict { .. } => "SecretConflict",
             Self::AdoptTargetNotFound { .. } => "AdoptTargetNotFound",
             Self::AlreadyManaged { .. } => "AlreadyManaged",
@@ -128,7 +123,8 @@ impl ClientError {
             Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
             Self::Source(e) => e.is_transient(),
             Self::Connection(e) => e.is_transient(),
-            Self::Kube(_) | Self::PolicyNotReady { .. } => true,
+            Self::Grant(e) => e.is_transient(),
+            Self::Kube(_) => true,
             _ => false,
         }
     }
@@ -270,25 +266,6 @@ fn client_body(
     body.secret = secret.cloned();
     body.retiring_secret = retiring.cloned();
     body
-}
-
-/// The membership's `access[]` for resolved grants: `(policy id, grant)`.
-pub fn membership_access(grants: &[(String, &crate::crd::AccessGrant)]) -> Vec<MembershipAccess> {
-    grants
-        .iter()
-        .map(|(policy_id, grant)| MembershipAccess {
-            policy: Ref::to(format!("AccessPolicy/{policy_id}")),
-            parameter: grant
-                .parameters
-                .iter()
-                .map(|p| MembershipParameter {
-                    name: p.name.clone(),
-                    value_string: p.value_string.clone(),
-                    value_reference: p.value_reference.clone().map(Ref::to),
-                })
-                .collect(),
-        })
-        .collect()
 }
 
 /// The names of membership fields that differ from what the spec grants.
@@ -789,32 +766,13 @@ fn secret_keys(d: &Desired) -> Vec<&str> {
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
 
-/// Resolves `spec.access` to Medplum policy ids through the AccessPolicy resources.
-async fn resolve_access(ctx: &Context, ca: &ClientApplication) -> Result<Vec<MembershipAccess>, ClientError> {
-    let api: Api<AccessPolicy> = Api::namespaced(ctx.client.clone(), &ca.namespace().unwrap_or_default());
-    let mut resolved = Vec::new();
-    for grant in &ca.spec.access {
-        let name = grant.policy_ref.name.clone();
-        let policy = api.get_opt(&name).await?.ok_or_else(|| ClientError::PolicyNotFound { name: name.clone() })?;
-        if policy.spec.connection_ref != ca.spec.connection_ref {
-            return Err(ClientError::PolicyConnectionMismatch { name });
-        }
-        // A policy with an id exists in Medplum; whether its latest spec was applied is its own status.
-        match policy.status.as_ref().and_then(|s| s.policy_id.clone()) {
-            Some(id) => resolved.push((id, grant)),
-            None => return Err(ClientError::PolicyNotReady { name }),
-        }
-    }
-    Ok(membership_access(&resolved))
-}
-
 async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnection) -> Result<Desired, ClientError> {
     if ca.spec.unrestricted_access && !usable.limits.allow_unrestricted_access {
         return Err(ClientError::UnrestrictedAccessNotAllowed);
     }
     let namespace = ca.namespace().unwrap_or_default();
     let name = ca.name_any();
-    let access = resolve_access(ctx, ca).await?;
+    let access = resolve_grants(ctx, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;
     let idp_secret = match ca.spec.identity_provider.as_ref().and_then(|idp| idp.client_secret_ref.as_ref()) {
         Some(r) => read_secret_strings(&ctx.client, &namespace, &r.name, &[&r.key]).await?.pop(),
         None => None,

@@ -4,6 +4,7 @@
 mod access_policy;
 mod client_application;
 mod connection;
+mod project_user;
 mod secret;
 mod status;
 mod workload;
@@ -269,6 +270,9 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
         streams.push(stream);
         ready.push(futures::FutureExt::boxed(synced));
         let (stream, synced) = access_policy::controller(ctx.clone(), scope);
+        streams.push(stream);
+        ready.push(futures::FutureExt::boxed(synced));
+        let (stream, synced) = project_user::controller(ctx.clone(), scope);
         streams.push(stream);
         ready.push(futures::FutureExt::boxed(synced));
     }

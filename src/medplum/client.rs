@@ -3,11 +3,14 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use url::Url;
 
 use super::MedplumError;
-use super::model::{Bundle, FhirResource, Health, Me, OperationOutcome, TokenError, TokenResponse};
+use super::model::{
+    Bundle, FhirResource, Health, InviteRequest, Me, MembershipResource, OperationOutcome, TokenError, TokenResponse,
+};
 use super::token::{Source, TokenCache};
 use crate::metrics::Metrics;
 
@@ -145,6 +148,38 @@ impl MedplumClient {
         ignore_missing(
             self.authed::<serde::de::IgnoredAny>(&format!("delete {}", T::TYPE), Method::DELETE, &path, |r| r).await,
         )
+    }
+
+    /// Invites a person to the project (`POST /admin/projects/{id}/invite`); a person who is already a
+    /// member gives [`MedplumError::Conflict`].
+    pub async fn invite(&self, project_id: &str, invite: &InviteRequest) -> Result<MembershipResource, MedplumError> {
+        let path = format!("admin/projects/{project_id}/invite");
+        self.authed("invite", Method::POST, &path, |r| r.json(invite)).await
+    }
+
+    /// Reads the resource a reference (`Practitioner/<id>`) points at; `None` if it is gone.
+    pub async fn read_reference<T: DeserializeOwned>(&self, reference: &str) -> Result<Option<T>, MedplumError> {
+        let operation = format!("read {}", reference.split('/').next().unwrap_or_default());
+        match self.authed(&operation, Method::GET, &format!("fhir/R4/{reference}"), |r| r).await {
+            Ok(resource) => Ok(Some(resource)),
+            Err(MedplumError::NotFound | MedplumError::Gone) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the resource a reference points at, only if it is still at `version`.
+    pub async fn update_reference<T: Serialize + DeserializeOwned>(
+        &self,
+        reference: &str,
+        resource: &T,
+        version: &str,
+    ) -> Result<T, MedplumError> {
+        let operation = format!("update {}", reference.split('/').next().unwrap_or_default());
+        let if_match = format!("W/\"{version}\"");
+        self.authed(&operation, Method::PUT, &format!("fhir/R4/{reference}"), |r| {
+            r.header("content-type", "application/fhir+json").header("if-match", &if_match).json(resource)
+        })
+        .await
     }
 
     /// Deletes a membership through the admin API, which ends the member's live tokens at once.

@@ -9,7 +9,7 @@ mod token;
 pub use client::{ClientCredentials, MedplumClient};
 pub use error::MedplumError;
 pub use model::{
-    AccessPolicyResource, ClientApplicationResource, Coding, Expression, FhirResource, Health, Identifier,
-    IdentityProviderResource, IpAccessRuleEntry, Me, MembershipAccess, MembershipParameter, MembershipResource, Meta,
-    PolicyResourceEntry, Ref,
+    AccessPolicyResource, ClientApplicationResource, Coding, Expression, FhirResource, Health, HumanName, Identifier,
+    IdentityProviderResource, InviteMembership, InviteRequest, IpAccessRuleEntry, Me, MembershipAccess,
+    MembershipParameter, MembershipResource, Meta, PolicyResourceEntry, ProfileResource, Ref,
 };

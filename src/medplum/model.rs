@@ -374,3 +374,55 @@ pub struct IpAccessRuleEntry {
     pub value: String,
     pub action: String,
 }
+
+/// `POST /admin/projects/{id}/invite`.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InviteRequest {
+    pub resource_type: String,
+    pub first_name: String,
+    pub last_name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    pub send_email: bool,
+    pub admin: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<MembershipAccess>,
+    pub membership: InviteMembership,
+}
+
+/// Fields of the membership an invite creates.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct InviteMembership {
+    pub identifier: Vec<Identifier>,
+}
+
+/// A person's profile (Practitioner, Patient or RelatedPerson); only its name is managed.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileResource {
+    pub resource_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub meta: Meta,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub name: Vec<HumanName>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A FHIR HumanName, the parts the operator sets.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, Deserialize)]
+pub struct HumanName {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub given: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}

@@ -469,6 +469,16 @@ async fn invites_and_memberships() {
         .expect(200)
         .json();
     assert_eq!(bob["accessPolicy"]["display"], "Default Practitioner Access Policy");
+    let chained = http
+        .get(&format!("fhir/R4/ProjectMembership?user:User.email={bob_email}"), &admin.token)
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(
+        ids(&chained),
+        std::slice::from_ref(&bob["id"].as_str().unwrap().to_string()),
+        "chained user:User.email"
+    );
     let users = http.get(&format!("fhir/R4/User?email={bob_email}"), &admin.token).await.expect(200).json();
     assert_eq!(ids(&users).len(), 1, "project-scoped users are visible to the project admin");
     let alice_users =

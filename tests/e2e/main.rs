@@ -8,3 +8,4 @@ mod client_application;
 mod connection;
 mod contract;
 mod crds;
+mod project_user;

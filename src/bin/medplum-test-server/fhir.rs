@@ -162,7 +162,7 @@ fn matching(store: &Store, caller: &Caller, rtype: &str, query: &str) -> Result<
         .all(rtype)
         .filter(|r| caller.sees_project(project_of(r)))
         .filter(|r| visible_user(caller, rtype, r))
-        .filter(|r| search::matches(r, &params))
+        .filter(|r| search::matches(r, &params, &|reference| store.resolve(reference).cloned()))
         .cloned()
         .collect();
     found.sort_by(|a, b| a["meta"]["lastUpdated"].as_str().cmp(&b["meta"]["lastUpdated"].as_str()));

@@ -65,9 +65,9 @@ fn known(rtype: &str, name: &str) -> bool {
     }
 }
 
-/// Whether a resource matches every filter.
-pub fn matches(resource: &Value, params: &[Param]) -> bool {
-    params.iter().filter(|p| !CONTROL.contains(&p.name.as_str())).all(|p| matches_one(resource, p))
+/// Whether a resource matches every filter; `resolve` follows references for chained parameters.
+pub fn matches(resource: &Value, params: &[Param], resolve: &dyn Fn(&str) -> Option<Value>) -> bool {
+    params.iter().filter(|p| !CONTROL.contains(&p.name.as_str())).all(|p| matches_one(resource, p, resolve))
 }
 
 fn token_matches(system: &Value, code: &Value, wanted: &str) -> bool {
@@ -88,8 +88,13 @@ fn bool_param(value: &Value, wanted: &str) -> bool {
     wanted.parse::<bool>().is_ok_and(|w| w == actual)
 }
 
-fn matches_one(resource: &Value, p: &Param) -> bool {
+fn matches_one(resource: &Value, p: &Param, resolve: &dyn Fn(&str) -> Option<Value>) -> bool {
     let value = p.value.as_str();
+    // The one chained search the operator uses: ProjectMembership?user:User.email=<email>.
+    if p.name == "user" && p.modifier.as_deref() == Some("User.email") {
+        let user = resource["user"]["reference"].as_str().and_then(resolve);
+        return user.is_some_and(|u| u["email"].as_str().is_some_and(|e| e.eq_ignore_ascii_case(value)));
+    }
     if p.modifier.as_deref() == Some("missing") {
         let missing = field_for(resource, &p.name).is_null_or_empty();
         return value.parse::<bool>().is_ok_and(|w| w == missing);

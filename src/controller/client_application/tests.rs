@@ -26,7 +26,7 @@ fn desired() -> Desired {
             ..Default::default()
         },
         tag,
-        access: membership_access(&[]),
+        access: Vec::new(),
         project_id: "p1".into(),
         base_url: "https://medplum.example.org/".into(),
         secret_name: "lab-sync".into(),

@@ -1,0 +1,525 @@
+//! `ProjectUser`: a person's membership of the project. Created with Medplum's invite (which makes the
+//! User and the profile), found again through an identifier the operator puts on the membership, and
+//! kept as the spec says by updating the membership itself (never through the invite's `upsert`, which
+//! clears fields it is not sent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use super::access_policy::{GrantError, resolve_grants};
+use super::connection::{ConnectionKey, UsableConnection, UseError, namespace_labels, usable_connection};
+use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::{Context, Error, ReconcileStream};
+use crate::crd::{
+    AccessPolicy, ClusterMedplumConnection, ConnectionKind, MedplumConnection, ProjectUser, ProjectUserStatus,
+    UserDeletionPolicy, UserScope,
+};
+use crate::medplum::{
+    HumanName, Identifier, InviteMembership, InviteRequest, MedplumClient, MedplumError, MembershipAccess,
+    MembershipResource, ProfileResource,
+};
+
+pub const KIND: &str = "ProjectUser";
+pub const FINALIZER: &str = "medplum.com/cleanup";
+
+/// Why a ProjectUser is not (yet) as specified in Medplum.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error(transparent)]
+    Connection(#[from] UseError),
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    #[error(
+        "spec.admin asks for a project administrator, which the connection does not allow (spec.limits.allowAdmin)"
+    )]
+    AdminNotAllowed,
+    #[error(
+        "spec.unrestrictedAccess asks for a membership without any policy (full access), which the connection does not allow (spec.limits.allowUnrestrictedAccess)"
+    )]
+    UnrestrictedAccessNotAllowed,
+    #[error("this person is already a member of the project; set spec.adopt: true to take that membership over")]
+    AlreadyMember,
+    #[error("Medplum says this person is a member, but the membership cannot be found to adopt it")]
+    AdoptTargetNotFound,
+    #[error("Medplum keeps {0} different from the spec after an update")]
+    NotConverging(String),
+    #[error(transparent)]
+    Medplum(#[from] MedplumError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl UserError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connection(e) => e.reason(),
+            Self::Grant(e) => e.reason(),
+            Self::AdminNotAllowed => "AdminNotAllowed",
+            Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
+            Self::AlreadyMember => "AlreadyMember",
+            Self::AdoptTargetNotFound => "AdoptTargetNotFound",
+            Self::NotConverging(_) => "NotConverging",
+            Self::Medplum(e) => e.reason(),
+            Self::Kube(_) => "KubernetesApiError",
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connection(e) => e.is_transient(),
+            Self::Grant(e) => e.is_transient(),
+            Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
+            Self::Kube(_) => true,
+            _ => false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// What should exist (pure)
+
+/// The identifier the operator puts on the membership to find it again.
+pub fn identifier(cluster_id: &str, namespace: &str, name: &str) -> Identifier {
+    let tag = super::ownership_tag(cluster_id, KIND, namespace, name);
+    Identifier { system: tag.system, value: tag.code }
+}
+
+/// The invite that creates the membership.
+pub fn invite_request(user: &ProjectUser, access: &[MembershipAccess], identifier: &Identifier) -> InviteRequest {
+    let spec = &user.spec;
+    InviteRequest {
+        resource_type: spec.resource_type.as_str().into(),
+        first_name: spec.first_name.clone(),
+        last_name: spec.last_name.clone(),
+        email: spec.email.clone(),
+        external_id: spec.external_id.clone(),
+        scope: spec.scope.map(|s| match s {
+            UserScope::Project => "project".into(),
+            UserScope::Server => "server".into(),
+        }),
+        send_email: spec.send_email,
+        admin: spec.admin,
+        access: access.to_vec(),
+        membership: InviteMembership { identifier: vec![identifier.clone()] },
+    }
+}
+
+/// The names of membership fields that differ from the spec. Without any access the project's
+/// default policy would apply, so `accessPolicy` must be absent too.
+pub fn membership_drift(
+    access: &[MembershipAccess],
+    admin: bool,
+    identifier: &Identifier,
+    actual: &MembershipResource,
+) -> Vec<&'static str> {
+    let checks = [
+        ("access", actual.access == access),
+        ("accessPolicy", actual.access_policy.is_none()),
+        ("admin", actual.admin.unwrap_or(false) == admin),
+        ("active", actual.active != Some(false)),
+        ("identifier", actual.identifier.contains(identifier)),
+    ];
+    checks.into_iter().filter(|(_, same)| !same).map(|(name, _)| name).collect()
+}
+
+/// The membership with the spec's access, admin flag and identifier; its other fields are kept.
+fn membership_body(
+    actual: &MembershipResource,
+    access: &[MembershipAccess],
+    admin: bool,
+    identifier: &Identifier,
+) -> MembershipResource {
+    let mut body = actual.clone();
+    body.access = access.to_vec();
+    body.access_policy = None;
+    body.admin = Some(admin);
+    body.active = None;
+    if !body.identifier.contains(identifier) {
+        body.identifier.push(identifier.clone());
+    }
+    body
+}
+
+/// Whether the profile's name is the spec's.
+fn name_matches(profile: &ProfileResource, first: &str, last: &str) -> bool {
+    profile
+        .name
+        .first()
+        .is_some_and(|n| n.given.first().map(String::as_str) == Some(first) && n.family.as_deref() == Some(last))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Reconcile
+
+fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
+    Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None }
+}
+
+async fn find_membership(
+    medplum: &MedplumClient,
+    user: &ProjectUser,
+    identifier: &Identifier,
+) -> Result<Option<MembershipResource>, MedplumError> {
+    if let Some(id) = user.status.as_ref().and_then(|s| s.membership_id.as_deref()) {
+        let known = medplum.read::<MembershipResource>(id).await?;
+        if let Some(m) = known.filter(|m| m.identifier.contains(identifier)) {
+            return Ok(Some(m));
+        }
+    }
+    let query = format!("{}|{}", identifier.system, identifier.value);
+    Ok(medplum.search::<MembershipResource>(&[("identifier", &query)]).await?.pop())
+}
+
+/// The existing membership of the person the spec names (for adoption after a 409).
+async fn existing_membership(
+    medplum: &MedplumClient,
+    user: &ProjectUser,
+) -> Result<Option<MembershipResource>, MedplumError> {
+    let found = match (&user.spec.external_id, &user.spec.email) {
+        (Some(external), _) => medplum.search::<MembershipResource>(&[("external-id", external)]).await?,
+        (None, Some(email)) => {
+            medplum.search::<MembershipResource>(&[("user:User.email", &email.to_lowercase())]).await?
+        }
+        (None, None) => Vec::new(),
+    };
+    Ok(found.into_iter().next())
+}
+
+async fn converge(
+    ctx: &Context,
+    user: &ProjectUser,
+    usable: &UsableConnection,
+) -> Result<(MembershipResource, Vec<Event>), UserError> {
+    let namespace = user.namespace().unwrap_or_default();
+    if user.spec.admin && !usable.limits.allow_admin {
+        return Err(UserError::AdminNotAllowed);
+    }
+    if user.spec.unrestricted_access && !usable.limits.allow_unrestricted_access {
+        return Err(UserError::UnrestrictedAccessNotAllowed);
+    }
+    let access = resolve_grants(ctx, &namespace, &user.spec.connection_ref, &user.spec.access).await?;
+    let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
+    let medplum = &usable.client;
+    let mut events = Vec::new();
+    let mut membership = match find_membership(medplum, user, &identifier).await? {
+        Some(m) => m,
+        None => match medplum.invite(&usable.project_id, &invite_request(user, &access, &identifier)).await {
+            Ok(m) => {
+                let note = format!(
+                    "invited {} as ProjectMembership/{}",
+                    m.profile.reference,
+                    m.id.as_deref().unwrap_or_default()
+                );
+                events.push(event(EventType::Normal, "Created", "Create", note));
+                m
+            }
+            Err(MedplumError::Conflict { .. }) if user.spec.adopt => {
+                let m = existing_membership(medplum, user).await?.ok_or(UserError::AdoptTargetNotFound)?;
+                let note = format!("took over ProjectMembership/{}", m.id.as_deref().unwrap_or_default());
+                events.push(event(EventType::Normal, "Adopted", "Adopt", note));
+                m
+            }
+            Err(MedplumError::Conflict { .. }) => return Err(UserError::AlreadyMember),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let drift = membership_drift(&access, user.spec.admin, &identifier, &membership);
+    if !drift.is_empty() {
+        let id = membership.id.clone().unwrap_or_default();
+        let version = membership.meta.version_id.clone().unwrap_or_default();
+        let updated =
+            medplum.update(&id, &membership_body(&membership, &access, user.spec.admin, &identifier), &version).await?;
+        let left = membership_drift(&access, user.spec.admin, &identifier, &updated);
+        if !left.is_empty() {
+            return Err(UserError::NotConverging(left.join(", ")));
+        }
+        let what = drift.join(", ");
+        let generation_changed = user.status.as_ref().and_then(|s| s.observed_generation) != user.metadata.generation;
+        if events.is_empty() {
+            events.push(if generation_changed {
+                event(EventType::Normal, "Updated", "Update", format!("updated {what} of ProjectMembership/{id}"))
+            } else {
+                event(
+                    EventType::Warning,
+                    "DriftCorrected",
+                    "Update",
+                    format!("ProjectMembership/{id} was changed in Medplum; put back {what}"),
+                )
+            });
+        }
+        membership = updated;
+    }
+    // The name lives on the profile; keep it as the spec says.
+    let reference = membership.profile.reference.clone();
+    if let Some(mut profile) = medplum.read_reference::<ProfileResource>(&reference).await? {
+        if !name_matches(&profile, &user.spec.first_name, &user.spec.last_name) {
+            let version = profile.meta.version_id.clone().unwrap_or_default();
+            let mut name = profile.name.first().cloned().unwrap_or_default();
+            name.given = vec![user.spec.first_name.clone()];
+            name.family = Some(user.spec.last_name.clone());
+            profile.name =
+                std::iter::once(name).chain(profile.name.iter().skip(1).cloned()).collect::<Vec<HumanName>>();
+            medplum.update_reference(&reference, &profile, &version).await?;
+            events.push(event(EventType::Normal, "Updated", "Update", format!("updated the name on {reference}")));
+        }
+    }
+    Ok((membership, events))
+}
+
+async fn write_status(
+    ctx: &Context,
+    user: &ProjectUser,
+    membership: Option<&MembershipResource>,
+    ready: ConditionState,
+) -> Result<(), Error> {
+    let api: Api<ProjectUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
+    let mut status: ProjectUserStatus = user.status.clone().unwrap_or_default();
+    let was = status.conditions.iter().find(|c| c.type_ == READY).map(|c| (c.status.clone(), c.reason.clone()));
+    if let Some(m) = membership {
+        status.membership_id = m.id.clone();
+        status.user_id = m.user.reference.strip_prefix("User/").map(str::to_string);
+        status.profile = Some(m.profile.reference.clone());
+    }
+    status.conditions = set_condition(&status.conditions, ready.clone(), user.metadata.generation, Timestamp::now());
+    status.observed_generation = user.metadata.generation;
+    apply_status(&api, &user.name_any(), user.status.as_ref(), &status).await.map_err(Error::Status)?;
+    let now = (if ready.status { "True" } else { "False" }.to_string(), ready.reason.clone());
+    if !ready.status && was.as_ref() != Some(&now) {
+        ctx.publish(&user.object_ref(&()), &event(EventType::Warning, &ready.reason, "Reconcile", ready.message)).await;
+    }
+    Ok(())
+}
+
+async fn apply(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
+    let namespace = user.namespace().unwrap_or_default();
+    let result = match usable_connection(ctx, &namespace, &user.spec.connection_ref).await {
+        Ok(usable) => converge(ctx, user, &usable).await,
+        Err(e) => Err(e.into()),
+    };
+    let backoff_key = format!("{KIND}/{namespace}/{}", user.name_any());
+    match result {
+        Ok((membership, events)) => {
+            let message = format!(
+                "{} is a member as ProjectMembership/{}",
+                membership.profile.reference,
+                membership.id.as_deref().unwrap_or_default()
+            );
+            write_status(ctx, user, Some(&membership), ConditionState::new(READY, true, "Ready", message)).await?;
+            for e in &events {
+                ctx.publish(&user.object_ref(&()), e).await;
+            }
+            ctx.backoff.reset(&backoff_key);
+            Ok(Action::requeue(ctx.settings.resync_interval))
+        }
+        Err(e) => {
+            write_status(ctx, user, None, ConditionState::new(READY, false, e.reason(), e.to_string())).await?;
+            let floor = if matches!(e, UserError::Medplum(MedplumError::RateLimited { .. })) {
+                Duration::from_secs(60)
+            } else {
+                Duration::ZERO
+            };
+            let delay = ctx.backoff.next_delay(&backoff_key, floor);
+            let delay = if e.is_transient() { delay } else { delay.min(ctx.settings.resync_interval) };
+            let name = user.name_any();
+            if e.is_transient() {
+                warn!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "not ready");
+            } else {
+                info!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "refused");
+            }
+            Ok(Action::requeue(delay))
+        }
+    }
+}
+
+async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
+    let reference = user.object_ref(&());
+    let namespace = user.namespace().unwrap_or_default();
+    if user.annotations().get(super::client_application::RELEASE_ANNOTATION).is_some_and(|v| v == "true") {
+        let note = "medplum.com/release-finalizer is set: left Medplum as it is".to_string();
+        ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
+        return Ok(Action::await_change());
+    }
+    let key = ConnectionKey::of(&namespace, &user.spec.connection_ref);
+    let Some(usable) = ctx.connections.last_usable(&key) else {
+        let (_, terminating) = namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
+        if terminating {
+            let note = format!(
+                "namespace {namespace} is being deleted and {} {} cannot be used; left the membership in Medplum",
+                key.kind_name(),
+                key.name
+            );
+            ctx.publish(&reference, &event(EventType::Warning, "Orphaned", "Delete", note)).await;
+            return Ok(Action::await_change());
+        }
+        return Err(Error::Blocked(format!(
+            "{} {} is not usable; the cleanup waits for it",
+            key.kind_name(),
+            key.name
+        )));
+    };
+    let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
+    let medplum = &usable.client;
+    let outcome: Result<String, MedplumError> = async {
+        let Some(mut m) = find_membership(medplum, user, &identifier).await? else {
+            return Ok("nothing left in Medplum".into());
+        };
+        let id = m.id.clone().unwrap_or_default();
+        let version = m.meta.version_id.clone().unwrap_or_default();
+        Ok(match user.spec.deletion_policy {
+            UserDeletionPolicy::Delete => {
+                medplum.delete_membership(&usable.project_id, &id).await?;
+                format!("removed ProjectMembership/{id} of {}", m.profile.reference)
+            }
+            UserDeletionPolicy::Orphan => {
+                m.identifier.retain(|i| *i != identifier);
+                medplum.update(&id, &m, &version).await?;
+                format!("left ProjectMembership/{id} in Medplum, no longer managed")
+            }
+            UserDeletionPolicy::Deactivate => {
+                m.identifier.retain(|i| *i != identifier);
+                m.active = Some(false);
+                medplum.update(&id, &m, &version).await?;
+                format!("deactivated ProjectMembership/{id}: {} can no longer use the project", m.profile.reference)
+            }
+        })
+    }
+    .await;
+    let note = outcome.map_err(|e| Error::Cleanup(e.to_string()))?;
+    let reason = match user.spec.deletion_policy {
+        UserDeletionPolicy::Delete => "Deleted",
+        UserDeletionPolicy::Orphan => "Orphaned",
+        UserDeletionPolicy::Deactivate => "Deactivated",
+    };
+    ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
+    Ok(Action::await_change())
+}
+
+async fn reconcile(user: Arc<ProjectUser>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<ProjectUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, user, |event| async {
+        match event {
+            FinalizerEvent::Apply(user) => apply(&user, &ctx).await,
+            FinalizerEvent::Cleanup(user) => cleanup(&user, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// The controller for one scope (`namespace` None: all), and a future that resolves once its cache is filled.
+pub fn controller(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
+    let client = ctx.client.clone();
+    let controller =
+        Controller::new(super::scoped::<ProjectUser>(&client, namespace), watcher::Config::default().any_semantic())
+            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.client_concurrency));
+    let store = controller.store();
+    let ready = super::cache_synced(store.clone());
+    let (by_policy, local, cluster) = (store.clone(), store.clone(), store.clone());
+    let users_of = |store: &kube::runtime::reflector::Store<ProjectUser>, key: ConnectionKey| {
+        store
+            .state()
+            .iter()
+            .filter(|u| ConnectionKey::of(&u.namespace().unwrap_or_default(), &u.spec.connection_ref) == key)
+            .map(|u| ObjectRef::from_obj(&**u))
+            .collect::<Vec<_>>()
+    };
+    let controller = controller
+        .watches(
+            super::scoped::<AccessPolicy>(&client, namespace),
+            watcher::Config::default(),
+            move |p: AccessPolicy| {
+                let (name, namespace) = (p.name_any(), p.namespace());
+                by_policy
+                    .state()
+                    .iter()
+                    .filter(|u| u.namespace() == namespace && u.spec.access.iter().any(|g| g.policy_ref.name == name))
+                    .map(|u| ObjectRef::from_obj(&**u))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            super::scoped::<MedplumConnection>(&client, namespace),
+            watcher::Config::default(),
+            move |c: MedplumConnection| {
+                users_of(
+                    &local,
+                    ConnectionKey {
+                        kind: ConnectionKind::MedplumConnection,
+                        namespace: c.namespace(),
+                        name: c.name_any(),
+                    },
+                )
+            },
+        )
+        .watches(
+            Api::<ClusterMedplumConnection>::all(client.clone()),
+            super::cluster_connection_config(&ctx.settings.cluster_connection_selector),
+            move |c: ClusterMedplumConnection| {
+                users_of(
+                    &cluster,
+                    ConnectionKey {
+                        kind: ConnectionKind::ClusterMedplumConnection,
+                        namespace: None,
+                        name: c.name_any(),
+                    },
+                )
+            },
+        );
+    (super::drive(controller, KIND, ctx, reconcile), ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::medplum::Ref;
+
+    fn user(spec: serde_json::Value) -> ProjectUser {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "medplum.com/v1alpha1", "kind": "ProjectUser",
+            "metadata": {"name": "dr-lee", "namespace": "team-a"}, "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_invite_carries_the_identifier_and_never_upserts() {
+        let u = user(
+            serde_json::json!({"firstName": "Ada", "lastName": "Lee", "email": "ada.lee@example.org", "scope": "project",
+                                        "access": [{"policyRef": {"name": "lab-reader"}}]}),
+        );
+        let id = identifier("default", "team-a", "dr-lee");
+        let invite = serde_json::to_value(invite_request(&u, &[], &id)).unwrap();
+        assert_eq!(invite["resourceType"], "Practitioner");
+        assert_eq!(invite["scope"], "project");
+        assert_eq!(invite["sendEmail"], false);
+        assert_eq!(invite["membership"]["identifier"][0]["value"], "ProjectUser/team-a/dr-lee");
+        assert!(invite.get("upsert").is_none());
+    }
+
+    #[test]
+    fn drift_covers_access_admin_active_and_the_default_policy() {
+        let id = identifier("default", "team-a", "dr-lee");
+        let access = vec![MembershipAccess { policy: Ref::to("AccessPolicy/p1"), parameter: vec![] }];
+        let mut m = MembershipResource { access: access.clone(), identifier: vec![id.clone()], ..Default::default() };
+        assert!(membership_drift(&access, false, &id, &m).is_empty());
+        m.access_policy = Some(Ref::to("AccessPolicy/default-practitioner"));
+        m.admin = Some(true);
+        m.active = Some(false);
+        assert_eq!(membership_drift(&access, false, &id, &m), ["accessPolicy", "admin", "active"]);
+        let fixed = membership_body(&m, &access, false, &id);
+        assert!(membership_drift(&access, false, &id, &fixed).is_empty());
+    }
+}

@@ -1,0 +1,197 @@
+//! ProjectUser against the real control plane: invite, identifier, updates through the membership,
+//! deletion policies, adoption and refusals.
+
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::support::fixtures::{Setup, WAIT};
+use crate::support::{Operator, eventually, suffix};
+use medplum_operator::crd::ProjectUser;
+
+fn users(s: &Setup) -> Api<ProjectUser> {
+    Api::namespaced(s.client.clone(), &s.ns.name)
+}
+
+async fn create_user(s: &Setup, name: &str, spec: Value) {
+    let object: ProjectUser = serde_json::from_value(json!({
+        "apiVersion": "medplum.com/v1alpha1", "kind": "ProjectUser", "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap();
+    users(s).create(&PostParams::default(), &object).await.unwrap();
+}
+
+async fn wait_user(s: &Setup, name: &str, status: &str, reason: Option<&str>) -> ProjectUser {
+    let api = users(s);
+    eventually(WAIT, &format!("ProjectUser {name}: Ready={status} {reason:?}"), || async {
+        let u = api.get(name).await.ok()?;
+        let st = u.status.as_ref()?;
+        let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (st.observed_generation == u.metadata.generation && c.status == status && reason.is_none_or(|r| c.reason == r))
+            .then_some(u)
+    })
+    .await
+}
+
+async fn membership(s: &Setup, id: &str) -> (u16, Value) {
+    let answer = s.http().get(&format!("fhir/R4/ProjectMembership/{id}"), &s.token).await;
+    let status = answer.status.as_u16();
+    (status, if status == 200 { answer.json() } else { Value::Null })
+}
+
+async fn delete_user(s: &Setup, name: &str) {
+    let api = users(s);
+    api.delete(name, &Default::default()).await.unwrap();
+    eventually(WAIT, &format!("{name} deleted"), || async { api.get_opt(name).await.unwrap().is_none().then_some(()) })
+        .await;
+}
+
+#[tokio::test]
+async fn user_lifecycle_invite_updates_and_deletion() {
+    let s = Setup::new("pu-life", &[], json!({})).await;
+    let _operator = Operator::start(&s.ns.name, &["--resync-interval", "2s"]).await;
+    let policy_id = s.ready_policy("lab-reader", json!([{"resourceType": "Observation", "readonly": true}])).await;
+    let email = format!("Ada.Lee-{}@Example.org", suffix());
+    create_user(
+        &s,
+        "dr-lee",
+        json!({"resourceType": "Practitioner", "firstName": "Ada", "lastName": "Lee", "email": email, "scope": "project",
+               "access": [{"policyRef": {"name": "lab-reader"}, "parameters": [{"name": "organization", "valueReference": "Organization/123"}]}]}),
+    )
+    .await;
+    let ready = wait_user(&s, "dr-lee", "True", None).await;
+    let status = ready.status.unwrap();
+    let membership_id = status.membership_id.clone().unwrap();
+    assert!(status.user_id.is_some());
+    let profile = status.profile.clone().unwrap();
+    assert!(profile.starts_with("Practitioner/"));
+    let (_, m) = membership(&s, &membership_id).await;
+    assert_eq!(
+        m["access"],
+        json!([{"policy": {"reference": format!("AccessPolicy/{policy_id}")},
+                "parameter": [{"name": "organization", "valueReference": {"reference": "Organization/123"}}]}])
+    );
+    assert!(m.get("accessPolicy").is_none(), "no project default policy on top");
+    assert_eq!(m["identifier"][0]["value"], format!("ProjectUser/{}/dr-lee", s.ns.name));
+    assert_eq!(m["user"]["display"], email.to_lowercase());
+
+    // Console edit to the membership: put back through the membership (not through an invite).
+    let mut widened = m.clone();
+    widened["admin"] = json!(true);
+    widened.as_object_mut().unwrap().remove("access");
+    s.http().put(&format!("fhir/R4/ProjectMembership/{membership_id}"), &s.token, &widened).await.expect(200);
+    eventually(Duration::from_secs(20), "membership drift put back", || async {
+        let (_, now) = membership(&s, &membership_id).await;
+        (now["admin"] == false && now["access"][0]["policy"]["reference"] == format!("AccessPolicy/{policy_id}"))
+            .then_some(())
+    })
+    .await;
+    // A renamed person: the profile follows.
+    let patch = json!({"spec": {"lastName": "Lee-Smith"}});
+    users(&s).patch("dr-lee", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    eventually(Duration::from_secs(20), "profile renamed", || async {
+        let p = s.http().get(&format!("fhir/R4/{profile}"), &s.token).await.json();
+        (p["name"][0]["family"] == "Lee-Smith").then_some(())
+    })
+    .await;
+    let reasons = s.event_reasons("dr-lee").await;
+    for reason in ["Created", "DriftCorrected", "Updated"] {
+        assert!(reasons.iter().any(|r| r == reason), "{reason} in {reasons:?}");
+    }
+
+    delete_user(&s, "dr-lee").await;
+    assert_eq!(membership(&s, &membership_id).await.0, 410, "membership removed");
+    let left = s.http().get(&format!("fhir/R4/User?email={}", email.to_lowercase()), &s.token).await.json();
+    assert!(left.get("entry").is_none(), "the project-scoped User went with it");
+}
+
+#[tokio::test]
+async fn user_deletion_policies_and_external_ids() {
+    let s = Setup::new("pu-delete", &[], json!({})).await;
+    let _operator = Operator::start(&s.ns.name, &[]).await;
+    s.ready_policy("patient-self", json!([{"resourceType": "Patient", "criteria": "Patient?_id=%patient.id"}])).await;
+    let access = json!([{"policyRef": {"name": "patient-self"}}]);
+    create_user(&s, "carl", json!({"resourceType": "Patient", "firstName": "Carl", "lastName": "Ext", "externalId": format!("ext-{}", suffix()),
+                                   "access": access, "deletionPolicy": "Deactivate"}))
+    .await;
+    create_user(
+        &s,
+        "dora",
+        json!({"firstName": "Dora", "lastName": "Kept", "email": format!("dora-{}@example.org", suffix()),
+                                   "access": access, "deletionPolicy": "Orphan"}),
+    )
+    .await;
+    let carl = wait_user(&s, "carl", "True", None).await.status.unwrap();
+    assert!(carl.profile.as_deref().unwrap().starts_with("Patient/"));
+    let dora = wait_user(&s, "dora", "True", None).await.status.unwrap();
+
+    delete_user(&s, "carl").await;
+    let (status, m) = membership(&s, &carl.membership_id.unwrap()).await;
+    assert_eq!((status, m["active"].clone()), (200, json!(false)), "Deactivate keeps it with active: false");
+    delete_user(&s, "dora").await;
+    let (status, m) = membership(&s, &dora.membership_id.unwrap()).await;
+    assert_eq!(status, 200, "Orphan leaves it");
+    assert!(!m.to_string().contains("ProjectUser/"), "without the operator's identifier");
+    assert!(s.event_reasons("carl").await.iter().any(|r| r == "Deactivated"));
+}
+
+#[tokio::test]
+async fn existing_members_admins_and_unrestricted_access_need_permission() {
+    let s = Setup::new("pu-refuse", &[], json!({})).await;
+    let _operator = Operator::start(&s.ns.name, &[]).await;
+    s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
+    // Someone already invited this person in the console.
+    let email = format!("existing-{}@example.org", suffix());
+    let url = format!("admin/projects/{}/invite", s.admin.project_id);
+    let body = json!({"resourceType": "Practitioner", "firstName": "Eve", "lastName": "Existing", "email": email, "sendEmail": false});
+    let existing = s
+        .http()
+        .send(s.http().request(reqwest::Method::POST, &url, Some(&s.token)).json(&body))
+        .await
+        .expect(200)
+        .json();
+    let access = json!([{"policyRef": {"name": "reader"}}]);
+    create_user(&s, "eve", json!({"firstName": "Eve", "lastName": "Existing", "email": email, "access": access})).await;
+    let refused = wait_user(&s, "eve", "False", Some("AlreadyMember")).await;
+    println!("refusal existing member: {:?}", refused.status.unwrap().conditions[0].message);
+    users(&s).patch("eve", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"adopt": true}}))).await.unwrap();
+    let adopted = wait_user(&s, "eve", "True", None).await;
+    assert_eq!(
+        adopted.status.unwrap().membership_id.as_deref(),
+        existing["id"].as_str(),
+        "took over the existing membership"
+    );
+    let (_, m) = membership(&s, existing["id"].as_str().unwrap()).await;
+    assert!(m.get("accessPolicy").is_none(), "the project default policy was replaced by the declared access");
+
+    create_user(&s, "boss", json!({"firstName": "Bo", "lastName": "Ss", "email": format!("boss-{}@example.org", suffix()), "admin": true, "access": access}))
+        .await;
+    let refused = wait_user(&s, "boss", "False", Some("AdminNotAllowed")).await;
+    println!("refusal admin: {:?}", refused.status.unwrap().conditions[0].message);
+    create_user(&s, "everything", json!({"firstName": "Al", "lastName": "L", "email": format!("all-{}@example.org", suffix()), "unrestrictedAccess": true}))
+        .await;
+    wait_user(&s, "everything", "False", Some("UnrestrictedAccessNotAllowed")).await;
+    let found = s
+        .http()
+        .get(
+            &format!(
+                "fhir/R4/ProjectMembership?identifier=urn:medplum-operator:default|ProjectUser/{}/boss",
+                s.ns.name
+            ),
+            &s.token,
+        )
+        .await;
+    assert!(found.json().get("entry").is_none(), "nothing was written to Medplum for a refused user");
+
+    let patch = json!({"spec": {"limits": {"allowAdmin": true, "allowUnrestrictedAccess": true}}});
+    Api::<medplum_operator::crd::MedplumConnection>::namespaced(s.client.clone(), &s.ns.name)
+        .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let boss = wait_user(&s, "boss", "True", None).await;
+    assert_eq!(membership(&s, &boss.status.unwrap().membership_id.unwrap()).await.1["admin"], true);
+    let all = wait_user(&s, "everything", "True", None).await;
+    let (_, m) = membership(&s, &all.status.unwrap().membership_id.unwrap()).await;
+    assert!(m.get("access").is_none() && m.get("accessPolicy").is_none(), "no policy at all, as asked");
+}
