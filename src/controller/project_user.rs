@@ -261,17 +261,15 @@ async fn converge(
     }
     // The name lives on the profile; keep it as the spec says.
     let reference = membership.profile.reference.clone();
-    if let Some(mut profile) = medplum.read_reference::<ProfileResource>(&reference).await? {
-        if !name_matches(&profile, &user.spec.first_name, &user.spec.last_name) {
-            let version = profile.meta.version_id.clone().unwrap_or_default();
-            let mut name = profile.name.first().cloned().unwrap_or_default();
-            name.given = vec![user.spec.first_name.clone()];
-            name.family = Some(user.spec.last_name.clone());
-            profile.name =
-                std::iter::once(name).chain(profile.name.iter().skip(1).cloned()).collect::<Vec<HumanName>>();
-            medplum.update_reference(&reference, &profile, &version).await?;
-            events.push(event(EventType::Normal, "Updated", "Update", format!("updated the name on {reference}")));
-        }
+    let profile = medplum.read_reference::<ProfileResource>(&reference).await?;
+    if let Some(mut profile) = profile.filter(|p| !name_matches(p, &user.spec.first_name, &user.spec.last_name)) {
+        let version = profile.meta.version_id.clone().unwrap_or_default();
+        let mut name = profile.name.first().cloned().unwrap_or_default();
+        name.given = vec![user.spec.first_name.clone()];
+        name.family = Some(user.spec.last_name.clone());
+        profile.name = std::iter::once(name).chain(profile.name.iter().skip(1).cloned()).collect::<Vec<HumanName>>();
+        medplum.update_reference(&reference, &profile, &version).await?;
+        events.push(event(EventType::Normal, "Updated", "Update", format!("updated the name on {reference}")));
     }
     Ok((membership, events))
 }
