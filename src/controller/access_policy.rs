@@ -186,7 +186,7 @@ pub fn desired_policy(ap: &AccessPolicy, tag: &Coding) -> AccessPolicyResource {
     let spec = &ap.spec;
     AccessPolicyResource {
         resource_type: KIND.into(),
-        meta: crate::medplum::Meta { version_id: None, tag: vec![tag.clone()] },
+        meta: crate::medplum::Meta { tag: vec![tag.clone()], ..Default::default() },
         name: Some(
             spec.display_name
                 .clone()
@@ -361,7 +361,7 @@ async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResou
     let medplum = &usable.client;
     let Some(actual) = find_policy(medplum, ap, &tag).await? else {
         let condition = format!("_tag={}|{}", tag.system, tag.code);
-        let created = medplum.create(&desired, Some(&condition)).await?;
+        let created = usable.create(&desired, Some(&condition)).await?;
         let note = format!("created Medplum AccessPolicy/{}", created.id.as_deref().unwrap_or_default());
         return Ok((created, vec![event(EventType::Normal, "Created", "Create", note)]));
     };

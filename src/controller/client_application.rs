@@ -170,7 +170,7 @@ pub fn desired_client(
     let namespace = ca.namespace().unwrap_or_default();
     ClientApplicationResource {
         resource_type: "ClientApplication".into(),
-        meta: crate::medplum::Meta { version_id: None, tag: vec![tag.clone()] },
+        meta: crate::medplum::Meta { tag: vec![tag.clone()], ..Default::default() },
         name: Some(spec.display_name.clone().unwrap_or_else(|| format!("{namespace}/{}", ca.name_any()))),
         description: spec.description.clone(),
         access_token_lifetime: spec.access_token_lifetime.clone(),
@@ -524,7 +524,7 @@ struct Reconciler<'a> {
     ctx: &'a Context,
     ca: &'a ClientApplication,
     d: Desired,
-    medplum: Arc<MedplumClient>,
+    usable: UsableConnection,
     events: Vec<Event>,
 }
 
@@ -576,7 +576,7 @@ impl Reconciler<'_> {
             Step::CreateClient => {
                 let body = client_body(&d.client, None, o.pending(), None);
                 let condition = format!("_tag={}|{}", d.tag.system, d.tag.code);
-                let created = self.medplum.create(&body, Some(&condition)).await?;
+                let created = self.usable.create(&body, Some(&condition)).await?;
                 crash_point("create-client");
                 self.normal(
                     "Created",
@@ -590,8 +590,11 @@ impl Reconciler<'_> {
                 let body =
                     client_body(&d.client, Some(actual), actual.secret.as_ref(), actual.retiring_secret.as_ref());
                 let id = actual.id.clone().unwrap_or_default();
-                let updated =
-                    self.medplum.update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default()).await?;
+                let updated = self
+                    .usable
+                    .client
+                    .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
+                    .await?;
                 let what = fields.join(", ");
                 let generation_changed =
                     self.ca.status.as_ref().and_then(|s| s.observed_generation) != self.ca.metadata.generation;
@@ -621,7 +624,7 @@ impl Reconciler<'_> {
                     identifier: vec![identifier_of(&d.tag)],
                     ..Default::default()
                 };
-                let created = self.medplum.create(&body, Some(&format!("user={client_ref}"))).await?;
+                let created = self.usable.create(&body, Some(&format!("user={client_ref}"))).await?;
                 crash_point("create-membership");
                 self.normal(
                     "Created",
@@ -645,8 +648,11 @@ impl Reconciler<'_> {
                     body.identifier.push(identifier);
                 }
                 let id = actual.id.clone().unwrap_or_default();
-                let updated =
-                    self.medplum.update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default()).await?;
+                let updated = self
+                    .usable
+                    .client
+                    .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
+                    .await?;
                 let generation_changed =
                     self.ca.status.as_ref().and_then(|s| s.observed_generation) != self.ca.metadata.generation;
                 let what = fields.join(", ");
@@ -666,8 +672,11 @@ impl Reconciler<'_> {
                 let actual = o.client.as_ref().expect("planned with a client");
                 let body = client_body(&d.client, Some(actual), o.pending(), actual.secret.as_ref());
                 let id = actual.id.clone().unwrap_or_default();
-                let updated =
-                    self.medplum.update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default()).await?;
+                let updated = self
+                    .usable
+                    .client
+                    .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
+                    .await?;
                 crash_point("push-secret");
                 o.client = Some(updated);
             }
@@ -732,8 +741,11 @@ impl Reconciler<'_> {
                 let actual = o.client.as_ref().expect("planned with a client");
                 let body = client_body(&d.client, Some(actual), actual.secret.as_ref(), None);
                 let id = actual.id.clone().unwrap_or_default();
-                let updated =
-                    self.medplum.update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default()).await?;
+                let updated = self
+                    .usable
+                    .client
+                    .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
+                    .await?;
                 crash_point("retire-secret");
                 self.normal(
                     "SecretRetired",
@@ -745,7 +757,12 @@ impl Reconciler<'_> {
             Step::Verify => {
                 let client_id = o.client.as_ref().and_then(|c| c.id.clone()).unwrap_or_default();
                 let secret = o.value(&d.keys.client_secret).cloned().expect("verified after the Secret was written");
-                match self.medplum.check_credentials(&ClientCredentials { client_id, client_secret: secret }).await {
+                match self
+                    .usable
+                    .client
+                    .check_credentials(&ClientCredentials { client_id, client_secret: secret })
+                    .await
+                {
                     Ok(()) => o.verified = true,
                     Err(MedplumError::InvalidCredentials { description }) => {
                         return Err(ClientError::CredentialRejected(description));
@@ -1001,7 +1018,7 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
         let usable = usable_connection(ctx, &ca.namespace().unwrap_or_default(), &ca.spec.connection_ref).await?;
         let d = desired(ctx, ca, &usable).await?;
         let o = observe(ctx, ca, &d, &usable.client).await?;
-        let mut r = Reconciler { ctx, ca, d, medplum: usable.client.clone(), events: Vec::new() };
+        let mut r = Reconciler { ctx, ca, d, usable, events: Vec::new() };
         let mut o = o;
         let outcome = converge(&mut r, &mut o).await;
         events = std::mem::take(&mut r.events);
@@ -1105,7 +1122,7 @@ async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error>
             DeletionPolicy::Delete => {
                 // The membership first: deleting it ends the client's live tokens at once.
                 if let Some(m) = &membership {
-                    medplum.delete_membership(&usable.project_id, m.id.as_deref().unwrap_or_default()).await?;
+                    usable.delete_membership(m.id.as_deref().unwrap_or_default()).await?;
                 }
                 medplum.delete::<ClientApplicationResource>(&id).await?;
                 format!("deleted ClientApplication/{id} and its membership from Medplum")

@@ -27,7 +27,7 @@ use super::{Context, Error, ReconcileStream};
 use crate::crd::{
     AllowedNamespaces, ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, MedplumConnection,
 };
-use crate::medplum::{ClientCredentials, Me, MedplumClient, MedplumError};
+use crate::medplum::{ClientCredentials, FhirResource, Me, MedplumClient, MedplumError};
 
 /// Label that opts a connection's credentials Secret into a metadata-only watch, so that edits to it
 /// are picked up at once instead of at the next periodic verification.
@@ -123,6 +123,7 @@ pub async fn usable_connection(
 pub struct ConnectionTarget {
     pub base_url: String,
     pub project_id: Option<String>,
+    pub super_admin_credential: bool,
     pub credentials_namespace: String,
     pub credentials_name: String,
     pub client_id_key: String,
@@ -173,6 +174,7 @@ impl ConnectionObject for MedplumConnection {
         ConnectionTarget {
             base_url: self.spec.base_url.clone(),
             project_id: self.spec.project_id.clone(),
+            super_admin_credential: self.spec.super_admin_credential,
             credentials_namespace: namespace,
             credentials_name: creds.name.clone(),
             client_id_key: creds.client_id_key.clone(),
@@ -215,6 +217,7 @@ impl ConnectionObject for ClusterMedplumConnection {
         ConnectionTarget {
             base_url: self.spec.base_url.clone(),
             project_id: self.spec.project_id.clone(),
+            super_admin_credential: self.spec.super_admin_credential,
             credentials_namespace: creds.namespace.clone(),
             credentials_name: creds.name.clone(),
             client_id_key: creds.client_id_key.clone(),
@@ -279,8 +282,37 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
 pub struct UsableConnection {
     pub client: Arc<MedplumClient>,
     pub project_id: String,
+    /// The credential is a super admin's: writes name the project, and memberships are deleted through FHIR.
+    pub super_admin: bool,
     pub limits: ConnectionLimits,
     pub admission: Admission,
+}
+
+impl UsableConnection {
+    /// Creates a resource in the connection's project; with `if_none_exist`, finds the one match instead.
+    pub async fn create<T: FhirResource + Clone>(
+        &self,
+        resource: &T,
+        if_none_exist: Option<&str>,
+    ) -> Result<T, MedplumError> {
+        if !self.super_admin {
+            return self.client.create(resource, if_none_exist).await;
+        }
+        // A super admin's writes land in its own project unless they name another one.
+        let mut scoped = resource.clone();
+        scoped.meta_mut().project = Some(self.project_id.clone());
+        self.client.create(&scoped, if_none_exist).await
+    }
+
+    /// Removes a membership (its live tokens end at once).
+    pub async fn delete_membership(&self, membership_id: &str) -> Result<(), MedplumError> {
+        if self.super_admin {
+            // The admin API acts on the caller's own project for super admins (record f15).
+            self.client.delete::<crate::medplum::MembershipResource>(membership_id).await
+        } else {
+            self.client.delete_membership(&self.project_id, membership_id).await
+        }
+    }
 }
 
 /// What a successful verification found.
@@ -290,6 +322,7 @@ pub struct Verified {
     pub project_name: Option<String>,
     pub server_version: Option<String>,
     pub client_id: String,
+    pub super_admin: bool,
     pub client: Arc<MedplumClient>,
 }
 
@@ -307,9 +340,11 @@ pub enum ConnectionError {
     )]
     NotProjectAdmin { project: String },
     #[error(
-        "the credential is a super-admin client; refusing it, use a project-admin ClientApplication of the project instead"
+        "the credential is a super-admin client; refusing it, use a project-admin ClientApplication of the project instead (or set spec.superAdminCredential and spec.projectId if that is meant)"
     )]
     SuperAdminCredential,
+    #[error("project {0} does not exist")]
+    ProjectNotFound(String),
 }
 
 impl ConnectionError {
@@ -320,6 +355,7 @@ impl ConnectionError {
             Self::ProjectMismatch { .. } => "ProjectMismatch",
             Self::NotProjectAdmin { .. } => "NotProjectAdmin",
             Self::SuperAdminCredential => "SuperAdminCredential",
+            Self::ProjectNotFound(_) => "ProjectNotFound",
         }
     }
 
@@ -336,10 +372,18 @@ impl ConnectionError {
     }
 }
 
-/// Checks that `/auth/me` describes a project admin of the expected project.
-pub fn check_identity(me: &Me, expected_project: Option<&str>) -> Result<(), ConnectionError> {
+/// Checks that `/auth/me` describes a project admin of the expected project, or (when the connection
+/// says so) a super admin, who then manages `expected_project`.
+pub fn check_identity(
+    me: &Me,
+    expected_project: Option<&str>,
+    super_admin_allowed: bool,
+) -> Result<(), ConnectionError> {
     if me.project.super_admin {
-        return Err(ConnectionError::SuperAdminCredential);
+        return match (super_admin_allowed, expected_project) {
+            (true, Some(_)) => Ok(()),
+            _ => Err(ConnectionError::SuperAdminCredential),
+        };
     }
     if let Some(expected) = expected_project.filter(|e| *e != me.project.id) {
         return Err(ConnectionError::ProjectMismatch { expected: expected.to_string(), actual: me.project.id.clone() });
@@ -480,12 +524,22 @@ async fn verify(ctx: &Context, key: &ConnectionKey, target: &ConnectionTarget) -
     })?;
     let health = client.health().await?;
     let me = client.me().await?;
-    check_identity(&me, target.project_id.as_deref())?;
+    check_identity(&me, target.project_id.as_deref(), target.super_admin_credential)?;
+    let (project_id, project_name) = match target.project_id.as_deref().filter(|_| me.project.super_admin) {
+        Some(managed) => {
+            let project =
+                client.read_reference::<crate::medplum::ProjectSummary>(&format!("Project/{managed}")).await?;
+            let project = project.ok_or_else(|| ConnectionError::ProjectNotFound(managed.to_string()))?;
+            (project.id, project.name)
+        }
+        None => (me.project.id, me.project.name),
+    };
     Ok(Verified {
-        project_id: me.project.id,
-        project_name: me.project.name,
+        project_id,
+        project_name,
         server_version: health.version,
         client_id: client.client_id().to_string(),
+        super_admin: me.project.super_admin,
         client,
     })
 }
@@ -521,6 +575,7 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
         result.as_ref().ok().map(|v| UsableConnection {
             client: v.client.clone(),
             project_id: v.project_id.clone(),
+            super_admin: v.super_admin,
             limits: obj.limits().clone(),
             admission: obj.admission(),
         }),
@@ -666,11 +721,17 @@ mod tests {
 
     #[test]
     fn identity_must_be_a_project_admin_of_the_expected_project() {
-        assert!(check_identity(&me("p1", true, false), Some("p1")).is_ok());
-        assert!(check_identity(&me("p1", true, false), None).is_ok());
-        assert_eq!(check_identity(&me("p1", true, false), Some("p2")).unwrap_err().reason(), "ProjectMismatch");
-        assert_eq!(check_identity(&me("p1", false, false), None).unwrap_err().reason(), "NotProjectAdmin");
-        assert_eq!(check_identity(&me("sa", true, true), None).unwrap_err().reason(), "SuperAdminCredential");
+        assert!(check_identity(&me("p1", true, false), Some("p1"), false).is_ok());
+        assert!(check_identity(&me("p1", true, false), None, false).is_ok());
+        assert_eq!(check_identity(&me("p1", true, false), Some("p2"), false).unwrap_err().reason(), "ProjectMismatch");
+        assert_eq!(check_identity(&me("p1", false, false), None, false).unwrap_err().reason(), "NotProjectAdmin");
+        assert_eq!(check_identity(&me("sa", true, true), None, false).unwrap_err().reason(), "SuperAdminCredential");
+        assert_eq!(
+            check_identity(&me("sa", true, true), Some("p1"), false).unwrap_err().reason(),
+            "SuperAdminCredential"
+        );
+        assert_eq!(check_identity(&me("sa", true, true), None, true).unwrap_err().reason(), "SuperAdminCredential");
+        assert!(check_identity(&me("sa", true, true), Some("p1"), true).is_ok(), "meant to be one, for project p1");
     }
 
     #[test]
@@ -685,6 +746,7 @@ mod tests {
             project_name: Some("Lab".into()),
             server_version: Some("5.1.29".into()),
             client_id: "c1".into(),
+            super_admin: false,
             client: Arc::new(client.unwrap()),
         };
         let ok = desired_status(None, &Ok(verified), Some(4), now);
@@ -704,6 +766,7 @@ mod tests {
         let target = ConnectionTarget {
             base_url: "https://m".into(),
             project_id: None,
+            super_admin_credential: false,
             credentials_namespace: "ns".into(),
             credentials_name: "s".into(),
             client_id_key: "id".into(),

@@ -375,7 +375,7 @@ async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
         let version = m.meta.version_id.clone().unwrap_or_default();
         Ok(match user.spec.deletion_policy {
             UserDeletionPolicy::Delete => {
-                medplum.delete_membership(&usable.project_id, &id).await?;
+                usable.delete_membership(&id).await?;
                 format!("removed ProjectMembership/{id} of {}", m.profile.reference)
             }
             UserDeletionPolicy::Orphan => {

@@ -28,6 +28,10 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.superAdminCredential) || !self.superAdminCredential || has(self.projectId)",
+    "message": "a super-admin credential needs spec.projectId: the project it manages"
+}]))]
 pub struct MedplumConnectionSpec {
     /// Base URL of the Medplum server, for example `https://api.medplum.com/`.
     #[schemars(regex(pattern = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"), length(max = 2048))]
@@ -43,6 +47,11 @@ pub struct MedplumConnectionSpec {
     /// PEM CA bundle to trust for the Medplum server, in addition to the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<CaBundleRef>,
+    /// The credential is meant to be a super-admin client (of Medplum's Super Admin project); it then
+    /// manages the project named in `spec.projectId`. Without this, a super-admin credential is refused:
+    /// a project-admin ClientApplication of the project is the least privilege that works.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub super_admin_credential: bool,
     /// The most that resources reconciled through this connection may ask for.
     #[serde(default)]
     pub limits: ConnectionLimits,

@@ -11,5 +11,5 @@ pub use error::MedplumError;
 pub use model::{
     AccessPolicyResource, ClientApplicationResource, Coding, Expression, FhirResource, Health, HumanName, Identifier,
     IdentityProviderResource, InviteMembership, InviteRequest, IpAccessRuleEntry, Me, MembershipAccess,
-    MembershipParameter, MembershipResource, Meta, PolicyResourceEntry, ProfileResource, Ref,
+    MembershipParameter, MembershipResource, Meta, PolicyResourceEntry, ProfileResource, ProjectSummary, Ref,
 };

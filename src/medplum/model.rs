@@ -88,8 +88,7 @@ impl OperationOutcome {
 /// A FHIR resource type the operator reads and writes.
 pub trait FhirResource: serde::Serialize + serde::de::DeserializeOwned + Send + Sync {
     const TYPE: &'static str;
-    fn id(&self) -> Option<&str>;
-    fn version_id(&self) -> Option<&str>;
+    fn meta_mut(&mut self) -> &mut Meta;
 }
 
 /// A FHIR Coding, as used in `meta.tag`.
@@ -105,6 +104,9 @@ pub struct Coding {
 pub struct Meta {
     #[serde(default, skip_serializing)]
     pub version_id: Option<String>,
+    /// Set only on creates by a super admin, to name the project the resource belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tag: Vec<Coding>,
 }
@@ -178,11 +180,8 @@ pub struct ClientApplicationResource {
 
 impl FhirResource for ClientApplicationResource {
     const TYPE: &'static str = "ClientApplication";
-    fn id(&self) -> Option<&str> {
-        self.id.as_deref()
-    }
-    fn version_id(&self) -> Option<&str> {
-        self.meta.version_id.as_deref()
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.meta
     }
 }
 
@@ -283,11 +282,8 @@ pub struct MembershipResource {
 
 impl FhirResource for MembershipResource {
     const TYPE: &'static str = "ProjectMembership";
-    fn id(&self) -> Option<&str> {
-        self.id.as_deref()
-    }
-    fn version_id(&self) -> Option<&str> {
-        self.meta.version_id.as_deref()
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.meta
     }
 }
 
@@ -332,11 +328,8 @@ pub struct AccessPolicyResource {
 
 impl FhirResource for AccessPolicyResource {
     const TYPE: &'static str = "AccessPolicy";
-    fn id(&self) -> Option<&str> {
-        self.id.as_deref()
-    }
-    fn version_id(&self) -> Option<&str> {
-        self.meta.version_id.as_deref()
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.meta
     }
 }
 
@@ -425,4 +418,12 @@ pub struct HumanName {
     pub family: Option<String>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A Project, as far as the operator reads it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ProjectSummary {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
 }

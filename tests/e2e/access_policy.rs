@@ -222,3 +222,23 @@ async fn policies_medplum_would_reject_or_misread_are_refused_up_front() {
         .unwrap();
     s.wait_policy("too-much", "True", None).await;
 }
+
+#[tokio::test]
+async fn a_client_token_reads_what_its_policy_allows_and_nothing_else() {
+    let s = Setup::new("ap-enforce", &[], json!({})).await;
+    if s.medplum.is_test_server() {
+        println!(
+            "SKIPPED: the Medplum test server does not enforce access policies the way Medplum does; run with MEDPLUM_TEST_* set"
+        );
+        return;
+    }
+    let _operator = Operator::start(&s.ns.name, &[]).await;
+    s.ready_policy("patients", json!([{"resourceType": "Patient", "readonly": true}])).await;
+    s.create_client("reader", json!({"access": [{"policyRef": {"name": "patients"}}]})).await;
+    let client_id = s.wait_ready("reader").await.status.unwrap().client_id.unwrap();
+    let secret = s.secret("reader").await.unwrap()["MEDPLUM_CLIENT_SECRET"].clone();
+    let token = s.http().token(&client_id, &secret).await;
+    s.http().get("fhir/R4/Patient?_count=1", &token).await.expect(200);
+    s.http().get("fhir/R4/Observation?_count=1", &token).await.expect(403);
+    s.http().post("fhir/R4/Patient", &token, &json!({"resourceType": "Patient"})).await.expect(403);
+}

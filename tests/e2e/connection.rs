@@ -394,3 +394,71 @@ async fn medplum_outage_and_rate_limits_show_in_status_and_recover() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_super_admin_credential_manages_the_named_project_when_meant_to() {
+    let client = cluster_client().await;
+    let ns = TestNamespace::create(&client, "conn-sa-ok").await;
+    let medplum = MedplumTarget::start().await;
+    let admin = medplum.new_project("conn-sa-ok").await;
+    let (id, secret) = medplum.super_admin_credentials();
+    create_secret(
+        &client,
+        &ns.name,
+        "sa",
+        &[("MEDPLUM_CLIENT_ID", &id), ("MEDPLUM_CLIENT_SECRET", &secret)],
+        json!({}),
+    )
+    .await;
+    let connections: Api<MedplumConnection> = Api::namespaced(client.clone(), &ns.name);
+    let without_project: MedplumConnection = serde_json::from_value(json!({
+        "apiVersion": "medplum.com/v1alpha1", "kind": "MedplumConnection", "metadata": {"name": "no-project"},
+        "spec": {"baseUrl": medplum.base_url(), "superAdminCredential": true, "credentialsSecretRef": {"name": "sa"}}
+    }))
+    .unwrap();
+    let error = connections.create(&PostParams::default(), &without_project).await.unwrap_err().to_string();
+    assert!(error.contains("a super-admin credential needs spec.projectId"), "{error}");
+    create_connection(
+        &client,
+        &ns.name,
+        "default",
+        json!({"baseUrl": medplum.base_url(), "superAdminCredential": true, "projectId": admin.project_id,
+               "credentialsSecretRef": {"name": "sa"}}),
+    )
+    .await;
+    let _operator = Operator::start(&ns.name, &[]).await;
+    let ready = wait_ready(&connections, "default", "True", "Connected").await;
+    assert_eq!(ready.status.unwrap().project_id.as_deref(), Some(admin.project_id.as_str()), "the managed project");
+
+    // Objects made through it land in that project.
+    let policies: Api<medplum_operator::crd::AccessPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let policy: medplum_operator::crd::AccessPolicy = serde_json::from_value(json!({
+        "apiVersion": "medplum.com/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": "reader"},
+        "spec": {"resources": [{"resourceType": "Patient", "readonly": true}]}
+    }))
+    .unwrap();
+    policies.create(&PostParams::default(), &policy).await.unwrap();
+    let clients: Api<medplum_operator::crd::ClientApplication> = Api::namespaced(client.clone(), &ns.name);
+    let app: medplum_operator::crd::ClientApplication = serde_json::from_value(json!({
+        "apiVersion": "medplum.com/v1alpha1", "kind": "ClientApplication", "metadata": {"name": "app"},
+        "spec": {"access": [{"policyRef": {"name": "reader"}}]}
+    }))
+    .unwrap();
+    clients.create(&PostParams::default(), &app).await.unwrap();
+    let client_id = eventually(WAIT, "ClientApplication Ready", || async {
+        let app = clients.get("app").await.ok()?;
+        let status = app.status?;
+        status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True").then_some(status.client_id?)
+    })
+    .await;
+    let token = medplum.http.token(&admin.client_id, &admin.client_secret).await;
+    medplum.http.get(&format!("fhir/R4/ClientApplication/{client_id}"), &token).await.expect(200);
+    let members =
+        medplum.http.get(&format!("fhir/R4/ProjectMembership?user=ClientApplication/{client_id}"), &token).await.json();
+    assert_eq!(members["entry"].as_array().map(Vec::len), Some(1), "its membership is in the project too");
+    clients.delete("app", &Default::default()).await.unwrap();
+    eventually(WAIT, "client deleted through the super-admin connection", || async {
+        (medplum.http.get(&format!("fhir/R4/ClientApplication/{client_id}"), &token).await.status == 410).then_some(())
+    })
+    .await;
+}

@@ -9,3 +9,4 @@ mod connection;
 mod contract;
 mod crds;
 mod project_user;
+mod tenancy;

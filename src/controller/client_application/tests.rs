@@ -20,7 +20,7 @@ fn desired() -> Desired {
         name: "lab-sync".into(),
         namespace: "team-a".into(),
         client: ClientApplicationResource {
-            meta: crate::medplum::Meta { version_id: None, tag: vec![tag.clone()] },
+            meta: crate::medplum::Meta { tag: vec![tag.clone()], ..Default::default() },
             name: Some("team-a/lab-sync".into()),
             access_token_lifetime: Some("15m".into()),
             ..Default::default()
