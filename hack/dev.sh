@@ -65,6 +65,7 @@ echo "==> operator (HTTP on $operator_address)"
 nohup target/debug/medplum-operator run --http-address "$operator_address" >"$state/operator.log" 2>&1 &
 echo $! >"$state/operator.pid"
 kubectl -n medplum-demo wait --for condition=Ready medplumconnection/default --timeout 60s >/dev/null
+kubectl -n medplum-demo wait --for condition=Ready accesspolicy/lab-reader clientapplication/lab-sync projectuser/dr-lee --timeout 60s >/dev/null
 
 cat <<MSG
 
@@ -72,6 +73,9 @@ Everything is running. Look at:
   export KUBECONFIG=$KUBECONFIG PATH=$bin:\$PATH
   kubectl get medplumconnections -A          # Ready, project and Medplum version
   kubectl get clustermedplumconnections
+  kubectl get -n medplum-demo accesspolicies,clientapplications,projectusers
+  kubectl get -n medplum-demo secret lab-sync-medplum -o yaml   # the client's working credentials
+  kubectl annotate -n medplum-demo clientapplication lab-sync medplum.com/rotate=\$(date +%s)   # rotate now
   kubectl -n medplum-demo describe medplumconnection default
   kubectl -n medplum-demo get events
   curl -s http://$operator_address/metrics | grep medplum_operator

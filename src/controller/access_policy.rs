@@ -407,7 +407,7 @@ async fn write_status(
     status.observed_generation = ap.metadata.generation;
     apply_status(&api, &ap.name_any(), ap.status.as_ref(), &status).await.map_err(Error::Status)?;
     let now = (if ready.status { "True" } else { "False" }.to_string(), ready.reason.clone());
-    if !ready.status && was.as_ref() != Some(&now) {
+    if !ready.status && !super::status::is_waiting(&ready.reason) && was.as_ref() != Some(&now) {
         ctx.publish(&ap.object_ref(&()), &event(EventType::Warning, &ready.reason, "Reconcile", ready.message)).await;
     }
     Ok(())

@@ -496,6 +496,9 @@ pub fn plan(d: &Desired, o: &Observed, now: Timestamp) -> Step {
         if stale_targets {
             return Step::RestartTargets;
         }
+        if !o.verified {
+            return Step::Verify;
+        }
         if let Some(t) = o.targets.iter().find(|t| t.exists && !t.rolled_out) {
             return Step::WaitForRollout { target: format!("{:?}/{}", t.target.kind, t.target.name) };
         }
@@ -1040,7 +1043,10 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
         ctx.publish(&reference, event).await;
     }
     let ready = status.conditions.iter().find(|c| c.type_ == READY).expect("Ready is always set");
-    if ready.status == "False" && was_ready != Some((ready.status.clone(), ready.reason.clone())) {
+    if ready.status == "False"
+        && !super::status::is_waiting(&ready.reason)
+        && was_ready != Some((ready.status.clone(), ready.reason.clone()))
+    {
         ctx.publish(&reference, &event(EventType::Warning, &ready.reason, "Reconcile", ready.message.clone())).await;
     }
     match result {

@@ -292,7 +292,7 @@ async fn write_status(
     status.observed_generation = user.metadata.generation;
     apply_status(&api, &user.name_any(), user.status.as_ref(), &status).await.map_err(Error::Status)?;
     let now = (if ready.status { "True" } else { "False" }.to_string(), ready.reason.clone());
-    if !ready.status && was.as_ref() != Some(&now) {
+    if !ready.status && !super::status::is_waiting(&ready.reason) && was.as_ref() != Some(&now) {
         ctx.publish(&user.object_ref(&()), &event(EventType::Warning, &ready.reason, "Reconcile", ready.message)).await;
     }
     Ok(())

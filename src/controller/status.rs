@@ -73,6 +73,12 @@ fn truncate(mut message: String, max: usize) -> String {
     message
 }
 
+/// Reasons that only say a resource waits for another one to become Ready; no Warning Event is
+/// published for them (they pass on their own, typically right after a start).
+pub fn is_waiting(reason: &str) -> bool {
+    matches!(reason, "ConnectionNotReady" | "PolicyNotReady")
+}
+
 /// Whether the Ready condition says True.
 pub fn is_ready(conditions: &[Condition]) -> bool {
     conditions.iter().any(|c| c.type_ == READY && c.status == "True")

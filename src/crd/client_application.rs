@@ -28,7 +28,7 @@ use super::ConnectionRef;
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
         priority = 1
     ),
-    printcolumn(name = "Next Rotation", type_ = "date", json_path = ".status.nextRotationTime", priority = 1),
+    printcolumn(name = "Next Rotation", type_ = "string", json_path = ".status.nextRotationTime", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
