@@ -561,10 +561,17 @@ pub fn controller(
             .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.client_concurrency));
     let store = controller.store();
     let ready = super::cache_synced(store.clone());
-    let grants = |namespace: Option<String>, access: &[AccessGrant]| {
+    // A grant removed or a grantee deleted can only matter to a policy waiting to be deleted.
+    let deleting = store.clone();
+    let grants = move |namespace: Option<String>, access: &[AccessGrant]| {
         let namespace = namespace.unwrap_or_default();
-        access.iter().map(|g| ObjectRef::new(&g.policy_ref.name).within(&namespace)).collect::<Vec<_>>()
+        access
+            .iter()
+            .map(|g| ObjectRef::new(&g.policy_ref.name).within(&namespace))
+            .filter(|r| deleting.get(r).is_some_and(|p| p.metadata.deletion_timestamp.is_some()))
+            .collect::<Vec<_>>()
     };
+    let by_user = grants.clone();
     let (local, cluster) = (store.clone(), store.clone());
     let users_of = move |store: &kube::runtime::reflector::Store<AccessPolicy>, key: ConnectionKey| {
         store
@@ -575,14 +582,13 @@ pub fn controller(
             .collect::<Vec<_>>()
     };
     let controller = controller
-        // A grant removed or a grantee deleted may release a policy waiting to be deleted.
         .watches(
             super::scoped::<ClientApplication>(&client, namespace),
             watcher::Config::default(),
             move |c: ClientApplication| grants(c.namespace(), &c.spec.access),
         )
         .watches(super::scoped::<ProjectUser>(&client, namespace), watcher::Config::default(), move |u: ProjectUser| {
-            grants(u.namespace(), &u.spec.access)
+            by_user(u.namespace(), &u.spec.access)
         })
         .watches(
             super::scoped::<MedplumConnection>(&client, namespace),
