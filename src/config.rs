@@ -68,9 +68,33 @@ pub struct Settings {
     /// ClientApplications reconciled at once, per watched scope.
     #[arg(long, env = "CLIENT_CONCURRENCY", default_value_t = 4)]
     pub client_concurrency: u16,
+    /// AccessPolicies reconciled at once, per watched scope.
+    #[arg(long, env = "POLICY_CONCURRENCY", default_value_t = 2)]
+    pub policy_concurrency: u16,
+    /// ProjectUsers reconciled at once, per watched scope.
+    #[arg(long, env = "USER_CONCURRENCY", default_value_t = 2)]
+    pub user_concurrency: u16,
     /// Connections reconciled at once, per watched scope.
     #[arg(long, env = "CONNECTION_CONCURRENCY", default_value_t = 2)]
     pub connection_concurrency: u16,
+    /// Act only while holding a Lease, so that of several replicas one acts and the others stand by.
+    #[arg(long, env = "LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Namespace of the Lease; default: the pod's namespace (POD_NAMESPACE), else `default`.
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, env = "LEADER_ELECTION_LEASE_NAME", default_value = "medplum-operator")]
+    pub leader_election_lease_name: String,
+    /// How long a lease not renewed stays with its holder before a standby takes it.
+    #[arg(long, env = "LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_election_lease_duration: Duration,
+    /// How long the leader keeps acting without a successful renewal before it stops.
+    #[arg(long, env = "LEADER_ELECTION_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub leader_election_renew_deadline: Duration,
+    /// How often the lease is renewed, or tried by a standby.
+    #[arg(long, env = "LEADER_ELECTION_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub leader_election_retry_period: Duration,
     /// Address of the HTTP server for /healthz, /readyz and /metrics.
     #[arg(long, env = "HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
     pub http_address: SocketAddr,

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod medplum;
 pub mod metrics;
 pub mod server;

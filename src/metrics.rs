@@ -1,6 +1,8 @@
 //! Prometheus metrics. Label values are bounded: kinds, outcomes, operation names, HTTP status codes,
 //! and the names of connection objects. Nothing secret and nothing per request goes into a label.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -40,6 +42,12 @@ pub struct ObjectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KubeRequestLabels {
     pub verb: &'static str,
     pub resource: String,
@@ -61,6 +69,15 @@ pub struct Metrics {
     token_refreshes: Counter,
     connection_ready: Family<ObjectLabels, Gauge>,
     kubernetes_requests: Family<KubeRequestLabels, Counter>,
+    rotations: Counter,
+    rotation_failures: Counter,
+    seconds_until_rotation: Family<ClientLabels, Gauge>,
+    /// When each client's next rotation is due (Unix seconds); turned into seconds-until at scrape time.
+    next_rotations: Mutex<HashMap<ClientLabels, i64>>,
+    managed_objects: Family<KindLabels, Gauge>,
+    ready_objects: Family<KindLabels, Gauge>,
+    /// Readiness of every managed object, by kind and `namespace/name`.
+    census: Mutex<HashMap<(&'static str, String), bool>>,
 }
 
 impl Default for Metrics {
@@ -98,6 +115,20 @@ impl Default for Metrics {
             "Requests to the Kubernetes API by verb and resource",
             kubernetes_requests.clone(),
         );
+        let rotations = Counter::default();
+        registry.register("rotations", "Client secret rotations completed (previous secret retired)", rotations.clone());
+        let rotation_failures = Counter::default();
+        registry.register("rotation_failures", "Reconciles that failed while a rotation was in progress", rotation_failures.clone());
+        let seconds_until_rotation = Family::default();
+        registry.register(
+            "seconds_until_rotation",
+            "Seconds until a client's next scheduled rotation (negative: overdue)",
+            seconds_until_rotation.clone(),
+        );
+        let managed_objects = Family::default();
+        registry.register("managed_objects", "Objects the operator manages, by kind", managed_objects.clone());
+        let ready_objects = Family::default();
+        registry.register("ready_objects", "Managed objects that are Ready, by kind", ready_objects.clone());
         Self {
             registry,
             reconciliations,
@@ -108,6 +139,13 @@ impl Default for Metrics {
             token_refreshes,
             connection_ready,
             kubernetes_requests,
+            rotations,
+            rotation_failures,
+            seconds_until_rotation,
+            next_rotations: Mutex::default(),
+            managed_objects,
+            ready_objects,
+            census: Mutex::default(),
         }
     }
 }
@@ -151,8 +189,49 @@ impl Metrics {
         self.kubernetes_requests.get_or_create(&KubeRequestLabels { verb, resource }).inc();
     }
 
+    pub fn record_rotation(&self) {
+        self.rotations.inc();
+    }
+
+    pub fn record_rotation_failure(&self) {
+        self.rotation_failures.inc();
+    }
+
+    /// Sets (or with `None`, forgets) when a client's next rotation is due, as Unix seconds.
+    pub fn set_next_rotation(&self, namespace: &str, name: &str, due: Option<i64>) {
+        let labels = ClientLabels { namespace: namespace.into(), name: name.into() };
+        let mut next = self.next_rotations.lock().unwrap_or_else(|p| p.into_inner());
+        match due {
+            Some(at) => {
+                next.insert(labels, at);
+            }
+            None => {
+                next.remove(&labels);
+                self.seconds_until_rotation.remove(&labels);
+            }
+        }
+    }
+
+    /// Records whether an object is Ready (`None`: it is no longer managed).
+    pub fn set_object_ready(&self, kind: &'static str, namespace: &str, name: &str, ready: Option<bool>) {
+        let mut census = self.census.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (kind, format!("{namespace}/{name}"));
+        match ready {
+            Some(ready) => census.insert(key, ready),
+            None => census.remove(&key),
+        };
+        let of_kind = census.iter().filter(|((k, _), _)| *k == kind);
+        let (managed, ready) = of_kind.fold((0i64, 0i64), |(m, r), (_, ready)| (m + 1, r + i64::from(*ready)));
+        self.managed_objects.get_or_create(&KindLabels { kind }).set(managed);
+        self.ready_objects.get_or_create(&KindLabels { kind }).set(ready);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        for (labels, due) in self.next_rotations.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            self.seconds_until_rotation.get_or_create(labels).set(due - now);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

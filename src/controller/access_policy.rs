@@ -406,6 +406,7 @@ async fn write_status(
     status.conditions = set_condition(&status.conditions, ready.clone(), ap.metadata.generation, Timestamp::now());
     status.observed_generation = ap.metadata.generation;
     apply_status(&api, &ap.name_any(), ap.status.as_ref(), &status).await.map_err(Error::Status)?;
+    ctx.metrics.set_object_ready(KIND, &ap.namespace().unwrap_or_default(), &ap.name_any(), Some(ready.status));
     let now = (if ready.status { "True" } else { "False" }.to_string(), ready.reason.clone());
     if !ready.status && !super::status::is_waiting(&ready.reason) && was.as_ref() != Some(&now) {
         ctx.publish(&ap.object_ref(&()), &event(EventType::Warning, &ready.reason, "Reconcile", ready.message)).await;
@@ -528,6 +529,7 @@ async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
                 PolicyDeletionPolicy::Orphan => "Orphaned",
             };
             ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
+            ctx.metrics.set_object_ready(KIND, &namespace, &ap.name_any(), None);
             Ok(Action::await_change())
         }
         None => {
@@ -558,7 +560,7 @@ pub fn controller(
     let client = ctx.client.clone();
     let controller =
         Controller::new(super::scoped::<AccessPolicy>(&client, namespace), watcher::Config::default().any_semantic())
-            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.client_concurrency));
+            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.policy_concurrency));
     let store = controller.store();
     let ready = super::cache_synced(store.clone());
     // A grant removed or a grantee deleted can only matter to a policy waiting to be deleted.

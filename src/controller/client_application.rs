@@ -750,6 +750,7 @@ impl Reconciler<'_> {
                     .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
                     .await?;
                 crash_point("retire-secret");
+                self.ctx.metrics.record_rotation();
                 self.normal(
                     "SecretRetired",
                     "Rotate",
@@ -1042,6 +1043,13 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     for event in &events {
         ctx.publish(&reference, event).await;
     }
+    let (name, namespace) = (ca.name_any(), ca.namespace().unwrap_or_default());
+    ctx.metrics.set_object_ready(KIND, &namespace, &name, Some(result.is_ok()));
+    ctx.metrics.set_next_rotation(&namespace, &name, status.next_rotation_time.as_ref().map(|t| t.0.as_second()));
+    let rotating = observed.as_ref().is_some_and(|o| o.pending().is_some() || o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some()));
+    if result.is_err() && rotating {
+        ctx.metrics.record_rotation_failure();
+    }
     let ready = status.conditions.iter().find(|c| c.type_ == READY).expect("Ready is always set");
     if ready.status == "False"
         && !super::status::is_waiting(&ready.reason)
@@ -1155,6 +1163,8 @@ async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error>
     .await;
     let note = result.map_err(|e| Error::Cleanup(e.to_string()))?;
     release_secret(ctx, ca).await.map_err(Error::Kube)?;
+    ctx.metrics.set_object_ready(KIND, &namespace, &ca.name_any(), None);
+    ctx.metrics.set_next_rotation(&namespace, &ca.name_any(), None);
     let reason = match ca.spec.deletion_policy {
         DeletionPolicy::Delete => "Deleted",
         DeletionPolicy::Orphan => "Orphaned",

@@ -584,6 +584,7 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
     let desired = desired_status(current, &result, obj.meta().generation, Timestamp::now());
     write_status(ctx, obj, api, &desired, "Verify").await?;
     ctx.metrics.set_connection_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, result.is_ok());
+    ctx.metrics.set_object_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, Some(result.is_ok()));
     let backoff_key = format!("{kind}/{}/{}", key.namespace.as_deref().unwrap_or_default(), key.name);
     match result {
         Ok(_) => {
@@ -638,7 +639,9 @@ async fn release<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> R
     let key = obj.key();
     let users = super::connection_users(ctx, &key).await.map_err(Error::Kube)?;
     if users.is_empty() {
-        ctx.metrics.forget_connection(kind_name(K::KIND), key.namespace.as_deref().unwrap_or_default(), &key.name);
+        let namespace = key.namespace.as_deref().unwrap_or_default();
+        ctx.metrics.forget_connection(kind_name(K::KIND), namespace, &key.name);
+        ctx.metrics.set_object_ready(kind_name(K::KIND), namespace, &key.name, None);
         return Ok(Action::await_change());
     }
     let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();

@@ -291,6 +291,7 @@ async fn write_status(
     status.conditions = set_condition(&status.conditions, ready.clone(), user.metadata.generation, Timestamp::now());
     status.observed_generation = user.metadata.generation;
     apply_status(&api, &user.name_any(), user.status.as_ref(), &status).await.map_err(Error::Status)?;
+    ctx.metrics.set_object_ready(KIND, &user.namespace().unwrap_or_default(), &user.name_any(), Some(ready.status));
     let now = (if ready.status { "True" } else { "False" }.to_string(), ready.reason.clone());
     if !ready.status && !super::status::is_waiting(&ready.reason) && was.as_ref() != Some(&now) {
         ctx.publish(&user.object_ref(&()), &event(EventType::Warning, &ready.reason, "Reconcile", ready.message)).await;
@@ -399,6 +400,7 @@ async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
         UserDeletionPolicy::Deactivate => "Deactivated",
     };
     ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
+    ctx.metrics.set_object_ready(KIND, &namespace, &user.name_any(), None);
     Ok(Action::await_change())
 }
 
@@ -422,7 +424,7 @@ pub fn controller(
     let client = ctx.client.clone();
     let controller =
         Controller::new(super::scoped::<ProjectUser>(&client, namespace), watcher::Config::default().any_semantic())
-            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.client_concurrency));
+            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.user_concurrency));
     let store = controller.store();
     let ready = super::cache_synced(store.clone());
     let (by_policy, local, cluster) = (store.clone(), store.clone(), store.clone());
