@@ -39,7 +39,8 @@ pub fn decide(lease: Option<&LeaseSpec>, identity: &str, now: Timestamp, default
         .map(|s| Duration::from_secs(u64::try_from(s).unwrap_or(0)))
         .unwrap_or(default_duration);
     let renewed = spec.renew_time.as_ref().map(|t| t.0).unwrap_or(Timestamp::UNIX_EPOCH);
-    let expires = renewed.checked_add(SignedDuration::try_from(duration).unwrap_or(SignedDuration::ZERO)).unwrap_or(renewed);
+    let expires =
+        renewed.checked_add(SignedDuration::try_from(duration).unwrap_or(SignedDuration::ZERO)).unwrap_or(renewed);
     if now >= expires { Decision::TakeOver } else { Decision::Wait { holder } }
 }
 

@@ -52,7 +52,8 @@ async fn main() -> std::process::ExitCode {
         tracing::info!("stopped");
         return std::process::ExitCode::SUCCESS;
     }
-    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("medplum-operator-{}", uuid::Uuid::new_v4().simple()));
+    let identity =
+        std::env::var("POD_NAME").unwrap_or_else(|_| format!("medplum-operator-{}", uuid::Uuid::new_v4().simple()));
     let namespace = settings
         .leader_election_namespace
         .clone()

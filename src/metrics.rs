@@ -116,9 +116,17 @@ impl Default for Metrics {
             kubernetes_requests.clone(),
         );
         let rotations = Counter::default();
-        registry.register("rotations", "Client secret rotations completed (previous secret retired)", rotations.clone());
+        registry.register(
+            "rotations",
+            "Client secret rotations completed (previous secret retired)",
+            rotations.clone(),
+        );
         let rotation_failures = Counter::default();
-        registry.register("rotation_failures", "Reconciles that failed while a rotation was in progress", rotation_failures.clone());
+        registry.register(
+            "rotation_failures",
+            "Reconciles that failed while a rotation was in progress",
+            rotation_failures.clone(),
+        );
         let seconds_until_rotation = Family::default();
         registry.register(
             "seconds_until_rotation",

@@ -90,6 +90,7 @@ launch kube-apiserver "$bin/kube-apiserver" \
   --api-audiences https://kubernetes.default.svc.cluster.local \
   --service-cluster-ip-range 10.0.0.0/24 \
   --authorization-mode RBAC --endpoint-reconciler-type none \
+  --enable-admission-plugins OwnerReferencesPermissionEnforcement \
   --enable-priority-and-fairness=false
 
 launch kube-controller-manager "$bin/kube-controller-manager" \

@@ -1046,7 +1046,9 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     let (name, namespace) = (ca.name_any(), ca.namespace().unwrap_or_default());
     ctx.metrics.set_object_ready(KIND, &namespace, &name, Some(result.is_ok()));
     ctx.metrics.set_next_rotation(&namespace, &name, status.next_rotation_time.as_ref().map(|t| t.0.as_second()));
-    let rotating = observed.as_ref().is_some_and(|o| o.pending().is_some() || o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some()));
+    let rotating = observed
+        .as_ref()
+        .is_some_and(|o| o.pending().is_some() || o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some()));
     if result.is_err() && rotating {
         ctx.metrics.record_rotation_failure();
     }

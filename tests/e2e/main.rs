@@ -4,6 +4,7 @@
 mod support;
 
 mod access_policy;
+mod chart;
 mod client_application;
 mod connection;
 mod contract;

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod fixtures;
 pub mod medplum;
 pub mod operator;
+pub mod tools;
 
 pub use cluster::{TestNamespace, cluster_client};
 pub use medplum::{MedplumTarget, ProjectAdmin};

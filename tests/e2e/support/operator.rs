@@ -39,7 +39,8 @@ impl Operator {
         operator
     }
 
-    /// Starts the operator without waiting for readiness, with extra environment variables.
+    /// Starts the operator without waiting for readiness, with extra environment variables (a
+    /// `KUBECONFIG` among them replaces the admin one).
     pub async fn spawn(namespace: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let selector = format!("medplum-operator-test={namespace}");
         let mut child = Command::new(env!("CARGO_BIN_EXE_medplum-operator"))

@@ -1,0 +1,51 @@
+//! The control plane's command line tools (kubectl, helm), built by hack/controlplane/build.sh.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use super::cluster::kubeconfig;
+
+fn bin_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("hack/controlplane/build.sh");
+        let output = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("running build.sh");
+        assert!(output.status.success(), "hack/controlplane/build.sh failed");
+        PathBuf::from(String::from_utf8(output.stdout).expect("UTF-8").trim())
+    })
+}
+
+/// The chart's folder.
+pub fn chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/medplum-operator")
+}
+
+/// Runs a tool of the control plane with the admin kubeconfig, feeding `stdin`.
+pub fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(bin_dir().join(tool))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig())
+        .env("HELM_CACHE_HOME", std::env::temp_dir().join("medplum-operator-helm/cache"))
+        .env("HELM_CONFIG_HOME", std::env::temp_dir().join("medplum-operator-helm/config"))
+        .env("HELM_DATA_HOME", std::env::temp_dir().join("medplum-operator-helm/data"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).expect("writing stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("waiting for the tool")
+}
+
+/// Runs a tool and returns its stdout, or panics with its stderr.
+pub fn ok(tool: &str, args: &[&str], stdin: Option<&str>) -> String {
+    let output = run(tool, args, stdin);
+    assert!(output.status.success(), "{tool} {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).expect("UTF-8")
+}
