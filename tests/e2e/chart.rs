@@ -331,9 +331,10 @@ async fn scenario(
         .await
         .unwrap();
     let policies: Api<AccessPolicy> = Api::namespaced(client.clone(), namespace);
-    for (name, connection_ref) in
-        [("reader", json!({"name": "default"})), ("shared", json!({"kind": "ClusterMedplumConnection", "name": cluster_name}))]
-    {
+    for (name, connection_ref) in [
+        ("reader", json!({"name": "default"})),
+        ("shared", json!({"kind": "ClusterMedplumConnection", "name": cluster_name})),
+    ] {
         let policy = apply(
             "medplum.com/v1alpha1",
             "AccessPolicy",

@@ -9,5 +9,6 @@ mod client_application;
 mod connection;
 mod contract;
 mod crds;
+mod operations;
 mod project_user;
 mod tenancy;
