@@ -54,6 +54,47 @@ pub struct LeaderElection {
 }
 
 impl LeaderElection {
+    /// The election the settings describe; the identity is the pod's name (POD_NAME).
+    pub fn from_settings(client: kube::Client, settings: &crate::config::Settings) -> Self {
+        let identity =
+            std::env::var("POD_NAME").unwrap_or_else(|_| format!("medplum-operator-{}", uuid::Uuid::new_v4().simple()));
+        let namespace = settings
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        Self::new(
+            client,
+            &namespace,
+            &settings.leader_election_lease_name,
+            &identity,
+            settings.leader_election_lease_duration,
+            settings.leader_election_renew_deadline,
+            settings.leader_election_retry_period,
+        )
+    }
+
+    /// Waits for the lease, then runs `work` while holding it. `work` ending (a graceful shutdown)
+    /// releases the lease; losing the lease is an error, after which the process must exit at once.
+    pub async fn run(&self, work: impl Future<Output = ()>) -> Result<(), ()> {
+        tokio::select! {
+            () = self.acquire() => {}
+            () = shutdown_signal() => return Ok(()),
+        }
+        tokio::select! {
+            () = work => {
+                self.release().await;
+                info!("stopped");
+                Ok(())
+            }
+            () = self.hold() => {
+                // Another instance may act from now on: stop without finishing anything.
+                tracing::error!("lost leadership; exiting");
+                Err(())
+            }
+        }
+    }
+
     pub fn new(
         client: kube::Client,
         namespace: &str,
@@ -170,6 +211,15 @@ impl LeaderElection {
             Ok(_) => info!(lease = %self.name, "released leadership"),
             Err(e) => warn!(lease = %self.name, error = %e, "releasing the lease failed"),
         }
+    }
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

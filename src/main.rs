@@ -52,48 +52,12 @@ async fn main() -> std::process::ExitCode {
         tracing::info!("stopped");
         return std::process::ExitCode::SUCCESS;
     }
-    let identity =
-        std::env::var("POD_NAME").unwrap_or_else(|_| format!("medplum-operator-{}", uuid::Uuid::new_v4().simple()));
-    let namespace = settings
-        .leader_election_namespace
-        .clone()
-        .or_else(|| std::env::var("POD_NAMESPACE").ok())
-        .unwrap_or_else(|| "default".into());
-    let leader = LeaderElection::new(
-        client.clone(),
-        &namespace,
-        &settings.leader_election_lease_name,
-        &identity,
-        settings.leader_election_lease_duration,
-        settings.leader_election_renew_deadline,
-        settings.leader_election_retry_period,
-    );
+    let leader = LeaderElection::from_settings(client.clone(), &settings);
     // A standby is healthy and ready: it only waits.
     readiness.set_ready();
-    tokio::select! {
-        () = leader.acquire() => {}
-        () = shutdown_signal() => return std::process::ExitCode::SUCCESS,
-    }
-    tokio::select! {
-        () = controller::run(client, settings, metrics, readiness) => {
-            leader.release().await;
-            tracing::info!("stopped");
-            std::process::ExitCode::SUCCESS
-        }
-        () = leader.hold() => {
-            // Another instance may act from now on: stop at once, without finishing anything.
-            tracing::error!("lost leadership; exiting");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    match leader.run(controller::run(client, settings, metrics, readiness)).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(()) => std::process::ExitCode::FAILURE,
     }
 }
 

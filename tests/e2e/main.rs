@@ -11,4 +11,5 @@ mod contract;
 mod crds;
 mod operations;
 mod project_user;
+mod scale;
 mod tenancy;
