@@ -4,24 +4,21 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use tracing::{info, warn};
 
-use super::connection::{ConnectionKey, UseError, namespace_labels, usable_connection};
+use super::connection::{UseError, usable_connection};
 use super::status::{ConditionState, READY, apply_status, set_condition};
-use super::{Context, Error, ReconcileStream};
+use super::{CleanupVia, Context, Error, GrantsPolicies, ReconcileStream, cleanup_via, event};
 use crate::crd::{
-    AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, ClusterMedplumConnection, ConnectionKind,
-    Interaction, IpAction, MedplumConnection, PolicyDeletionPolicy, PolicyResource, ProjectUser, ResourceCeiling,
+    AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, Interaction, IpAction, PolicyDeletionPolicy,
+    PolicyResource, ProjectUser, ResourceCeiling,
 };
 use crate::medplum::{
     AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumClient, MedplumError, MembershipAccess,
@@ -29,8 +26,6 @@ use crate::medplum::{
 };
 
 pub const KIND: &str = "AccessPolicy";
-/// Keeps the policy while resources or memberships use it, then runs the deletion policy.
-pub const FINALIZER: &str = "medplum.com/cleanup";
 const SUBSETTED: &str = "http://hl7.org/fhir/v3/ObservationValue";
 
 /// Why an AccessPolicy is not (yet) as specified in Medplum.
@@ -331,10 +326,6 @@ pub async fn resolve_grants(
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
 
-fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
-    Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None }
-}
-
 async fn find_policy(
     medplum: &MedplumClient,
     ap: &AccessPolicy,
@@ -416,7 +407,6 @@ async fn write_status(
 
 async fn apply(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
     let result = converge(ctx, ap).await;
-    let backoff_key = format!("{KIND}/{}/{}", ap.namespace().unwrap_or_default(), ap.name_any());
     match result {
         Ok((policy, events)) => {
             let id = policy.id.clone().unwrap_or_default();
@@ -426,51 +416,44 @@ async fn apply(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
             for e in &events {
                 ctx.publish(&ap.object_ref(&()), e).await;
             }
-            ctx.backoff.reset(&backoff_key);
+            ctx.succeeded(KIND, ap);
             Ok(Action::requeue(ctx.settings.resync_interval))
         }
         Err(e) => {
             write_status(ctx, ap, None, ConditionState::new(READY, false, e.reason(), e.to_string())).await?;
-            let floor = if matches!(e, PolicyError::Medplum(MedplumError::RateLimited { .. })) {
-                Duration::from_secs(60)
-            } else {
-                Duration::ZERO
-            };
-            let delay = ctx.backoff.next_delay(&backoff_key, floor);
-            let delay = if e.is_transient() { delay } else { delay.min(ctx.settings.resync_interval) };
-            let (name, namespace) = (ap.name_any(), ap.namespace().unwrap_or_default());
-            if e.is_transient() {
-                warn!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "not ready");
-            } else {
-                info!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "refused");
-            }
-            Ok(Action::requeue(delay))
+            let rate_limited = matches!(e, PolicyError::Medplum(MedplumError::RateLimited { .. }));
+            Ok(ctx.retry(KIND, ap, e.reason(), &e.to_string(), e.is_transient(), rate_limited))
         }
     }
 }
 
 /// The resources of the namespace that grant this policy (`Kind/name`).
 async fn referrers(ctx: &Context, namespace: &str, policy: &str) -> Result<Vec<String>, kube::Error> {
-    let clients = Api::<ClientApplication>::namespaced(ctx.client.clone(), namespace).list(&Default::default()).await?;
-    let users = Api::<ProjectUser>::namespaced(ctx.client.clone(), namespace).list(&Default::default()).await?;
-    let grants = |access: &[AccessGrant]| access.iter().any(|g| g.policy_ref.name == policy);
-    Ok(clients
-        .items
-        .iter()
-        .filter(|c| grants(&c.spec.access))
-        .map(|c| format!("ClientApplication/{}", c.name_any()))
-        .chain(users.items.iter().filter(|u| grants(&u.spec.access)).map(|u| format!("ProjectUser/{}", u.name_any())))
-        .collect())
+    async fn granting<K: GrantsPolicies>(
+        ctx: &Context,
+        namespace: &str,
+        policy: &str,
+    ) -> Result<Vec<String>, kube::Error> {
+        let list = Api::<K>::namespaced(ctx.client.clone(), namespace).list(&Default::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|o| o.access().iter().any(|g| g.policy_ref.name == policy))
+            .map(|o| format!("{}/{}", K::kind(&()), o.name_any()))
+            .collect())
+    }
+    let mut users = granting::<ClientApplication>(ctx, namespace, policy).await?;
+    users.extend(granting::<ProjectUser>(ctx, namespace, policy).await?);
+    Ok(users)
 }
 
 async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
     let reference = ap.object_ref(&());
     let namespace = ap.namespace().unwrap_or_default();
-    if ap.annotations().get(super::client_application::RELEASE_ANNOTATION).is_some_and(|v| v == "true") {
-        let note = "medplum.com/release-finalizer is set: left Medplum as it is".to_string();
-        ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
-        return Ok(Action::await_change());
-    }
+    let usable = match cleanup_via(ctx, ap).await? {
+        CleanupVia::Connection(usable) => usable,
+        CleanupVia::Released => return Ok(Action::await_change()),
+    };
     let users = referrers(ctx, &namespace, &ap.name_any()).await.map_err(Error::Kube)?;
     if !users.is_empty() {
         let message =
@@ -478,24 +461,6 @@ async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
         write_status(ctx, ap, None, ConditionState::new(READY, false, "InUse", message)).await?;
         return Err(Error::InUse { count: users.len() });
     }
-    let key = ConnectionKey::of(&namespace, &ap.spec.connection_ref);
-    let Some(usable) = ctx.connections.last_usable(&key) else {
-        let (_, terminating) = namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
-        if terminating {
-            let note = format!(
-                "namespace {namespace} is being deleted and {} {} cannot be used; left the policy in Medplum",
-                key.kind_name(),
-                key.name
-            );
-            ctx.publish(&reference, &event(EventType::Warning, "Orphaned", "Delete", note)).await;
-            return Ok(Action::await_change());
-        }
-        return Err(Error::Blocked(format!(
-            "{} {} is not usable; the cleanup waits for it",
-            key.kind_name(),
-            key.name
-        )));
-    };
     let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ap.name_any());
     let medplum = &usable.client;
     let outcome: Result<Option<String>, MedplumError> = async {
@@ -540,27 +505,13 @@ async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
-async fn reconcile(ap: Arc<AccessPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<AccessPolicy> = Api::namespaced(ctx.client.clone(), &ap.namespace().unwrap_or_default());
-    finalizer(&api, FINALIZER, ap, |event| async {
-        match event {
-            FinalizerEvent::Apply(ap) => apply(&ap, &ctx).await,
-            FinalizerEvent::Cleanup(ap) => cleanup(&ap, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
-}
-
 /// The controller for one scope (`namespace` None: all), and a future that resolves once its cache is filled.
 pub fn controller(
     ctx: Arc<Context>,
     namespace: Option<&str>,
 ) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
     let client = ctx.client.clone();
-    let controller =
-        Controller::new(super::scoped::<AccessPolicy>(&client, namespace), watcher::Config::default().any_semantic())
-            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.policy_concurrency));
+    let controller = super::new_controller::<AccessPolicy>(&ctx, namespace, ctx.settings.policy_concurrency);
     let store = controller.store();
     let ready = super::cache_synced(store.clone());
     // A grant removed or a grantee deleted can only matter to a policy waiting to be deleted.
@@ -574,52 +525,19 @@ pub fn controller(
             .collect::<Vec<_>>()
     };
     let by_user = grants.clone();
-    let (local, cluster) = (store.clone(), store.clone());
-    let users_of = move |store: &kube::runtime::reflector::Store<AccessPolicy>, key: ConnectionKey| {
-        store
-            .state()
-            .iter()
-            .filter(|p| ConnectionKey::of(&p.namespace().unwrap_or_default(), &p.spec.connection_ref) == key)
-            .map(|p| ObjectRef::from_obj(&**p))
-            .collect::<Vec<_>>()
-    };
     let controller = controller
         .watches(
             super::scoped::<ClientApplication>(&client, namespace),
             watcher::Config::default(),
             move |c: ClientApplication| grants(c.namespace(), &c.spec.access),
         )
-        .watches(super::scoped::<ProjectUser>(&client, namespace), watcher::Config::default(), move |u: ProjectUser| {
-            by_user(u.namespace(), &u.spec.access)
-        })
         .watches(
-            super::scoped::<MedplumConnection>(&client, namespace),
+            super::scoped::<ProjectUser>(&client, namespace),
             watcher::Config::default(),
-            move |c: MedplumConnection| {
-                users_of(
-                    &local,
-                    ConnectionKey {
-                        kind: ConnectionKind::MedplumConnection,
-                        namespace: c.namespace(),
-                        name: c.name_any(),
-                    },
-                )
-            },
-        )
-        .watches(
-            Api::<ClusterMedplumConnection>::all(client.clone()),
-            super::cluster_connection_config(&ctx.settings.cluster_connection_selector),
-            move |c: ClusterMedplumConnection| {
-                users_of(
-                    &cluster,
-                    ConnectionKey {
-                        kind: ConnectionKind::ClusterMedplumConnection,
-                        namespace: None,
-                        name: c.name_any(),
-                    },
-                )
-            },
+            move |u: ProjectUser| by_user(u.namespace(), &u.spec.access),
         );
+    let controller = super::watch_connections(controller, &ctx, namespace);
+    let reconcile = |obj, ctx| super::reconcile_with_cleanup(obj, ctx, apply, cleanup);
     (super::drive(controller, KIND, ctx, reconcile), ready)
 }
 

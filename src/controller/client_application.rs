@@ -19,41 +19,31 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PartialObjectMeta};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
 
 use super::access_policy::{GrantError, resolve_grants};
-use super::connection::{ConnectionKey, UsableConnection, UseError, namespace_labels, usable_connection};
+use super::connection::{UsableConnection, UseError, usable_connection};
 use super::secret::{
     CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, read_secret_strings, read_written,
 };
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::workload::{self, TargetState};
-use super::{Context, Error, ReconcileStream, crash_point};
-use crate::crd::{
-    AccessPolicy, AdoptSecret, ClientApplication, ClientApplicationStatus, ClusterMedplumConnection, ConnectionKind,
-    DeletionPolicy, MedplumConnection, RestartTarget,
-};
+use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, crash_point, event};
+use crate::crd::{AdoptSecret, ClientApplication, ClientApplicationStatus, DeletionPolicy, RestartTarget};
 use crate::medplum::{
     ClientApplicationResource, ClientCredentials, Coding, Identifier, IdentityProviderResource, MedplumClient,
     MedplumError, MembershipAccess, MembershipResource, Ref,
 };
 
 pub const KIND: &str = "ClientApplication";
-/// Runs the deletion policy before the resource goes away.
-pub const FINALIZER: &str = "medplum.com/cleanup";
 /// Set to any new value on a ClientApplication to rotate its secret now.
 pub const ROTATE_ANNOTATION: &str = "medplum.com/rotate";
-/// Set to `true` on a ClientApplication being deleted to drop the finalizer without touching Medplum
-/// (for when its connection is gone for good).
-pub const RELEASE_ANNOTATION: &str = "medplum.com/release-finalizer";
 /// Secret key holding a new secret that Medplum may not know yet.
 pub const PENDING_KEY: &str = "medplum-operator.next-client-secret";
 /// Secret annotation: when the current credentials were written (RFC 3339).
@@ -529,10 +519,6 @@ struct Reconciler<'a> {
     d: Desired,
     usable: UsableConnection,
     events: Vec<Event>,
-}
-
-fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
-    Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None }
 }
 
 impl Reconciler<'_> {
@@ -1014,7 +1000,6 @@ fn desired_status(
 
 async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     let api: Api<ClientApplication> = Api::namespaced(ctx.client.clone(), &ca.namespace().unwrap_or_default());
-    let backoff_key = format!("{KIND}/{}/{}", ca.namespace().unwrap_or_default(), ca.name_any());
     let mut desired_state = None;
     let mut observed = None;
     let mut events = Vec::new();
@@ -1061,7 +1046,7 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     }
     match result {
         Ok(outcome) => {
-            ctx.backoff.reset(&backoff_key);
+            ctx.succeeded(KIND, ca);
             let resync = ctx.settings.resync_interval;
             let next = match (outcome, status.next_rotation_time.as_ref()) {
                 (Outcome::Waiting(_, wait), _) => wait.min(resync),
@@ -1073,20 +1058,8 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
             Ok(Action::requeue(next))
         }
         Err(e) => {
-            let floor = if matches!(e, ClientError::Medplum(MedplumError::RateLimited { .. })) {
-                Duration::from_secs(60)
-            } else {
-                Duration::ZERO
-            };
-            let delay = ctx.backoff.next_delay(&backoff_key, floor);
-            let delay = if e.is_transient() { delay } else { delay.min(ctx.settings.resync_interval) };
-            let (name, namespace) = (ca.name_any(), ca.namespace().unwrap_or_default());
-            if e.is_transient() {
-                warn!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "not ready");
-            } else {
-                info!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "not ready");
-            }
-            Ok(Action::requeue(delay))
+            let rate_limited = matches!(e, ClientError::Medplum(MedplumError::RateLimited { .. }));
+            Ok(ctx.retry(KIND, ca, e.reason(), &e.to_string(), e.is_transient(), rate_limited))
         }
     }
 }
@@ -1097,29 +1070,9 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
 async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     let reference = ca.object_ref(&());
     let namespace = ca.namespace().unwrap_or_default();
-    if ca.annotations().get(RELEASE_ANNOTATION).is_some_and(|v| v == "true") {
-        let note = format!("{RELEASE_ANNOTATION} is set: left Medplum as it is");
-        ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
-        return Ok(Action::await_change());
-    }
-    let key = ConnectionKey::of(&namespace, &ca.spec.connection_ref);
-    let Some(usable) = ctx.connections.last_usable(&key) else {
-        let (_, terminating) = namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
-        if terminating {
-            let note = format!(
-                "namespace {namespace} is being deleted and {} {} cannot be used; left ClientApplication/{} in Medplum",
-                key.kind_name(),
-                key.name,
-                ca.status.as_ref().and_then(|s| s.client_id.clone()).unwrap_or_default()
-            );
-            ctx.publish(&reference, &event(EventType::Warning, "Orphaned", "Delete", note)).await;
-            return Ok(Action::await_change());
-        }
-        return Err(Error::Blocked(format!(
-            "{} {} is not usable; its cleanup waits for it (or set {RELEASE_ANNOTATION}: \"true\" to skip it)",
-            key.kind_name(),
-            key.name
-        )));
+    let usable = match cleanup_via(ctx, ca).await? {
+        CleanupVia::Connection(usable) => usable,
+        CleanupVia::Released => return Ok(Action::await_change()),
     };
     let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ca.name_any());
     let medplum = &usable.client;
@@ -1200,37 +1153,8 @@ async fn release_secret(ctx: &Context, ca: &ClientApplication) -> Result<(), kub
     apply_written(&ctx.client, &namespace, &name, &content).await
 }
 
-async fn reconcile(ca: Arc<ClientApplication>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<ClientApplication> = Api::namespaced(ctx.client.clone(), &ca.namespace().unwrap_or_default());
-    finalizer(&api, FINALIZER, ca, |event| async {
-        match event {
-            FinalizerEvent::Apply(ca) => apply(&ca, &ctx).await,
-            FinalizerEvent::Cleanup(ca) => cleanup(&ca, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Watches
-
-fn users_of_connection(
-    store: &Store<ClientApplication>,
-    kind: ConnectionKind,
-    namespace: Option<&str>,
-    name: &str,
-) -> Vec<ObjectRef<ClientApplication>> {
-    store
-        .state()
-        .iter()
-        .filter(|ca| {
-            let r = &ca.spec.connection_ref;
-            r.kind == kind && r.name == name && (namespace.is_none() || ca.namespace().as_deref() == namespace)
-        })
-        .map(|ca| ObjectRef::from_obj(&**ca))
-        .collect()
-}
 
 /// The controller for one scope (`namespace` None: all), and a future that resolves once its cache is filled.
 pub fn controller(
@@ -1238,52 +1162,16 @@ pub fn controller(
     namespace: Option<&str>,
 ) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
     let client = ctx.client.clone();
-    let controller = Controller::new(
-        super::scoped::<ClientApplication>(&client, namespace),
-        watcher::Config::default().any_semantic(),
-    )
-    .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.client_concurrency));
-    let store = controller.store();
-    let ready = super::cache_synced(store.clone());
-
+    let controller = super::new_controller::<ClientApplication>(&ctx, namespace, ctx.settings.client_concurrency);
+    let ready = super::cache_synced(controller.store());
     let secrets: Api<PartialObjectMeta<Secret>> = super::scoped(&client, namespace);
     let by_label = |secret: PartialObjectMeta<Secret>| {
         let name = secret.labels().get(CLIENT_LABEL).cloned();
         name.map(|n| ObjectRef::new(&n).within(&secret.namespace().unwrap_or_default()))
     };
-    let policies_store = store.clone();
-    let by_policy = move |policy: AccessPolicy| {
-        let (name, namespace) = (policy.name_any(), policy.namespace());
-        policies_store
-            .state()
-            .iter()
-            .filter(|ca| ca.namespace() == namespace && ca.spec.access.iter().any(|g| g.policy_ref.name == name))
-            .map(|ca| ObjectRef::from_obj(&**ca))
-            .collect::<Vec<_>>()
-    };
-    let (local_store, cluster_store) = (store.clone(), store.clone());
-    let controller = controller
-        .watches(secrets, watcher::Config::default().labels(CLIENT_LABEL), by_label)
-        .watches(super::scoped::<AccessPolicy>(&client, namespace), watcher::Config::default(), by_policy)
-        .watches(
-            super::scoped::<MedplumConnection>(&client, namespace),
-            watcher::Config::default(),
-            move |c: MedplumConnection| {
-                users_of_connection(
-                    &local_store,
-                    ConnectionKind::MedplumConnection,
-                    c.namespace().as_deref(),
-                    &c.name_any(),
-                )
-            },
-        )
-        .watches(
-            Api::<ClusterMedplumConnection>::all(client.clone()),
-            super::cluster_connection_config(&ctx.settings.cluster_connection_selector),
-            move |c: ClusterMedplumConnection| {
-                users_of_connection(&cluster_store, ConnectionKind::ClusterMedplumConnection, None, &c.name_any())
-            },
-        );
+    let controller = controller.watches(secrets, watcher::Config::default().labels(CLIENT_LABEL), by_label);
+    let controller = super::watch_connections(super::watch_policies(controller, &ctx, namespace), &ctx, namespace);
+    let reconcile = |obj, ctx| super::reconcile_with_cleanup(obj, ctx, apply, cleanup);
     (super::drive(controller, KIND, ctx, reconcile), ready)
 }
 

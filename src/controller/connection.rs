@@ -592,7 +592,9 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
             Ok(Action::requeue(ctx.settings.resync_interval))
         }
         Err(e) => {
-            // A rate limit window is 60 s in Medplum; retrying sooner only burns the budget.
+            // A rate limit window is 60 s in Medplum; retrying sooner only burns the budget. Unlike
+            // other resources, transient failures are capped at the resync interval too: everything
+            // using the connection waits for it to recover.
             let floor = if e.is_rate_limit() { std::time::Duration::from_secs(60) } else { Default::default() };
             let delay = ctx.backoff.next_delay(&backoff_key, floor).min(ctx.settings.resync_interval.max(floor));
             let namespace = key.namespace.as_deref().unwrap_or_default();

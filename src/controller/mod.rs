@@ -17,7 +17,8 @@ use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use std::time::Instant;
@@ -28,7 +29,8 @@ pub use status::FIELD_MANAGER;
 
 use crate::config::Settings;
 use crate::crd::{
-    AccessPolicy, ClientApplication, ClusterMedplumConnection, ConnectionRef, MedplumConnection, ProjectUser,
+    AccessGrant, AccessPolicy, ClientApplication, ClusterMedplumConnection, ConnectionKind, ConnectionRef,
+    MedplumConnection, ProjectUser,
 };
 use crate::metrics::Metrics;
 use crate::server::Readiness;
@@ -130,6 +132,34 @@ impl Context {
         }
     }
 
+    /// When to try again after a reconcile that ended in a not-Ready status: exponential backoff (at
+    /// least 60 s after a 429, Medplum's window), capped at the resync interval for what only a change
+    /// can fix. Logged at warn for transient failures, info for refusals.
+    fn retry(
+        &self,
+        kind: &'static str,
+        obj: &impl Resource,
+        reason: &str,
+        message: &str,
+        transient: bool,
+        rate_limited: bool,
+    ) -> Action {
+        let (name, namespace) = (obj.name_any(), obj.namespace().unwrap_or_default());
+        let floor = if rate_limited { Duration::from_secs(60) } else { Duration::ZERO };
+        let delay = self.backoff.next_delay(&format!("{kind}/{namespace}/{name}"), floor);
+        let delay = if transient { delay } else { delay.min(self.settings.resync_interval.max(floor)) };
+        if transient {
+            warn!(kind, %name, %namespace, reason, error = message, retry_in = ?delay, "not ready");
+        } else {
+            tracing::info!(kind, %name, %namespace, reason, error = message, retry_in = ?delay, "refused");
+        }
+        Action::requeue(delay)
+    }
+
+    fn succeeded(&self, kind: &'static str, obj: &impl Resource) {
+        self.backoff.reset(&format!("{kind}/{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()));
+    }
+
     fn error_policy<K: Resource>(&self, kind: &'static str, obj: &K, error: &Error) -> Action {
         let key = format!("{kind}/{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
         let delay = self.backoff.next_delay(&key, Duration::ZERO);
@@ -162,6 +192,203 @@ where
         ctx,
     );
     boxed(stream)
+}
+
+/// Held on every resource that owns objects in Medplum until its cleanup there is done.
+pub const CLEANUP_FINALIZER: &str = "medplum.com/cleanup";
+
+/// The controller of a namespaced kind in one scope (`namespace` None: all), reconciling at most
+/// `concurrency` objects at a time.
+fn new_controller<K: UsesConnection>(ctx: &Context, namespace: Option<&str>, concurrency: u16) -> Controller<K> {
+    Controller::new(scoped::<K>(&ctx.client, namespace), kube::runtime::watcher::Config::default().any_semantic())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+}
+
+/// One reconcile behind [`CLEANUP_FINALIZER`]: `apply` while the resource exists, `cleanup` once it
+/// is being deleted (the finalizer goes when `cleanup` succeeds).
+async fn reconcile_with_cleanup<K: UsesConnection>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    apply: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
+    cleanup: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
+) -> Result<Action, Error> {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    kube::runtime::finalizer(&api, CLEANUP_FINALIZER, obj, |event| async {
+        match event {
+            kube::runtime::finalizer::Event::Apply(obj) => apply(&obj, &ctx).await,
+            kube::runtime::finalizer::Event::Cleanup(obj) => cleanup(&obj, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Set to `true` on a resource being deleted to drop its finalizer without touching Medplum (for when
+/// its connection is gone for good).
+pub const RELEASE_ANNOTATION: &str = "medplum.com/release-finalizer";
+
+/// A Kubernetes Event about the resource being reconciled.
+pub fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
+    Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None }
+}
+
+/// A namespaced resource reconciled through a connection.
+pub trait UsesConnection:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + serde::Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn connection_ref(&self) -> &ConnectionRef;
+}
+
+impl UsesConnection for ClientApplication {
+    fn connection_ref(&self) -> &ConnectionRef {
+        &self.spec.connection_ref
+    }
+}
+
+impl UsesConnection for AccessPolicy {
+    fn connection_ref(&self) -> &ConnectionRef {
+        &self.spec.connection_ref
+    }
+}
+
+impl UsesConnection for ProjectUser {
+    fn connection_ref(&self) -> &ConnectionRef {
+        &self.spec.connection_ref
+    }
+}
+
+/// A resource that grants AccessPolicies of its namespace (`spec.access[].policyRef`).
+pub trait GrantsPolicies: UsesConnection {
+    fn access(&self) -> &[AccessGrant];
+}
+
+impl GrantsPolicies for ClientApplication {
+    fn access(&self) -> &[AccessGrant] {
+        &self.spec.access
+    }
+}
+
+impl GrantsPolicies for ProjectUser {
+    fn access(&self) -> &[AccessGrant] {
+        &self.spec.access
+    }
+}
+
+/// Watches AccessPolicies, so that a policy appearing in Medplum (or changing) reconciles at once the
+/// resources that grant it.
+fn watch_policies<K: GrantsPolicies>(
+    controller: Controller<K>,
+    ctx: &Context,
+    namespace: Option<&str>,
+) -> Controller<K> {
+    let store = controller.store();
+    controller.watches(
+        scoped::<AccessPolicy>(&ctx.client, namespace),
+        kube::runtime::watcher::Config::default(),
+        move |policy| {
+            let (name, namespace) = (policy.name_any(), policy.namespace());
+            store
+                .state()
+                .iter()
+                .filter(|o| o.namespace() == namespace && o.access().iter().any(|g| g.policy_ref.name == name))
+                .map(|o| ObjectRef::from_obj(&**o))
+                .collect::<Vec<_>>()
+        },
+    )
+}
+
+/// Watches both connection kinds, so that a connection's change (becoming Ready, above all)
+/// reconciles at once the resources that use it.
+fn watch_connections<K: UsesConnection>(
+    controller: Controller<K>,
+    ctx: &Context,
+    namespace: Option<&str>,
+) -> Controller<K> {
+    fn users<K: UsesConnection>(store: &Store<K>, key: &connection::ConnectionKey) -> Vec<ObjectRef<K>> {
+        store
+            .state()
+            .iter()
+            .filter(|o| connection::ConnectionKey::of(&o.namespace().unwrap_or_default(), o.connection_ref()) == *key)
+            .map(|o| ObjectRef::from_obj(&**o))
+            .collect()
+    }
+    let (local, cluster) = (controller.store(), controller.store());
+    controller
+        .watches(
+            scoped::<MedplumConnection>(&ctx.client, namespace),
+            kube::runtime::watcher::Config::default(),
+            move |c| {
+                users(
+                    &local,
+                    &connection::ConnectionKey {
+                        kind: ConnectionKind::MedplumConnection,
+                        namespace: c.namespace(),
+                        name: c.name_any(),
+                    },
+                )
+            },
+        )
+        .watches(
+            Api::<ClusterMedplumConnection>::all(ctx.client.clone()),
+            cluster_connection_config(&ctx.settings.cluster_connection_selector),
+            move |c| {
+                users(
+                    &cluster,
+                    &connection::ConnectionKey {
+                        kind: ConnectionKind::ClusterMedplumConnection,
+                        namespace: None,
+                        name: c.name_any(),
+                    },
+                )
+            },
+        )
+}
+
+/// How a deletion reaches Medplum.
+pub enum CleanupVia {
+    /// Through this connection (as last verified: it may be failing or deleted by now).
+    Connection(connection::UsableConnection),
+    /// Not at all: the finalizer is released, and an Event says why.
+    Released,
+}
+
+/// The connection a deletion goes through. Without one, the deletion waits, unless a person released
+/// the finalizer (annotation) or the namespace is being deleted, where waiting could last forever:
+/// then the Medplum objects are left, and a Warning Event says so.
+async fn cleanup_via<K: UsesConnection>(ctx: &Context, obj: &K) -> Result<CleanupVia, Error> {
+    let reference = obj.object_ref(&());
+    let namespace = obj.namespace().unwrap_or_default();
+    if obj.annotations().get(RELEASE_ANNOTATION).is_some_and(|v| v == "true") {
+        let note = format!("{RELEASE_ANNOTATION} is set: left Medplum as it is");
+        ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
+        return Ok(CleanupVia::Released);
+    }
+    let key = connection::ConnectionKey::of(&namespace, obj.connection_ref());
+    if let Some(usable) = ctx.connections.last_usable(&key) {
+        return Ok(CleanupVia::Connection(usable));
+    }
+    let (_, terminating) = connection::namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
+    if terminating {
+        let note = format!(
+            "namespace {namespace} is being deleted and {} {} cannot be used; left its objects in Medplum",
+            key.kind_name(),
+            key.name
+        );
+        ctx.publish(&reference, &event(EventType::Warning, "Orphaned", "Delete", note)).await;
+        return Ok(CleanupVia::Released);
+    }
+    Err(Error::Blocked(format!(
+        "{} {} is not usable; the cleanup waits for it (or set {RELEASE_ANNOTATION}: \"true\" to skip it)",
+        key.kind_name(),
+        key.name
+    )))
 }
 
 /// The resources (`Kind namespace/name`) whose `spec.connectionRef` points at `key`.

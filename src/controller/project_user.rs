@@ -4,33 +4,24 @@
 //! clears fields it is not sent).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use tracing::{info, warn};
 
 use super::access_policy::{GrantError, resolve_grants};
-use super::connection::{ConnectionKey, UsableConnection, UseError, namespace_labels, usable_connection};
+use super::connection::{UsableConnection, UseError, usable_connection};
 use super::status::{ConditionState, READY, apply_status, set_condition};
-use super::{Context, Error, ReconcileStream};
-use crate::crd::{
-    AccessPolicy, ClusterMedplumConnection, ConnectionKind, MedplumConnection, ProjectUser, ProjectUserStatus,
-    UserDeletionPolicy, UserScope,
-};
+use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
+use crate::crd::{ProjectUser, ProjectUserStatus, UserDeletionPolicy, UserScope};
 use crate::medplum::{
     HumanName, Identifier, InviteMembership, InviteRequest, MedplumClient, MedplumError, MembershipAccess,
     MembershipResource, ProfileResource,
 };
 
 pub const KIND: &str = "ProjectUser";
-pub const FINALIZER: &str = "medplum.com/cleanup";
 
 /// Why a ProjectUser is not (yet) as specified in Medplum.
 #[derive(Debug, thiserror::Error)]
@@ -160,10 +151,6 @@ fn name_matches(profile: &ProfileResource, first: &str, last: &str) -> bool {
 
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
-
-fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
-    Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None }
-}
 
 async fn find_membership(
     medplum: &MedplumClient,
@@ -305,7 +292,6 @@ async fn apply(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
         Ok(usable) => converge(ctx, user, &usable).await,
         Err(e) => Err(e.into()),
     };
-    let backoff_key = format!("{KIND}/{namespace}/{}", user.name_any());
     match result {
         Ok((membership, events)) => {
             let message = format!(
@@ -317,25 +303,13 @@ async fn apply(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
             for e in &events {
                 ctx.publish(&user.object_ref(&()), e).await;
             }
-            ctx.backoff.reset(&backoff_key);
+            ctx.succeeded(KIND, user);
             Ok(Action::requeue(ctx.settings.resync_interval))
         }
         Err(e) => {
             write_status(ctx, user, None, ConditionState::new(READY, false, e.reason(), e.to_string())).await?;
-            let floor = if matches!(e, UserError::Medplum(MedplumError::RateLimited { .. })) {
-                Duration::from_secs(60)
-            } else {
-                Duration::ZERO
-            };
-            let delay = ctx.backoff.next_delay(&backoff_key, floor);
-            let delay = if e.is_transient() { delay } else { delay.min(ctx.settings.resync_interval) };
-            let name = user.name_any();
-            if e.is_transient() {
-                warn!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "not ready");
-            } else {
-                info!(kind = KIND, %name, %namespace, reason = e.reason(), error = %e, retry_in = ?delay, "refused");
-            }
-            Ok(Action::requeue(delay))
+            let rate_limited = matches!(e, UserError::Medplum(MedplumError::RateLimited { .. }));
+            Ok(ctx.retry(KIND, user, e.reason(), &e.to_string(), e.is_transient(), rate_limited))
         }
     }
 }
@@ -343,28 +317,9 @@ async fn apply(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
 async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
     let reference = user.object_ref(&());
     let namespace = user.namespace().unwrap_or_default();
-    if user.annotations().get(super::client_application::RELEASE_ANNOTATION).is_some_and(|v| v == "true") {
-        let note = "medplum.com/release-finalizer is set: left Medplum as it is".to_string();
-        ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
-        return Ok(Action::await_change());
-    }
-    let key = ConnectionKey::of(&namespace, &user.spec.connection_ref);
-    let Some(usable) = ctx.connections.last_usable(&key) else {
-        let (_, terminating) = namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
-        if terminating {
-            let note = format!(
-                "namespace {namespace} is being deleted and {} {} cannot be used; left the membership in Medplum",
-                key.kind_name(),
-                key.name
-            );
-            ctx.publish(&reference, &event(EventType::Warning, "Orphaned", "Delete", note)).await;
-            return Ok(Action::await_change());
-        }
-        return Err(Error::Blocked(format!(
-            "{} {} is not usable; the cleanup waits for it",
-            key.kind_name(),
-            key.name
-        )));
+    let usable = match cleanup_via(ctx, user).await? {
+        CleanupVia::Connection(usable) => usable,
+        CleanupVia::Released => return Ok(Action::await_change()),
     };
     let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
     let medplum = &usable.client;
@@ -404,80 +359,17 @@ async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-async fn reconcile(user: Arc<ProjectUser>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let api: Api<ProjectUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
-    finalizer(&api, FINALIZER, user, |event| async {
-        match event {
-            FinalizerEvent::Apply(user) => apply(&user, &ctx).await,
-            FinalizerEvent::Cleanup(user) => cleanup(&user, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
-}
-
 /// The controller for one scope (`namespace` None: all), and a future that resolves once its cache is filled.
 pub fn controller(
     ctx: Arc<Context>,
     namespace: Option<&str>,
 ) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
-    let client = ctx.client.clone();
-    let controller =
-        Controller::new(super::scoped::<ProjectUser>(&client, namespace), watcher::Config::default().any_semantic())
-            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.user_concurrency));
+    let _client = ctx.client.clone();
+    let controller = super::new_controller::<ProjectUser>(&ctx, namespace, ctx.settings.user_concurrency);
     let store = controller.store();
     let ready = super::cache_synced(store.clone());
-    let (by_policy, local, cluster) = (store.clone(), store.clone(), store.clone());
-    let users_of = |store: &kube::runtime::reflector::Store<ProjectUser>, key: ConnectionKey| {
-        store
-            .state()
-            .iter()
-            .filter(|u| ConnectionKey::of(&u.namespace().unwrap_or_default(), &u.spec.connection_ref) == key)
-            .map(|u| ObjectRef::from_obj(&**u))
-            .collect::<Vec<_>>()
-    };
-    let controller = controller
-        .watches(
-            super::scoped::<AccessPolicy>(&client, namespace),
-            watcher::Config::default(),
-            move |p: AccessPolicy| {
-                let (name, namespace) = (p.name_any(), p.namespace());
-                by_policy
-                    .state()
-                    .iter()
-                    .filter(|u| u.namespace() == namespace && u.spec.access.iter().any(|g| g.policy_ref.name == name))
-                    .map(|u| ObjectRef::from_obj(&**u))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .watches(
-            super::scoped::<MedplumConnection>(&client, namespace),
-            watcher::Config::default(),
-            move |c: MedplumConnection| {
-                users_of(
-                    &local,
-                    ConnectionKey {
-                        kind: ConnectionKind::MedplumConnection,
-                        namespace: c.namespace(),
-                        name: c.name_any(),
-                    },
-                )
-            },
-        )
-        .watches(
-            Api::<ClusterMedplumConnection>::all(client.clone()),
-            super::cluster_connection_config(&ctx.settings.cluster_connection_selector),
-            move |c: ClusterMedplumConnection| {
-                users_of(
-                    &cluster,
-                    ConnectionKey {
-                        kind: ConnectionKind::ClusterMedplumConnection,
-                        namespace: None,
-                        name: c.name_any(),
-                    },
-                )
-            },
-        );
+    let controller = super::watch_connections(super::watch_policies(controller, &ctx, namespace), &ctx, namespace);
+    let reconcile = |obj, ctx| super::reconcile_with_cleanup(obj, ctx, apply, cleanup);
     (super::drive(controller, KIND, ctx, reconcile), ready)
 }
 
