@@ -331,14 +331,9 @@ async fn find_policy(
     ap: &AccessPolicy,
     tag: &Coding,
 ) -> Result<Option<AccessPolicyResource>, MedplumError> {
-    if let Some(id) = ap.status.as_ref().and_then(|s| s.policy_id.as_deref()) {
-        let known = medplum.read::<AccessPolicyResource>(id).await?;
-        if let Some(policy) = known.filter(|p| p.meta.has_tag(tag)) {
-            return Ok(Some(policy));
-        }
-    }
+    let recorded = ap.status.as_ref().and_then(|s| s.policy_id.as_deref());
     let query = format!("{}|{}", tag.system, tag.code);
-    Ok(medplum.search::<AccessPolicyResource>(&[("_tag", &query)]).await?.pop())
+    medplum.find_owned(recorded, |p: &AccessPolicyResource| p.meta.has_tag(tag), "_tag", &query).await
 }
 
 /// Creates or updates the policy; returns it and the Events to publish.
@@ -367,18 +362,8 @@ async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResou
     if !left.is_empty() {
         return Err(PolicyError::NotConverging(left.join(", ")));
     }
-    let what = drift.join(", ");
-    let generation_changed = ap.status.as_ref().and_then(|s| s.observed_generation) != ap.metadata.generation;
-    let event = if generation_changed {
-        event(EventType::Normal, "Updated", "Update", format!("updated {what} of AccessPolicy/{id}"))
-    } else {
-        event(
-            EventType::Warning,
-            "DriftCorrected",
-            "Update",
-            format!("AccessPolicy/{id} was changed in Medplum; put back {what}"),
-        )
-    };
+    let observed = ap.status.as_ref().and_then(|s| s.observed_generation);
+    let event = super::update_event(observed, ap.metadata.generation, &format!("AccessPolicy/{id}"), &drift.join(", "));
     Ok((updated, vec![event]))
 }
 

@@ -526,6 +526,11 @@ impl Reconciler<'_> {
         self.events.push(event(EventType::Normal, reason, action, note));
     }
 
+    fn updated(&mut self, target: &str, fields: &[&str]) {
+        let observed = self.ca.status.as_ref().and_then(|s| s.observed_generation);
+        self.events.push(super::update_event(observed, self.ca.metadata.generation, target, &fields.join(", ")));
+    }
+
     async fn write_secret(&self, content: &SecretContent) -> Result<(), ClientError> {
         apply_written(&self.ctx.client, &self.d.namespace, &self.d.secret_name, content).await?;
         Ok(())
@@ -584,20 +589,10 @@ impl Reconciler<'_> {
                     .client
                     .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
                     .await?;
-                let what = fields.join(", ");
-                let generation_changed =
-                    self.ca.status.as_ref().and_then(|s| s.observed_generation) != self.ca.metadata.generation;
                 if fields.contains(&"meta.tag") && d.adopt.as_ref().is_some_and(|a| a.client_id == id) {
                     self.normal("Adopted", "Adopt", format!("took over Medplum ClientApplication/{id}"));
-                } else if generation_changed {
-                    self.normal("Updated", "Update", format!("updated {what} of ClientApplication/{id}"));
                 } else {
-                    self.events.push(event(
-                        EventType::Warning,
-                        "DriftCorrected",
-                        "Update",
-                        format!("ClientApplication/{id} was changed in Medplum; put back {what}"),
-                    ));
+                    self.updated(&format!("ClientApplication/{id}"), fields);
                 }
                 o.client = Some(updated);
             }
@@ -642,19 +637,7 @@ impl Reconciler<'_> {
                     .client
                     .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
                     .await?;
-                let generation_changed =
-                    self.ca.status.as_ref().and_then(|s| s.observed_generation) != self.ca.metadata.generation;
-                let what = fields.join(", ");
-                if generation_changed {
-                    self.normal("Updated", "Update", format!("updated {what} of ProjectMembership/{id}"));
-                } else {
-                    self.events.push(event(
-                        EventType::Warning,
-                        "DriftCorrected",
-                        "Update",
-                        format!("ProjectMembership/{id} was changed in Medplum; put back {what}"),
-                    ));
-                }
+                self.updated(&format!("ProjectMembership/{id}"), fields);
                 o.membership = Some(updated);
             }
             Step::PushSecret => {
@@ -818,15 +801,10 @@ async fn find_client(
     ca: &ClientApplication,
     d: &Desired,
 ) -> Result<Option<ClientApplicationResource>, ClientError> {
-    if let Some(id) = ca.status.as_ref().and_then(|s| s.client_id.as_deref()) {
-        let known = medplum.read::<ClientApplicationResource>(id).await?;
-        if let Some(client) = known.filter(|c| c.meta.has_tag(&d.tag)) {
-            return Ok(Some(client));
-        }
-    }
+    let recorded = ca.status.as_ref().and_then(|s| s.client_id.as_deref());
     let tag = format!("{}|{}", d.tag.system, d.tag.code);
-    let mut tagged = medplum.search::<ClientApplicationResource>(&[("_tag", &tag)]).await?;
-    if let Some(client) = tagged.pop() {
+    let owned = |c: &ClientApplicationResource| c.meta.has_tag(&d.tag);
+    if let Some(client) = medplum.find_owned(recorded, owned, "_tag", &tag).await? {
         return Ok(Some(client));
     }
     let Some(adopt) = &d.adopt else { return Ok(None) };

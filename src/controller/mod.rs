@@ -232,6 +232,22 @@ pub fn event(type_: EventType, reason: &str, action: &str, note: String) -> Even
     Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None }
 }
 
+/// The Event for an update made in Medplum: `Updated` when the spec changed since the last reconcile
+/// (`observed_generation` behind `generation`), otherwise someone changed `target` in Medplum and the
+/// update put it back: a Warning `DriftCorrected`.
+pub fn update_event(observed_generation: Option<i64>, generation: Option<i64>, target: &str, what: &str) -> Event {
+    if observed_generation != generation {
+        event(EventType::Normal, "Updated", "Update", format!("updated {what} of {target}"))
+    } else {
+        event(
+            EventType::Warning,
+            "DriftCorrected",
+            "Update",
+            format!("{target} was changed in Medplum; put back {what}"),
+        )
+    }
+}
+
 /// A namespaced resource reconciled through a connection.
 pub trait UsesConnection:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>

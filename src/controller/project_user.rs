@@ -157,14 +157,9 @@ async fn find_membership(
     user: &ProjectUser,
     identifier: &Identifier,
 ) -> Result<Option<MembershipResource>, MedplumError> {
-    if let Some(id) = user.status.as_ref().and_then(|s| s.membership_id.as_deref()) {
-        let known = medplum.read::<MembershipResource>(id).await?;
-        if let Some(m) = known.filter(|m| m.identifier.contains(identifier)) {
-            return Ok(Some(m));
-        }
-    }
+    let recorded = user.status.as_ref().and_then(|s| s.membership_id.as_deref());
     let query = format!("{}|{}", identifier.system, identifier.value);
-    Ok(medplum.search::<MembershipResource>(&[("identifier", &query)]).await?.pop())
+    medplum.find_owned(recorded, |m: &MembershipResource| m.identifier.contains(identifier), "identifier", &query).await
 }
 
 /// The existing membership of the person the spec names (for adoption after a 409).
@@ -230,19 +225,10 @@ async fn converge(
         if !left.is_empty() {
             return Err(UserError::NotConverging(left.join(", ")));
         }
-        let what = drift.join(", ");
-        let generation_changed = user.status.as_ref().and_then(|s| s.observed_generation) != user.metadata.generation;
         if events.is_empty() {
-            events.push(if generation_changed {
-                event(EventType::Normal, "Updated", "Update", format!("updated {what} of ProjectMembership/{id}"))
-            } else {
-                event(
-                    EventType::Warning,
-                    "DriftCorrected",
-                    "Update",
-                    format!("ProjectMembership/{id} was changed in Medplum; put back {what}"),
-                )
-            });
+            let observed = user.status.as_ref().and_then(|s| s.observed_generation);
+            let target = format!("ProjectMembership/{id}");
+            events.push(super::update_event(observed, user.metadata.generation, &target, &drift.join(", ")));
         }
         membership = updated;
     }

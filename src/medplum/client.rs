@@ -119,6 +119,24 @@ impl MedplumClient {
         Ok(bundle.entry.into_iter().map(|e| e.resource).collect())
     }
 
+    /// An object this operator made: read by the id it recorded when that still `is_ours` (the fast
+    /// path), otherwise found by searching `param=token`, since the record may be stale or lost (a crash
+    /// between the create and the status write).
+    pub async fn find_owned<T: FhirResource>(
+        &self,
+        recorded_id: Option<&str>,
+        is_ours: impl Fn(&T) -> bool,
+        param: &str,
+        token: &str,
+    ) -> Result<Option<T>, MedplumError> {
+        if let Some(id) = recorded_id
+            && let Some(known) = self.read::<T>(id).await?.filter(&is_ours)
+        {
+            return Ok(Some(known));
+        }
+        Ok(self.search::<T>(&[(param, token)]).await?.pop())
+    }
+
     /// Creates a resource; with `if_none_exist`, Medplum returns the one match instead (or 412 if several).
     pub async fn create<T: FhirResource>(&self, resource: &T, if_none_exist: Option<&str>) -> Result<T, MedplumError> {
         let path = format!("fhir/R4/{}", T::TYPE);
