@@ -66,10 +66,7 @@ async fn policy_lifecycle_with_drift_and_the_in_use_guard() {
             .then_some(())
     })
     .await;
-    let reasons = s.event_reasons("lab-reader").await;
-    for reason in ["Created", "DriftCorrected", "Updated"] {
-        assert!(reasons.iter().any(|r| r == reason), "{reason} in {reasons:?}");
-    }
+    s.expect_events("lab-reader", &["Created", "DriftCorrected", "Updated"]).await;
 
     // A ClientApplication grants it: its membership carries exactly the declared access.
     s.create_client(

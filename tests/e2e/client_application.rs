@@ -179,10 +179,7 @@ async fn lifecycle_creates_working_credentials_keeps_them_and_cleans_up() {
     .await;
     println!("figure: spec change applied in Medplum after {:?}", changed.elapsed());
     s.wait_ready("lab-sync").await;
-    let reasons = s.event_reasons("lab-sync").await;
-    for reason in ["Created", "Restarted", "Updated"] {
-        assert!(reasons.iter().any(|r| r == reason), "event {reason} in {reasons:?}");
-    }
+    s.expect_events("lab-sync", &["Created", "Restarted", "Updated"]).await;
 
     // Nothing secret in logs (debug level), Events, status or metrics.
     let public = format!("{}\n{}\n{}", operator.logs(), s.public_text().await, operator.metrics().await);
@@ -196,7 +193,7 @@ async fn lifecycle_creates_working_credentials_keeps_them_and_cleans_up() {
     assert!(s.memberships_of(&client_id).await.is_empty());
     assert!(!s.token_works(&client_id, &secret).await);
     eventually(WAIT, "Secret garbage collected", || async { s.secret("lab-sync").await.is_none().then_some(()) }).await;
-    assert!(s.event_reasons("lab-sync").await.iter().any(|r| r == "Deleted"));
+    s.expect_events("lab-sync", &["Deleted"]).await;
 }
 
 /// A workload that requests tokens with the Secret's credentials until told to stop. With `reload`
@@ -432,7 +429,7 @@ async fn drift_in_medplum_and_in_the_secret_is_put_back() {
         (s.secret("drifty").await?["MEDPLUM_CLIENT_SECRET"] == good["MEDPLUM_CLIENT_SECRET"]).then_some(())
     })
     .await;
-    assert!(s.event_reasons("drifty").await.iter().any(|r| r == "SecretRestored"));
+    s.expect_events("drifty", &["SecretRestored"]).await;
     operator.kill().await;
 
     // Medplum console edits are put back on the periodic resync.
@@ -459,7 +456,7 @@ async fn drift_in_medplum_and_in_the_secret_is_put_back() {
     })
     .await;
     assert_eq!(s.read_client(&client_id).await.1["secret"], good["MEDPLUM_CLIENT_SECRET"].as_str(), "secret kept");
-    assert!(s.event_reasons("drifty").await.iter().any(|r| r == "DriftCorrected"));
+    s.expect_events("drifty", &["DriftCorrected"]).await;
 }
 
 #[tokio::test]
@@ -519,8 +516,8 @@ async fn deletion_policies_orphan_and_disable() {
     let (status, disabled) = s.read_client(&disabled_id).await;
     assert_eq!((status, disabled["status"].as_str()), (200, Some("off")), "Disable sets status off");
     assert!(!s.token_works(&disabled_id, &disabled_secret).await, "no new tokens");
-    assert!(s.event_reasons("kept").await.iter().any(|r| r == "Orphaned"));
-    assert!(s.event_reasons("disabled").await.iter().any(|r| r == "Disabled"));
+    s.expect_events("kept", &["Orphaned"]).await;
+    s.expect_events("disabled", &["Disabled"]).await;
 }
 
 #[tokio::test]
@@ -628,7 +625,7 @@ async fn adoption_keeps_or_rotates_the_existing_secret() {
         (!s.token_works(&rotate_id, &rotate_secret).await).then_some(())
     })
     .await;
-    assert!(s.event_reasons("rotate").await.iter().any(|r| r == "Adopted"));
+    s.expect_events("rotate", &["Adopted"]).await;
 }
 
 #[tokio::test]

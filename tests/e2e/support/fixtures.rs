@@ -166,7 +166,21 @@ impl Setup {
     }
 
     /// The reasons of the Events about `name`, oldest first.
-    pub async fn event_reasons(&self, name: &str) -> Vec<String> {
+    /// Waits until the Events about `name` include each of `reasons`. An Event is published after
+    /// the change it reports, so it can trail what a test saw by a moment.
+    pub async fn expect_events(&self, name: &str, reasons: &[&str]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let seen = self.event_reasons(name).await;
+            if reasons.iter().all(|r| seen.iter().any(|s| s == r)) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "Events {reasons:?} about {name}; saw {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn event_reasons(&self, name: &str) -> Vec<String> {
         let events =
             Api::<Event>::namespaced(self.client.clone(), &self.ns.name).list(&ListParams::default()).await.unwrap();
         let mut about: Vec<&Event> = events
