@@ -375,18 +375,14 @@ async fn write_status(
 ) -> Result<(), Error> {
     let api: Api<AccessPolicy> = Api::namespaced(ctx.client.clone(), &ap.namespace().unwrap_or_default());
     let mut status = ap.status.clone().unwrap_or_default();
-    let was = status.conditions.iter().find(|c| c.type_ == READY).map(|c| (c.status.clone(), c.reason.clone()));
     if policy_id.is_some() {
         status.policy_id = policy_id;
     }
-    status.conditions = set_condition(&status.conditions, ready.clone(), ap.metadata.generation, Timestamp::now());
+    status.conditions = set_condition(&status.conditions, ready, ap.metadata.generation, Timestamp::now());
     status.observed_generation = ap.metadata.generation;
     apply_status(&api, &ap.name_any(), ap.status.as_ref(), &status).await.map_err(Error::Status)?;
-    ctx.metrics.set_object_ready(KIND, &ap.namespace().unwrap_or_default(), &ap.name_any(), Some(ready.status));
-    let now = (if ready.status { "True" } else { "False" }.to_string(), ready.reason.clone());
-    if !ready.status && !super::status::is_waiting(&ready.reason) && was.as_ref() != Some(&now) {
-        ctx.publish(&ap.object_ref(&()), &event(EventType::Warning, &ready.reason, "Reconcile", ready.message)).await;
-    }
+    let before = ap.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    ctx.report_ready(KIND, ap, before, &status.conditions).await;
     Ok(())
 }
 

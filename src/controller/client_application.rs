@@ -996,31 +996,20 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     .await;
     let now = Timestamp::now();
     let status = desired_status(ca, desired_state.as_ref(), observed.as_ref(), &result, now);
-    let was_ready = ca
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY))
-        .map(|c| (c.status.clone(), c.reason.clone()));
     apply_status(&api, &ca.name_any(), ca.status.as_ref(), &status).await.map_err(Error::Status)?;
     let reference = ca.object_ref(&());
     for event in &events {
         ctx.publish(&reference, event).await;
     }
+    let before = ca.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    ctx.report_ready(KIND, ca, before, &status.conditions).await;
     let (name, namespace) = (ca.name_any(), ca.namespace().unwrap_or_default());
-    ctx.metrics.set_object_ready(KIND, &namespace, &name, Some(result.is_ok()));
     ctx.metrics.set_next_rotation(&namespace, &name, status.next_rotation_time.as_ref().map(|t| t.0.as_second()));
     let rotating = observed
         .as_ref()
         .is_some_and(|o| o.pending().is_some() || o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some()));
     if result.is_err() && rotating {
         ctx.metrics.record_rotation_failure();
-    }
-    let ready = status.conditions.iter().find(|c| c.type_ == READY).expect("Ready is always set");
-    if ready.status == "False"
-        && !super::status::is_waiting(&ready.reason)
-        && was_ready != Some((ready.status.clone(), ready.reason.clone()))
-    {
-        ctx.publish(&reference, &event(EventType::Warning, &ready.reason, "Reconcile", ready.message.clone())).await;
     }
     match result {
         Ok(outcome) => {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -129,6 +130,26 @@ impl Context {
     pub async fn publish(&self, regarding: &ObjectReference, event: &Event) {
         if let Err(e) = self.recorder.publish(event, regarding).await {
             warn!(reason = %event.reason, error = %e, "could not publish event");
+        }
+    }
+
+    /// After a status write: the readiness metric, and a Warning Event when Ready newly says False for a
+    /// reason other than waiting (a failure that lasts stays in the status; it is not repeated as Events).
+    async fn report_ready<K: Resource<DynamicType = ()>>(
+        &self,
+        kind: &'static str,
+        obj: &K,
+        before: &[Condition],
+        after: &[Condition],
+    ) {
+        let Some(ready) = after.iter().find(|c| c.type_ == status::READY) else { return };
+        let (name, namespace) = (obj.name_any(), obj.namespace().unwrap_or_default());
+        self.metrics.set_object_ready(kind, &namespace, &name, Some(ready.status == "True"));
+        let was = before.iter().find(|c| c.type_ == status::READY).map(|c| (&c.status, &c.reason));
+        if ready.status == "False" && !status::is_waiting(&ready.reason) && was != Some((&ready.status, &ready.reason))
+        {
+            let warning = event(EventType::Warning, &ready.reason, "Reconcile", ready.message.clone());
+            self.publish(&obj.object_ref(&()), &warning).await;
         }
     }
 

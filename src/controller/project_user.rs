@@ -255,20 +255,16 @@ async fn write_status(
 ) -> Result<(), Error> {
     let api: Api<ProjectUser> = Api::namespaced(ctx.client.clone(), &user.namespace().unwrap_or_default());
     let mut status: ProjectUserStatus = user.status.clone().unwrap_or_default();
-    let was = status.conditions.iter().find(|c| c.type_ == READY).map(|c| (c.status.clone(), c.reason.clone()));
     if let Some(m) = membership {
         status.membership_id = m.id.clone();
         status.user_id = m.user.reference.strip_prefix("User/").map(str::to_string);
         status.profile = Some(m.profile.reference.clone());
     }
-    status.conditions = set_condition(&status.conditions, ready.clone(), user.metadata.generation, Timestamp::now());
+    status.conditions = set_condition(&status.conditions, ready, user.metadata.generation, Timestamp::now());
     status.observed_generation = user.metadata.generation;
     apply_status(&api, &user.name_any(), user.status.as_ref(), &status).await.map_err(Error::Status)?;
-    ctx.metrics.set_object_ready(KIND, &user.namespace().unwrap_or_default(), &user.name_any(), Some(ready.status));
-    let now = (if ready.status { "True" } else { "False" }.to_string(), ready.reason.clone());
-    if !ready.status && !super::status::is_waiting(&ready.reason) && was.as_ref() != Some(&now) {
-        ctx.publish(&user.object_ref(&()), &event(EventType::Warning, &ready.reason, "Reconcile", ready.message)).await;
-    }
+    let before = user.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    ctx.report_ready(KIND, user, before, &status.conditions).await;
     Ok(())
 }
 
