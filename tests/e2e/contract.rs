@@ -413,9 +413,58 @@ async fn ending_credentials() {
         .expect(200)
         .json();
     assert_eq!(ids(&users).len(), 1);
+    let token = http.token(&id, &secret).await;
     http.delete(&format!("fhir/R4/{policy_ref}"), &admin.token).await.expect(200);
-    let refused = http.token_request(&id, &secret).await.expect(400);
-    assert_eq!(outcome_text(&refused), "Authentication error");
+    assert_eq!(token_error(&http.token_request(&id, &secret).await), INVALID_POLICY);
+    let used = http.get("fhir/R4/Patient?_count=1", &token).await.expect(400);
+    assert_eq!(outcome_text(&used), "Authentication error");
+    assert_eq!(used.json()["issue"][0]["diagnostics"], format!("OperationOutcomeError: {INVALID_POLICY}"));
+}
+
+const INVALID_POLICY: &str = "Cannot authenticate: Invalid access policy configuration. Please contact your administrator to update your project membership.";
+
+#[tokio::test]
+async fn ip_rules_apply_to_the_token_request_after_the_secret() {
+    let medplum = MedplumTarget::start().await;
+    let admin = Admin::new(&medplum, "contract-ip-rules").await;
+    let http = &medplum.http;
+    // The suite calls from 127.0.0.1, which every rule below is written against.
+    let admin = &admin;
+    let client_with = |rules: Vec<Value>| async move {
+        let policy = json!({"resourceType": "AccessPolicy", "name": "ip", "ipAccessRule": rules,
+                            "resource": [{"resourceType": "Patient", "readonly": true}]});
+        let policy = http.post("fhir/R4/AccessPolicy", &admin.token, &policy).await.expect(201).json();
+        let reference = format!("AccessPolicy/{}", policy["id"].as_str().unwrap());
+        admin.new_client(json!({"name": "ip", "accessPolicy": {"reference": reference}})).await
+    };
+    let rule = |value: &str, action: &str| json!({"name": value, "value": value, "action": action});
+    // Blocked: only a right secret learns so; a wrong one is refused first.
+    let (id, secret) = client_with(vec![rule("10.2.", "allow"), rule("1", "block")]).await;
+    assert_eq!(token_error(&http.token_request(&id, "not-the-secret").await), "Invalid secret");
+    assert_eq!(token_error(&http.token_request(&id, &secret).await), "IP address not allowed");
+    // The first matching rule decides; `*` matches every address; no match allows.
+    let (id, secret) = client_with(vec![rule("127.0.0.1", "allow"), rule("*", "block")]).await;
+    http.token_request(&id, &secret).await.expect(200);
+    let (id, secret) = client_with(vec![rule("*", "block"), rule("127.", "allow")]).await;
+    assert_eq!(token_error(&http.token_request(&id, &secret).await), "IP address not allowed");
+    let (id, secret) = client_with(vec![rule("10.", "block")]).await;
+    http.token_request(&id, &secret).await.expect(200);
+    // The rules of all of a membership's policies form one list, in the order of its policies.
+    let second = json!({"resourceType": "AccessPolicy", "name": "ip-2", "ipAccessRule": [rule("127.", "block")]});
+    let second = http.post("fhir/R4/AccessPolicy", &admin.token, &second).await.expect(201).json();
+    let mut membership = admin.membership_of(&id).await;
+    membership["access"] = json!([{"policy": membership["accessPolicy"]}, {"policy": {"reference": format!("AccessPolicy/{}", second["id"].as_str().unwrap())}}]);
+    membership.as_object_mut().unwrap().remove("accessPolicy");
+    let path = format!("fhir/R4/ProjectMembership/{}", membership["id"].as_str().unwrap());
+    http.put(&path, &admin.token, &membership).await.expect(200);
+    assert_eq!(token_error(&http.token_request(&id, &secret).await), "IP address not allowed");
+    // A rule needs a value and an action.
+    for (broken, field) in [(json!({"value": "", "action": "block"}), "value"), (json!({"value": "1"}), "action")] {
+        let policy = json!({"resourceType": "AccessPolicy", "name": "broken", "ipAccessRule": [broken]});
+        let refused = http.post("fhir/R4/AccessPolicy", &admin.token, &policy).await.expect(400);
+        assert_eq!(outcome_text(&refused), "Missing required property");
+        assert_eq!(refused.json()["issue"][0]["expression"][0], format!("AccessPolicy.ipAccessRule[0].{field}"));
+    }
 }
 
 #[tokio::test]
@@ -455,13 +504,26 @@ async fn invites_and_memberships() {
     // f2: same email again → 409.
     let again = invite(json!({"resourceType": "Practitioner", "firstName": "Alice", "lastName": "Op", "email": email, "sendEmail": false})).await.expect(409);
     assert_eq!(outcome_text(&again), "User is already a member of this project");
-    // f3: upsert overwrites accessPolicy even when absent, keeps membership.identifier.
+    // f3: upsert overwrites accessPolicy and admin even when absent: without a policy the membership
+    // gets the project default for its role again (access silently widens), and admin is cleared;
+    // membership.identifier, not sent, is kept.
     let upserted = invite(json!({"resourceType": "Practitioner", "firstName": "Alice", "lastName": "Op", "email": email, "sendEmail": false, "upsert": true}))
         .await
         .expect(200)
         .json();
-    assert!(upserted.get("accessPolicy").is_none(), "upsert cleared accessPolicy");
+    assert_eq!(upserted["accessPolicy"]["display"], "Default Practitioner Access Policy", "{upserted}");
+    assert!(upserted.get("admin").is_none(), "upsert cleared admin: {upserted}");
     assert_eq!(upserted["identifier"][0]["value"], key.as_str());
+    // An invite naming a policy that does not exist is refused.
+    let missing_policy = invite(json!({"resourceType": "Practitioner", "firstName": "Dan", "lastName": "Op",
+        "email": format!("dan-{}@example.com", crate::support::suffix()), "sendEmail": false,
+        "accessPolicy": {"reference": "AccessPolicy/00000000-0000-0000-0000-000000000000"}}))
+    .await
+    .expect(400);
+    assert_eq!(
+        outcome_text(&missing_policy),
+        "Access policy AccessPolicy/00000000-0000-0000-0000-000000000000 does not exist"
+    );
     // f4: no policy given → the project default for Practitioners; f7/f6 visibility of users.
     let bob_email = format!("bob-{}@example.com", crate::support::suffix());
     let bob = invite(json!({"resourceType": "Practitioner", "firstName": "Bob", "lastName": "Proj", "email": bob_email, "sendEmail": false, "scope": "project"}))
@@ -640,7 +702,7 @@ async fn project_init_creates_the_defaults() {
 async fn rate_limits_and_fault_injection() {
     let medplum = MedplumTarget::start_with(&["--auth-rate-limit", "5", "--fhir-quota", "250"]).await;
     if !medplum.is_test_server() {
-        println!("SKIPPED: rate limit settings and fault injection need the Medplum test server");
+        crate::support::skip("rate limit settings and fault injection need the Medplum test server");
         return;
     }
     let admin = medplum.new_project("contract-limits").await; // one token request
@@ -697,4 +759,101 @@ async fn rate_limits_and_fault_injection() {
     http.send(http.request(Method::GET, "healthcheck", None)).await.expect(200);
     let stats = medplum.stats().await;
     assert!(stats.get("POST /oauth2/token").copied().unwrap_or(0) >= 6, "{stats:?}");
+}
+
+#[tokio::test]
+async fn the_writes_and_searches_the_operator_makes() {
+    let medplum = MedplumTarget::start().await;
+    let admin = Admin::new(&medplum, "contract-operator").await;
+    let http = &medplum.http;
+    let project = format!("Project/{}", admin.project.project_id);
+
+    // A membership created with If-None-Exist on its user: 201, then the same one again with 200.
+    let client = http
+        .post(
+            "fhir/R4/ClientApplication",
+            &admin.token,
+            &json!({"resourceType": "ClientApplication", "name": "cond-member"}),
+        )
+        .await
+        .expect(201)
+        .json();
+    let client_ref = format!("ClientApplication/{}", client["id"].as_str().unwrap());
+    let membership = json!({"resourceType": "ProjectMembership", "project": {"reference": project},
+        "user": {"reference": client_ref}, "profile": {"reference": client_ref},
+        "identifier": [{"system": "https://example.com/operator", "value": "ns/cond-member"}]});
+    let create = || {
+        http.send(
+            http.request(Method::POST, "fhir/R4/ProjectMembership", Some(&admin.token))
+                .header("if-none-exist", format!("user={client_ref}"))
+                .json(&membership),
+        )
+    };
+    let first = create().await.expect(201).json();
+    let again = create().await.expect(200).json();
+    assert_eq!(again["id"], first["id"]);
+    let mid = first["id"].as_str().unwrap().to_string();
+
+    // access-policy= matches access[].policy as well as accessPolicy.
+    let policy = http
+        .post(
+            "fhir/R4/AccessPolicy",
+            &admin.token,
+            &json!({"resourceType": "AccessPolicy", "name": "granted", "resource": [{"resourceType": "Patient"}]}),
+        )
+        .await
+        .expect(201)
+        .json();
+    let policy_ref = format!("AccessPolicy/{}", policy["id"].as_str().unwrap());
+    let mut granted = first.clone();
+    granted["access"] = json!([{"policy": {"reference": policy_ref},
+                                "parameter": [{"name": "organization", "valueReference": {"reference": "Organization/1"}}]}]);
+    let version = first["meta"]["versionId"].as_str().unwrap();
+    let path = format!("fhir/R4/ProjectMembership/{mid}");
+    let put = http.send(
+        http.request(Method::PUT, &path, Some(&admin.token))
+            .header("if-match", format!("W/\"{version}\""))
+            .json(&granted),
+    );
+    let updated = put.await.expect(200).json();
+    assert_eq!(updated["access"], granted["access"]);
+    let users = http.get(&format!("fhir/R4/ProjectMembership?access-policy={policy_ref}"), &admin.token).await;
+    assert_eq!(ids(&users.expect(200).json()), std::slice::from_ref(&mid));
+
+    // external-id= finds a membership by its external id.
+    let external = format!("ext-{}", crate::support::suffix());
+    let invited = admin
+        .admin_post("invite", &json!({"resourceType": "Patient", "firstName": "Eve", "lastName": "Ext", "externalId": external, "sendEmail": false}))
+        .await
+        .expect(200)
+        .json();
+    let by_external = http.get(&format!("fhir/R4/ProjectMembership?external-id={external}"), &admin.token).await;
+    assert_eq!(ids(&by_external.expect(200).json()), [invited["id"].as_str().unwrap().to_string()]);
+
+    // The profile an invite made is a FHIR resource of the project: its name is updated with If-Match.
+    let profile_path = format!("fhir/R4/{}", invited["profile"]["reference"].as_str().unwrap());
+    let profile = http.get(&profile_path, &admin.token).await.expect(200);
+    let etag = profile.header("etag").unwrap();
+    let mut renamed = profile.json();
+    assert_eq!(renamed["name"][0], json!({"given": ["Eve"], "family": "Ext"}));
+    renamed["name"][0]["family"] = json!("Renamed");
+    let put =
+        http.send(http.request(Method::PUT, &profile_path, Some(&admin.token)).header("if-match", etag).json(&renamed));
+    assert_eq!(put.await.expect(200).json()["name"][0]["family"], "Renamed");
+
+    // A super admin's writes land in the project named in meta.project (b14), where the project admin
+    // sees them; it deletes memberships there through FHIR.
+    let sa = medplum.super_admin_token().await;
+    let placed = http
+        .post(
+            "fhir/R4/AccessPolicy",
+            &sa,
+            &json!({"resourceType": "AccessPolicy", "name": "placed", "meta": {"project": admin.project.project_id}}),
+        )
+        .await
+        .expect(201)
+        .json();
+    http.get(&format!("fhir/R4/AccessPolicy/{}", placed["id"].as_str().unwrap()), &admin.token).await.expect(200);
+    http.delete(&path, &sa).await.expect(200);
+    http.get(&path, &admin.token).await.expect(410);
 }

@@ -137,21 +137,20 @@ pub async fn invite(
             .find(|m| m["user"]["reference"] == user_ref && project_of(m) == Some(pid.as_str()))
             .cloned()
     });
-    let admin = body["admin"] == true;
+    check_invite_policies(&store, &pid, &body)?;
     if let Some(mut membership) = existing_membership {
         if body["upsert"] != true {
             return Err(Outcome::conflict("User is already a member of this project"));
         }
-        // upsert overwrites these top-level fields even when absent (record f3).
-        for field in ["accessPolicy", "access", "admin", "externalId"] {
-            match body.get(field) {
-                Some(v) if !v.is_null() => membership[field] = v.clone(),
-                _ => {
-                    membership.as_object_mut().expect("object").remove(field);
-                }
-            }
+        // upsert writes the invite's membership fields over the existing ones, absent ones included,
+        // so a missing policy becomes the project default again and `admin` is cleared (record f3,
+        // re-checked on the real server).
+        let partial = invite_membership_fields(&store, &pid, &body, resource_type, &caller);
+        let object = membership.as_object_mut().expect("object");
+        for field in ["accessPolicy", "access", "admin", "externalId", "invitedBy"] {
+            object.remove(field);
         }
-        merge_membership_fields(&mut membership, &body);
+        object.extend(partial);
         let id = membership["id"].as_str().unwrap_or_default().to_string();
         let updated = store.replace("ProjectMembership", &id, membership);
         return Ok(outcome::with_version_headers(outcome::fhir(StatusCode::OK, &updated), &updated));
@@ -188,37 +187,72 @@ pub async fn invite(
         "project": project_ref(&store, &pid),
         "user": {"reference": user_ref, "display": email.clone().or(external_id.clone()).unwrap_or_default()},
         "profile": {"reference": format!("{resource_type}/{}", profile["id"].as_str().unwrap_or_default()), "display": display},
-        "invitedBy": {"reference": caller.profile_ref()},
     });
-    for field in ["accessPolicy", "access", "externalId"] {
-        if !body[field].is_null() {
-            membership[field] = body[field].clone();
-        }
-    }
-    if body.get("admin").is_some() {
-        membership["admin"] = json!(admin);
-    }
-    if membership["accessPolicy"].is_null() && membership["access"].is_null() {
-        let profile_type = if admin { "Admin" } else { resource_type };
-        if let Some(policy) = default_policy(&store, &pid, profile_type) {
-            membership["accessPolicy"] = policy;
-        }
-    }
-    merge_membership_fields(&mut membership, &body);
+    membership.as_object_mut().expect("object").extend(invite_membership_fields(
+        &store,
+        &pid,
+        &body,
+        resource_type,
+        &caller,
+    ));
     validate("ProjectMembership", &membership)?;
     let created = store.create("ProjectMembership", membership, Some(&pid), Some("system"));
     Ok(outcome::with_version_headers(outcome::fhir(StatusCode::OK, &created), &created))
 }
 
-/// `membership.*` fields of an invite are copied onto the membership (e.g. identifier, userName).
-fn merge_membership_fields(membership: &mut Value, body: &Value) {
-    if let Some(extra) = body["membership"].as_object() {
-        for (key, value) in extra {
-            if !matches!(key.as_str(), "project" | "user" | "resourceType" | "id" | "meta") {
-                membership[key] = value.clone();
+/// Every policy an invite names must exist in the project.
+fn check_invite_policies(store: &Store, pid: &str, body: &Value) -> Result<()> {
+    let granted = |access: &Value| -> Vec<Value> {
+        access.as_array().into_iter().flatten().map(|a| a["policy"].clone()).collect()
+    };
+    let references = std::iter::once(body["accessPolicy"].clone())
+        .chain(granted(&body["access"]))
+        .chain(granted(&body["membership"]["access"]));
+    for reference in references.filter_map(|r| r["reference"].as_str().map(str::to_string)) {
+        match store.resolve(&reference) {
+            None => return Err(Outcome::invalid(format!("Access policy {reference} does not exist"))),
+            Some(policy) if project_of(policy).is_some_and(|p| p != pid) => {
+                return Err(Outcome::invalid(format!("Access policy {reference} does not belong to this project")));
             }
+            Some(_) => {}
         }
     }
+    Ok(())
+}
+
+/// The membership fields an invite sets: its top-level `externalId`, `accessPolicy`, `access` and
+/// `admin`, then every `membership.*` field over them, and, when no policy is left, the project's
+/// default for the profile type (Practitioners: Admin or Practitioner by `admin`).
+fn invite_membership_fields(
+    store: &Store,
+    pid: &str,
+    body: &Value,
+    resource_type: &str,
+    caller: &Caller,
+) -> serde_json::Map<String, Value> {
+    let mut fields = serde_json::Map::new();
+    for field in ["externalId", "accessPolicy", "access", "admin"] {
+        if !body[field].is_null() {
+            fields.insert(field.into(), body[field].clone());
+        }
+    }
+    fields.insert("invitedBy".into(), json!({"reference": caller.profile_ref()}));
+    for (key, value) in body["membership"].as_object().into_iter().flatten() {
+        if !matches!(key.as_str(), "project" | "user" | "resourceType" | "id" | "meta") {
+            fields.insert(key.clone(), value.clone());
+        }
+    }
+    let has_policy = fields.get("accessPolicy").is_some_and(|p| !p.is_null())
+        || fields.get("access").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+    let default_type = match resource_type {
+        "Practitioner" if fields.get("admin") == Some(&json!(true)) => Some("Admin"),
+        "Practitioner" | "Patient" => Some(resource_type),
+        _ => None,
+    };
+    if !has_policy && let Some(policy) = default_type.and_then(|t| default_policy(store, pid, t)) {
+        fields.insert("accessPolicy".into(), policy);
+    }
+    fields
 }
 
 /// A membership of the caller's own project.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, State};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -10,8 +10,9 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 
 use crate::App;
+use crate::faults::Peer;
 use crate::outcome::{self, Outcome};
-use crate::store::{Login, Store, new_id, now};
+use crate::store::{Login, Store, new_id, now, project_of};
 
 /// Who is calling, resolved from a bearer token or HTTP Basic client credentials.
 #[derive(Clone)]
@@ -37,10 +38,11 @@ impl Caller {
         self.super_admin || project == Some(self.project_id.as_str())
     }
 
-    /// Whether the caller's access policy lets it do `interaction` on `rtype`. Project admins and super
-    /// admins may use every type; members follow the union of their policies, the way Medplum reads
+    /// Whether the caller's access policy lets it do `interaction` (`read`, `vread`, `history`,
+    /// `search`, `create`, `update`, `delete`) on `rtype`. Project admins and super admins may use
+    /// every type; members follow the union of their policies, the way Medplum reads
     /// `resource[].resourceType`, `readonly` and `interaction` (criteria are not evaluated here).
-    pub fn may(&self, store: &Store, rtype: &str, write: bool) -> bool {
+    pub fn may(&self, store: &Store, rtype: &str, interaction: &str) -> bool {
         if self.admin() {
             return true;
         }
@@ -54,14 +56,13 @@ impl Caller {
         policies.iter().filter_map(|reference| store.resolve(reference)).any(|policy| {
             policy["resource"].as_array().into_iter().flatten().any(|rule| {
                 let type_matches = rule["resourceType"] == rtype || rule["resourceType"] == "*";
-                let interactions: Vec<&str> =
+                let listed: Vec<&str> =
                     rule["interaction"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-                let allowed = if write {
-                    rule["readonly"] != true
-                        && (interactions.is_empty()
-                            || interactions.iter().any(|i| matches!(*i, "create" | "update" | "delete")))
-                } else {
-                    interactions.is_empty() || interactions.iter().any(|i| matches!(*i, "read" | "search" | "vread"))
+                // `readonly` without interactions means the read-only ones (Medplum's buildAccessPolicy).
+                let allowed = match (listed.is_empty(), rule["readonly"] == true) {
+                    (false, _) => listed.contains(&interaction),
+                    (true, true) => matches!(interaction, "search" | "read" | "history" | "vread"),
+                    (true, false) => true,
                 };
                 type_matches && allowed
             })
@@ -86,6 +87,25 @@ pub fn membership_policies(membership: &Value) -> Vec<String> {
 
 const INVALID_POLICY: &str = "Cannot authenticate: Invalid access policy configuration. Please contact your administrator to update your project membership.";
 
+/// Whether the IP rules of a membership's policies let `address` in. Medplum puts the rules of all its
+/// policies in one list, in order; the first rule whose value is `*`, the address or a prefix of it
+/// decides, and an address no rule matches is allowed.
+fn ip_allowed(store: &Store, membership: &Value, address: &std::net::IpAddr) -> bool {
+    let address = address.to_string();
+    let rules: Vec<Value> = membership_policies(membership)
+        .iter()
+        .filter_map(|reference| store.resolve(reference))
+        .flat_map(|policy| policy["ipAccessRule"].as_array().cloned().unwrap_or_default())
+        .collect();
+    for rule in rules {
+        let value = rule["value"].as_str().unwrap_or_default();
+        if value == "*" || address.starts_with(value) {
+            return rule["action"] != "block";
+        }
+    }
+    true
+}
+
 /// Checks that a membership can still act: its policies all exist.
 fn check_policies(store: &Store, membership: &Value) -> Result<(), Outcome> {
     if membership_policies(membership).iter().all(|r| store.resolve(r).is_some()) {
@@ -109,8 +129,32 @@ impl FromRequestParts<Arc<App>> for Caller {
         } else {
             Err(unauthorized("Bearer", &app.base_url))
         }?;
+        let on_behalf_of = parts.headers.get("x-medplum-on-behalf-of").and_then(|v| v.to_str().ok());
+        let caller = match on_behalf_of {
+            Some(target) => acting_for(&store, caller, target).map_err(IntoResponse::into_response)?,
+            None => caller,
+        };
         Ok(Caller { extended, ..caller })
     }
+}
+
+/// `X-Medplum-On-Behalf-Of: ProjectMembership/<id>` or `<Profile>/<id>`: a project admin (or super
+/// admin) acts with the access of that membership of its project (record i3); anyone else gets 400
+/// "Authentication error" (diagnostics "Forbidden").
+fn acting_for(store: &Store, caller: Caller, target: &str) -> Result<Caller, Outcome> {
+    if !caller.admin() {
+        return Err(Outcome::authentication_error("Forbidden"));
+    }
+    let membership = match target.strip_prefix("ProjectMembership/") {
+        Some(id) => store.find("ProjectMembership", id).filter(|m| caller.sees_project(project_of(m))),
+        None => store
+            .all("ProjectMembership")
+            .find(|m| m["profile"]["reference"] == target && project_of(m) == Some(caller.project_id.as_str())),
+    };
+    let membership = membership.ok_or_else(|| Outcome::authentication_error("Forbidden"))?;
+    check_policies(store, membership)?;
+    let project_id = project_of(membership).unwrap_or_default().to_string();
+    Ok(Caller { membership: membership.clone(), project_id, super_admin: false, ..caller })
 }
 
 fn unauthorized(scheme: &str, realm: &str) -> Response {
@@ -195,7 +239,12 @@ pub fn lifetime_seconds(lifetime: Option<&str>) -> i64 {
 }
 
 /// `POST /oauth2/token`: the client credentials grant.
-pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+pub async fn token(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let form_encoded = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -245,8 +294,13 @@ pub async fn token(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::
     let Some(membership) = store.membership_of_user(&format!("ClientApplication/{client_id}")).cloned() else {
         return outcome::token_error("Invalid client");
     };
-    if let Err(outcome) = check_policies(&store, &membership) {
-        return outcome.into_response();
+    // The token endpoint answers a missing policy in its own error shape (re-checked on the real server).
+    if check_policies(&store, &membership).is_err() {
+        return outcome::token_error(INVALID_POLICY);
+    }
+    // IP rules apply to the token request itself, only once the secret matched.
+    if !ip_allowed(&store, &membership, &peer.0.ip()) {
+        return outcome::token_error("IP address not allowed");
     }
     // An inactive membership still gets a token, which then cannot be used (records f12, f13).
     let project_ref = membership["project"]["reference"].as_str().unwrap_or_default().to_string();

@@ -103,7 +103,13 @@ pub fn validate(rtype: &str, resource: &Value) -> Result<()> {
                 }
             }
             for (i, rule) in each("ipAccessRule") {
-                check_elements(rule, "AccessPolicy.ipAccessRule", &format!("AccessPolicy.ipAccessRule[{i}]"), false)?;
+                let path = format!("AccessPolicy.ipAccessRule[{i}]");
+                check_elements(rule, "AccessPolicy.ipAccessRule", &path, false)?;
+                for field in ["value", "action"] {
+                    if rule[field].as_str().is_none_or(str::is_empty) {
+                        return Err(Outcome::structure("Missing required property", format!("{path}.{field}")));
+                    }
+                }
             }
         }
         "ProjectMembership" => {
@@ -150,8 +156,8 @@ fn visible<'a>(store: &'a Store, caller: &Caller, rtype: &str, id: &str) -> Resu
     }
 }
 
-fn require(caller: &Caller, store: &Store, rtype: &str, write: bool) -> Result<()> {
-    if caller.may(store, rtype, write) { Ok(()) } else { Err(Outcome::forbidden()) }
+fn require(caller: &Caller, store: &Store, rtype: &str, interaction: &str) -> Result<()> {
+    if caller.may(store, rtype, interaction) { Ok(()) } else { Err(Outcome::forbidden()) }
 }
 
 /// Resources of `rtype` the caller may see that match a search query.
@@ -212,7 +218,7 @@ pub async fn read(
     Path((rtype, id)): Path<(String, String)>,
 ) -> Result<Response> {
     let store = app.store();
-    require(&caller, &store, &rtype, false)?;
+    require(&caller, &store, &rtype, "read")?;
     let resource = visible(&store, &caller, &rtype, &id)?;
     if !visible_user(&caller, &rtype, resource) {
         return Err(Outcome::not_found());
@@ -228,7 +234,7 @@ pub async fn search(
 ) -> Result<Response> {
     let query = query.unwrap_or_default();
     let store = app.store();
-    require(&caller, &store, &rtype, false)?;
+    require(&caller, &store, &rtype, "search")?;
     let found = matching(&store, &caller, &rtype, &query)?;
     drop(store);
     let params = search::parse(&query);
@@ -285,7 +291,7 @@ pub async fn create(
     check_type(&rtype, &body)?;
     validate(&rtype, &body)?;
     let mut store = app.store();
-    require(&caller, &store, &rtype, true)?;
+    require(&caller, &store, &rtype, "create")?;
     if let Some(condition) = headers.get("if-none-exist").and_then(|v| v.to_str().ok()) {
         let found = matching(&store, &caller, &rtype, condition)?;
         match found.as_slice() {
@@ -321,7 +327,7 @@ pub async fn update(
     }
     validate(&rtype, &body)?;
     let mut store = app.store();
-    require(&caller, &store, &rtype, true)?;
+    require(&caller, &store, &rtype, "update")?;
     let current = visible(&store, &caller, &rtype, &id)?.clone();
     check_if_match(&headers, &current)?;
     let updated = store.replace(&rtype, &id, body);
@@ -340,7 +346,7 @@ pub async fn conditional_update(
     validate(&rtype, &body)?;
     let query = query.filter(|q| !q.is_empty()).ok_or_else(|| Outcome::invalid("Missing search criteria"))?;
     let mut store = app.store();
-    require(&caller, &store, &rtype, true)?;
+    require(&caller, &store, &rtype, "update")?;
     let found = matching(&store, &caller, &rtype, &query)?;
     match found.as_slice() {
         [] => {
@@ -367,7 +373,7 @@ pub async fn patch(
     let operations: json_patch::Patch =
         serde_json::from_slice(&body).map_err(|e| Outcome::invalid(format!("Invalid JSON Patch: {e}")))?;
     let mut store = app.store();
-    require(&caller, &store, &rtype, true)?;
+    require(&caller, &store, &rtype, "update")?;
     let current = visible(&store, &caller, &rtype, &id)?.clone();
     check_if_match(&headers, &current)?;
     let mut patched = current;
@@ -383,7 +389,7 @@ pub async fn delete(
     Path((rtype, id)): Path<(String, String)>,
 ) -> Result<Response> {
     let mut store = app.store();
-    require(&caller, &store, &rtype, true)?;
+    require(&caller, &store, &rtype, "delete")?;
     visible(&store, &caller, &rtype, &id)?;
     // Medplum leaves a deleted client's membership behind (record c10) and lets a policy in use be
     // deleted (record e10); both are reproduced.
