@@ -553,7 +553,7 @@ mod tests {
     #[test]
     fn ip_rules_must_be_prefixes_and_end_in_a_block() {
         let ok = spec(serde_json::json!({"ipAccessRules": [
-            {"name": "office", "value": "10.2.", "action": "allow"}, {"value": "0", "action": "block"}]}));
+            {"name": "office", "value": "10.2.", "action": "allow"}, {"value": "*", "action": "block"}]}));
         assert!(validate(&ok).is_ok());
         let mut cidr = ok.clone();
         cidr.ip_access_rules[0] = IpAccessRule { name: None, value: "10.0.0.0/8".into(), action: IpAction::Allow };

@@ -37,8 +37,8 @@ use super::workload::{self, TargetState};
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, crash_point, event};
 use crate::crd::{AdoptSecret, ClientApplication, ClientApplicationStatus, DeletionPolicy, RestartTarget};
 use crate::medplum::{
-    ClientApplicationResource, ClientCredentials, Coding, Identifier, IdentityProviderResource, MedplumClient,
-    MedplumError, MembershipAccess, MembershipResource, Ref,
+    ClientApplicationResource, ClientCredentials, Coding, CredentialProof, Identifier, IdentityProviderResource,
+    MedplumClient, MedplumError, MembershipAccess, MembershipResource, Ref,
 };
 
 pub const KIND: &str = "ClientApplication";
@@ -51,6 +51,8 @@ pub const ISSUED_AT: &str = "medplum.com/issued-at";
 /// Secret annotation: the last `medplum.com/rotate` value acted on.
 pub const ROTATION_HANDLED: &str = "medplum.com/rotation-handled";
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "medplum-operator");
+/// Condition: Medplum proved the Secret's current credentials right; its reason says how.
+const CREDENTIAL_VERIFIED: &str = "CredentialVerified";
 /// How often a rollout in progress is looked at again.
 const ROLLOUT_POLL: Duration = Duration::from_secs(5);
 /// A reconcile carries out at most this many steps; a correct plan needs far fewer.
@@ -310,8 +312,8 @@ pub struct Observed {
     pub client: Option<ClientApplicationResource>,
     pub membership: Option<MembershipResource>,
     pub targets: Vec<TargetState>,
-    /// A token was obtained with the Secret's current credentials.
-    pub verified: bool,
+    /// How Medplum proved the Secret's current credentials right, if it did.
+    pub verified: Option<CredentialProof>,
 }
 
 impl Observed {
@@ -486,7 +488,7 @@ pub fn plan(d: &Desired, o: &Observed, now: Timestamp) -> Step {
         if stale_targets {
             return Step::RestartTargets;
         }
-        if !o.verified {
+        if o.verified.is_none() {
             return Step::Verify;
         }
         if let Some(t) = o.targets.iter().find(|t| t.exists && !t.rolled_out) {
@@ -504,7 +506,7 @@ pub fn plan(d: &Desired, o: &Observed, now: Timestamp) -> Step {
     if let Some(handled) = rotation_due(d, o, now) {
         return Step::StoreNewSecret { handled };
     }
-    if !o.verified {
+    if o.verified.is_none() {
         return Step::Verify;
     }
     Step::Done
@@ -736,7 +738,7 @@ impl Reconciler<'_> {
                     .check_credentials(&ClientCredentials { client_id, client_secret: secret })
                     .await
                 {
-                    Ok(()) => o.verified = true,
+                    Ok(proof) => o.verified = Some(proof),
                     Err(MedplumError::InvalidCredentials { description }) => {
                         return Err(ClientError::CredentialRejected(description));
                     }
@@ -751,6 +753,20 @@ impl Reconciler<'_> {
 
 fn secret_keys(d: &Desired) -> Vec<&str> {
     vec![&d.keys.base_url, &d.keys.client_id, &d.keys.client_secret, &d.keys.token_url, &d.keys.project_id, PENDING_KEY]
+}
+
+/// The `CredentialVerified` reason for each kind of proof.
+fn reason_of_proof(proof: CredentialProof) -> &'static str {
+    match proof {
+        CredentialProof::TokenIssued => "TokenIssued",
+        CredentialProof::AddressNotAllowed => "SecretAcceptedAddressBlocked",
+    }
+}
+
+fn proof_of_reason(reason: &str) -> Option<CredentialProof> {
+    [CredentialProof::TokenIssued, CredentialProof::AddressNotAllowed]
+        .into_iter()
+        .find(|p| reason_of_proof(*p) == reason)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -845,8 +861,12 @@ async fn observe(
     }
     let current = secret.values.get(&d.keys.client_secret);
     let status = ca.status.as_ref();
-    let verified = current.is_some_and(|c| status.and_then(|s| s.secret_fingerprint.clone()) == Some(fingerprint(c)))
-        && status.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "CredentialVerified" && c.status == "True"));
+    let same_secret =
+        current.is_some_and(|c| status.and_then(|s| s.secret_fingerprint.clone()) == Some(fingerprint(c)));
+    let verified = status
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CREDENTIAL_VERIFIED && c.status == "True"))
+        .and_then(|c| proof_of_reason(&c.reason))
+        .filter(|_| same_secret);
     Ok(Observed { secret, client, membership, targets, verified })
 }
 
@@ -899,7 +919,7 @@ fn desired_status(
         status.client_id = o.client.as_ref().and_then(|c| c.id.clone()).or(status.client_id);
         status.membership_id = o.membership.as_ref().and_then(|m| m.id.clone()).or(status.membership_id);
         let current = o.value(&d.keys.client_secret);
-        if o.verified {
+        if o.verified.is_some() {
             status.secret_fingerprint = current.map(fingerprint);
         }
         let issued = o.issued_at();
@@ -908,24 +928,29 @@ fn desired_status(
             (Some(i), Some(interval)) => i.checked_add(interval).ok().map(Time),
             _ => None,
         };
-        let verified = if o.verified {
-            ConditionState::new(
-                "CredentialVerified",
+        let print = status.secret_fingerprint.clone().unwrap_or_default();
+        let verified = match o.verified {
+            Some(proof) => ConditionState::new(
+                CREDENTIAL_VERIFIED,
                 true,
-                "TokenIssued",
-                format!(
-                    "Medplum issued a token for the credentials in Secret {} ({})",
-                    d.secret_name,
-                    status.secret_fingerprint.clone().unwrap_or_default()
-                ),
-            )
-        } else {
-            ConditionState::new(
-                "CredentialVerified",
+                reason_of_proof(proof),
+                match proof {
+                    CredentialProof::TokenIssued => {
+                        format!("Medplum issued a token for the credentials in Secret {} ({print})", d.secret_name)
+                    }
+                    CredentialProof::AddressNotAllowed => format!(
+                        "Medplum accepted the secret in Secret {} ({print}) and refused a token only because the \
+                         client's IP rules block the operator's address; tokens work from the addresses they allow",
+                        d.secret_name
+                    ),
+                },
+            ),
+            None => ConditionState::new(
+                CREDENTIAL_VERIFIED,
                 false,
                 "NotVerified",
                 "the credentials in the Secret were not verified yet",
-            )
+            ),
         };
         status.conditions = set_condition(&status.conditions, verified, generation, now);
         let retiring = o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some());

@@ -43,9 +43,10 @@ pub struct AccessPolicySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 200))]
     pub resources: Vec<PolicyResource>,
-    /// IP address rules, checked in order; the first whose value is a prefix of the caller's address
-    /// decides. Medplum matches prefixes (`10.2.`), not CIDR ranges, and allows an address no rule
-    /// matches, so a list must end with a `block` rule.
+    /// IP address rules, checked in order when a token is requested; the first whose value is `*` or a
+    /// prefix of the caller's address decides. Medplum matches prefixes (`10.2.`), not CIDR ranges, and
+    /// allows an address no rule matches, so a list must end with a `block` rule (`{value: "*", action:
+    /// block}` blocks the rest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 100))]
     #[schemars(extend("x-kubernetes-validations" = [{
@@ -143,8 +144,9 @@ impl Interaction {
 pub struct IpAccessRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// An address prefix such as `10.2.` or `192.168.1.7` (Medplum compares prefixes; no `/` ranges).
-    #[schemars(regex(pattern = r"^[0-9A-Fa-f.:]+$"), length(min = 1, max = 64))]
+    /// An address prefix such as `10.2.` or `192.168.1.7` (Medplum compares prefixes; no `/` ranges), or
+    /// `*` for every address.
+    #[schemars(regex(pattern = r"^(\*|[0-9A-Fa-f.:]+)$"), length(min = 1, max = 64))]
     pub value: String,
     pub action: IpAction,
 }

@@ -324,7 +324,9 @@ pub enum AdoptSecret {
 #[serde(rename_all = "camelCase")]
 pub struct ClientApplicationStatus {
     /// `Ready` (credentials in the Secret work and Medplum matches the spec), `CredentialVerified`
-    /// (a token was obtained with the Secret's credentials) and `Rotating` (a rotation is in progress).
+    /// (Medplum accepted the Secret's credentials: reason `TokenIssued`, or `SecretAcceptedAddressBlocked`
+    /// when the client's IP rules refuse the operator's own address, which Medplum checks only after the
+    /// secret matched) and `Rotating` (a rotation is in progress).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -21,6 +21,19 @@ pub struct ClientCredentials {
     pub client_secret: SecretString,
 }
 
+/// How Medplum showed that client credentials are right.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialProof {
+    /// It issued a token.
+    TokenIssued,
+    /// It refused a token to the caller's address under the client's IP rules, which it checks only
+    /// after the secret matched.
+    AddressNotAllowed,
+}
+
+/// `/oauth2/token`'s answer to a right secret from an address the client's IP rules block.
+const ADDRESS_NOT_ALLOWED: &str = "IP address not allowed";
+
 /// An HTTP client for one Medplum server, authenticated as one ClientApplication, with a token cache.
 pub struct MedplumClient {
     http: reqwest::Client,
@@ -206,8 +219,11 @@ impl MedplumClient {
         ignore_missing(self.authed::<serde::de::IgnoredAny>("delete membership", Method::DELETE, &path, |r| r).await)
     }
 
-    /// Whether Medplum issues a token for these client credentials (not cached: this checks them).
-    pub async fn check_credentials(&self, credentials: &ClientCredentials) -> Result<(), MedplumError> {
+    /// Whether Medplum accepts these client credentials, and how that showed (not cached: this checks
+    /// them). Medplum checks a client's IP rules only after its secret matched, so "IP address not
+    /// allowed" proves the credentials as well as a token does: the operator merely runs outside the
+    /// client's allowed network.
+    pub async fn check_credentials(&self, credentials: &ClientCredentials) -> Result<CredentialProof, MedplumError> {
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", credentials.client_id.as_str()),
@@ -216,9 +232,14 @@ impl MedplumClient {
         let request = self.http.post(self.url("oauth2/token")).form(&form);
         let response = self.send("check credentials", request).await?;
         if response.status() == StatusCode::BAD_REQUEST {
-            return Err(refusal(&self.base_url, response).await);
+            return match refusal(&self.base_url, response).await {
+                MedplumError::InvalidCredentials { description } if description == ADDRESS_NOT_ALLOWED => {
+                    Ok(CredentialProof::AddressNotAllowed)
+                }
+                refused => Err(refused),
+            };
         }
-        json::<serde::de::IgnoredAny>(response).await.map(|_| ())
+        json::<serde::de::IgnoredAny>(response).await.map(|_| CredentialProof::TokenIssued)
     }
 
     /// Sends an authenticated request, built from a fresh token. A 401 drops the cached token and the

@@ -6,7 +6,7 @@ mod error;
 mod model;
 mod token;
 
-pub use client::{ClientCredentials, MedplumClient};
+pub use client::{ClientCredentials, CredentialProof, MedplumClient};
 pub use error::MedplumError;
 pub use model::{
     AccessPolicyResource, ClientApplicationResource, Coding, Expression, FhirResource, Health, HumanName, Identifier,

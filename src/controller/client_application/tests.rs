@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::crd::{Adopt, SecretKeys, WorkloadKind};
+use crate::medplum::CredentialProof;
 
 const T0: i64 = 1_800_000_000;
 
@@ -93,14 +94,20 @@ fn observed(
     client: Option<ClientApplicationResource>,
     membership: Option<MembershipResource>,
 ) -> Observed {
-    Observed { secret, client, membership, targets: vec![target(Some(0), true)], verified: true }
+    Observed {
+        secret,
+        client,
+        membership,
+        targets: vec![target(Some(0), true)],
+        verified: Some(CredentialProof::TokenIssued),
+    }
 }
 
 #[test]
 fn creation_stores_the_secret_in_kubernetes_before_medplum_sees_it() {
     let d = desired();
     let nothing =
-        Observed { secret: WrittenSecret::default(), client: None, membership: None, targets: vec![], verified: false };
+        Observed { secret: WrittenSecret::default(), client: None, membership: None, targets: vec![], verified: None };
     assert_eq!(plan(&d, &nothing, at(0)), Step::StoreNewSecret { handled: None });
     let stored = observed(secret(&d, None, Some("new"), None), None, None);
     assert_eq!(plan(&d, &stored, at(0)), Step::CreateClient);
@@ -118,9 +125,9 @@ fn after_the_secret_is_written_targets_restart_and_credentials_are_verified() {
         observed(secret(&d, Some("new"), None, Some(5)), Some(client(&d, Some("new"), None)), Some(membership(&d)));
     assert_eq!(plan(&d, &o, at(6)), Step::RestartTargets, "a workload still runs the credentials of t=0");
     o.targets = vec![target(Some(5), false)];
-    o.verified = false;
+    o.verified = None;
     assert_eq!(plan(&d, &o, at(6)), Step::Verify, "no rollout wait outside a rotation");
-    o.verified = true;
+    o.verified = Some(CredentialProof::TokenIssued);
     assert_eq!(plan(&d, &o, at(6)), Step::Done);
 }
 
