@@ -2,9 +2,10 @@
 //! without a failed token request, kill -9 at every step, deletion policies, failures and refusals.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -205,10 +206,10 @@ fn workload(
     reload: bool,
     every: Duration,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<(u64, u64)> {
+) -> tokio::task::JoinHandle<Vec<(Timestamp, bool)>> {
     let (client, namespace, http) = (s.client.clone(), s.ns.name.clone(), s.http().clone());
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     tokio::spawn(async move {
+        let mut answers = Vec::new();
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &namespace);
         let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client, &namespace);
         let read_secret = || async {
@@ -240,10 +241,10 @@ fn workload(
                 }
             }
             let answer = http.token_request(&client_id, &secret).await;
-            if answer.status == 200 { &ok } else { &failed }.fetch_add(1, Ordering::SeqCst);
+            answers.push((Timestamp::now(), answer.status == 200));
             tokio::time::sleep(every).await;
         }
-        (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst))
+        answers
     })
 }
 
@@ -265,8 +266,9 @@ async fn rotation_keeps_every_token_request_working() {
     let old_secret = s.secret("rotating").await.unwrap()["MEDPLUM_CLIENT_SECRET"].clone();
     let old_fingerprint = status.secret_fingerprint.clone().unwrap();
 
-    // Every 50 ms against the test server; once a second against a real Medplum (160 token requests a minute).
-    let every = if s.medplum.is_test_server() { Duration::from_millis(50) } else { Duration::from_secs(1) };
+    // Both workloads ask for a token every 100 ms, whatever the server; the checks below count
+    // requests per phase of the rotation, so they hold however fast the server answers.
+    let every = Duration::from_millis(100);
     let stop = Arc::new(AtomicBool::new(false));
     let mounted = workload(&s, client_id.clone(), true, every, stop.clone());
     let environment = workload(&s, client_id.clone(), false, every, stop.clone());
@@ -285,15 +287,9 @@ async fn rotation_keeps_every_token_request_working() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::SeqCst);
-    let (mounted_ok, mounted_failed) = mounted.await.unwrap();
-    let (env_ok, env_failed) = environment.await.unwrap();
+    let mounted = mounted.await.unwrap();
+    let environment = environment.await.unwrap();
     println!("figure: rotation requested → old secret retired in {done:?}");
-    println!(
-        "figure: token requests during rotation: mounted {mounted_ok} ok / {mounted_failed} failed, env {env_ok} ok / {env_failed} failed"
-    );
-    assert_eq!((mounted_failed, env_failed), (0, 0), "no failed token request through the rotation");
-    assert!(mounted_ok > 10 && env_ok > 10);
-
     let new_secret = s.secret("rotating").await.unwrap()["MEDPLUM_CLIENT_SECRET"].clone();
     assert_ne!(new_secret, old_secret);
     assert!(s.token_works(&client_id, &new_secret).await);
@@ -305,7 +301,7 @@ async fn rotation_keeps_every_token_request_working() {
         .list(&Default::default())
         .await
         .unwrap();
-    let mut timeline: Vec<(String, k8s_openapi::jiff::Timestamp)> = events
+    let mut timeline: Vec<(String, Timestamp)> = events
         .items
         .iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("rotating"))
@@ -333,6 +329,24 @@ async fn rotation_keeps_every_token_request_working() {
         retired_at.duration_since(rotated_at).as_secs_f64() >= 2.9,
         "the old secret worked through the 3 s grace period"
     );
+
+    // Every token request of both workloads succeeded, in each phase: on the old secret before the
+    // switch, across the switch and the grace period, and on the new secret after the retirement.
+    for (name, answers) in [("mounted", &mounted), ("env", &environment)] {
+        let phase = |from: Option<Timestamp>, to: Option<Timestamp>| {
+            answers.iter().filter(|(t, _)| from.is_none_or(|f| *t >= f) && to.is_none_or(|u| *t < u)).count()
+        };
+        let (before, during, after) =
+            (phase(None, Some(rotated_at)), phase(Some(rotated_at), Some(retired_at)), phase(Some(retired_at), None));
+        let failed = answers.iter().filter(|(_, ok)| !ok).count();
+        println!(
+            "figure: {name} workload: {} token requests, {failed} failed; {before} before the switch, {during} through \
+             the grace period, {after} after the retirement",
+            answers.len()
+        );
+        assert_eq!(failed, 0, "{name}: no failed token request through the rotation");
+        assert!(before >= 3 && during >= 3 && after >= 3, "{name} asked in every phase: {before}/{during}/{after}");
+    }
 }
 
 const CREATE_STEPS: [&str; 4] = ["store-new-secret", "create-client", "create-membership", "write-secret"];
@@ -524,7 +538,7 @@ async fn deletion_policies_orphan_and_disable() {
 async fn medplum_outage_keeps_the_secret_and_recovers() {
     let s = Setup::new("ca-outage", &[], json!({})).await;
     if !s.medplum.is_test_server() {
-        println!("SKIPPED: fault injection needs the Medplum test server");
+        crate::support::skip("fault injection needs the Medplum test server");
         return;
     }
     let _operator = Operator::start(&s.ns.name, &["--resync-interval", "1s", "--medplum-timeout", "2s"]).await;

@@ -272,7 +272,7 @@ async fn super_admin_credentials_are_refused() {
 async fn connection_trusts_a_custom_ca_bundle() {
     let (medplum, ca) = MedplumTarget::start_tls().await;
     let Some(ca) = ca else {
-        println!("SKIPPED: a custom CA needs the Medplum test server");
+        crate::support::skip("a custom CA needs the Medplum test server");
         return;
     };
     assert!(medplum.base_url().starts_with("https://"));
@@ -349,7 +349,7 @@ async fn cluster_connection_becomes_ready() {
 async fn medplum_outage_and_rate_limits_show_in_status_and_recover() {
     let medplum = MedplumTarget::start().await;
     if !medplum.is_test_server() {
-        println!("SKIPPED: fault injection needs the Medplum test server");
+        crate::support::skip("fault injection needs the Medplum test server");
         return;
     }
     let client = cluster_client().await;

@@ -3,36 +3,11 @@
 
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
 use crate::support::fixtures::{Setup, WAIT};
 use crate::support::{Operator, eventually, suffix};
-use medplum_operator::crd::ProjectUser;
-
-fn users(s: &Setup) -> Api<ProjectUser> {
-    Api::namespaced(s.client.clone(), &s.ns.name)
-}
-
-async fn create_user(s: &Setup, name: &str, spec: Value) {
-    let object: ProjectUser = serde_json::from_value(json!({
-        "apiVersion": "medplum.com/v1alpha1", "kind": "ProjectUser", "metadata": {"name": name}, "spec": spec
-    }))
-    .unwrap();
-    users(s).create(&PostParams::default(), &object).await.unwrap();
-}
-
-async fn wait_user(s: &Setup, name: &str, status: &str, reason: Option<&str>) -> ProjectUser {
-    let api = users(s);
-    eventually(WAIT, &format!("ProjectUser {name}: Ready={status} {reason:?}"), || async {
-        let u = api.get(name).await.ok()?;
-        let st = u.status.as_ref()?;
-        let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
-        (st.observed_generation == u.metadata.generation && c.status == status && reason.is_none_or(|r| c.reason == r))
-            .then_some(u)
-    })
-    .await
-}
 
 async fn membership(s: &Setup, id: &str) -> (u16, Value) {
     let answer = s.http().get(&format!("fhir/R4/ProjectMembership/{id}"), &s.token).await;
@@ -41,7 +16,7 @@ async fn membership(s: &Setup, id: &str) -> (u16, Value) {
 }
 
 async fn delete_user(s: &Setup, name: &str) {
-    let api = users(s);
+    let api = s.users();
     api.delete(name, &Default::default()).await.unwrap();
     eventually(WAIT, &format!("{name} deleted"), || async { api.get_opt(name).await.unwrap().is_none().then_some(()) })
         .await;
@@ -53,14 +28,12 @@ async fn user_lifecycle_invite_updates_and_deletion() {
     let _operator = Operator::start(&s.ns.name, &["--resync-interval", "2s"]).await;
     let policy_id = s.ready_policy("lab-reader", json!([{"resourceType": "Observation", "readonly": true}])).await;
     let email = format!("Ada.Lee-{}@Example.org", suffix());
-    create_user(
-        &s,
-        "dr-lee",
+    s.create_user("dr-lee",
         json!({"resourceType": "Practitioner", "firstName": "Ada", "lastName": "Lee", "email": email, "scope": "project",
                "access": [{"policyRef": {"name": "lab-reader"}, "parameters": [{"name": "organization", "valueReference": "Organization/123"}]}]}),
     )
     .await;
-    let ready = wait_user(&s, "dr-lee", "True", None).await;
+    let ready = s.wait_user("dr-lee", "True", None).await;
     let status = ready.status.unwrap();
     let membership_id = status.membership_id.clone().unwrap();
     assert!(status.user_id.is_some());
@@ -89,7 +62,7 @@ async fn user_lifecycle_invite_updates_and_deletion() {
     .await;
     // A renamed person: the profile follows.
     let patch = json!({"spec": {"lastName": "Lee-Smith"}});
-    users(&s).patch("dr-lee", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    s.users().patch("dr-lee", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     eventually(Duration::from_secs(20), "profile renamed", || async {
         let p = s.http().get(&format!("fhir/R4/{profile}"), &s.token).await.json();
         (p["name"][0]["family"] == "Lee-Smith").then_some(())
@@ -109,19 +82,18 @@ async fn user_deletion_policies_and_external_ids() {
     let _operator = Operator::start(&s.ns.name, &[]).await;
     s.ready_policy("patient-self", json!([{"resourceType": "Patient", "criteria": "Patient?_id=%patient.id"}])).await;
     let access = json!([{"policyRef": {"name": "patient-self"}}]);
-    create_user(&s, "carl", json!({"resourceType": "Patient", "firstName": "Carl", "lastName": "Ext", "externalId": format!("ext-{}", suffix()),
+    s.create_user("carl", json!({"resourceType": "Patient", "firstName": "Carl", "lastName": "Ext", "externalId": format!("ext-{}", suffix()),
                                    "access": access, "deletionPolicy": "Deactivate"}))
     .await;
-    create_user(
-        &s,
+    s.create_user(
         "dora",
         json!({"firstName": "Dora", "lastName": "Kept", "email": format!("dora-{}@example.org", suffix()),
                                    "access": access, "deletionPolicy": "Orphan"}),
     )
     .await;
-    let carl = wait_user(&s, "carl", "True", None).await.status.unwrap();
+    let carl = s.wait_user("carl", "True", None).await.status.unwrap();
     assert!(carl.profile.as_deref().unwrap().starts_with("Patient/"));
-    let dora = wait_user(&s, "dora", "True", None).await.status.unwrap();
+    let dora = s.wait_user("dora", "True", None).await.status.unwrap();
 
     delete_user(&s, "carl").await;
     let (status, m) = membership(&s, &carl.membership_id.unwrap()).await;
@@ -149,11 +121,11 @@ async fn existing_members_admins_and_unrestricted_access_need_permission() {
         .expect(200)
         .json();
     let access = json!([{"policyRef": {"name": "reader"}}]);
-    create_user(&s, "eve", json!({"firstName": "Eve", "lastName": "Existing", "email": email, "access": access})).await;
-    let refused = wait_user(&s, "eve", "False", Some("AlreadyMember")).await;
+    s.create_user("eve", json!({"firstName": "Eve", "lastName": "Existing", "email": email, "access": access})).await;
+    let refused = s.wait_user("eve", "False", Some("AlreadyMember")).await;
     println!("refusal existing member: {:?}", refused.status.unwrap().conditions[0].message);
-    users(&s).patch("eve", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"adopt": true}}))).await.unwrap();
-    let adopted = wait_user(&s, "eve", "True", None).await;
+    s.users().patch("eve", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"adopt": true}}))).await.unwrap();
+    let adopted = s.wait_user("eve", "True", None).await;
     assert_eq!(
         adopted.status.unwrap().membership_id.as_deref(),
         existing["id"].as_str(),
@@ -162,13 +134,13 @@ async fn existing_members_admins_and_unrestricted_access_need_permission() {
     let (_, m) = membership(&s, existing["id"].as_str().unwrap()).await;
     assert!(m.get("accessPolicy").is_none(), "the project default policy was replaced by the declared access");
 
-    create_user(&s, "boss", json!({"firstName": "Bo", "lastName": "Ss", "email": format!("boss-{}@example.org", suffix()), "admin": true, "access": access}))
+    s.create_user("boss", json!({"firstName": "Bo", "lastName": "Ss", "email": format!("boss-{}@example.org", suffix()), "admin": true, "access": access}))
         .await;
-    let refused = wait_user(&s, "boss", "False", Some("AdminNotAllowed")).await;
+    let refused = s.wait_user("boss", "False", Some("AdminNotAllowed")).await;
     println!("refusal admin: {:?}", refused.status.unwrap().conditions[0].message);
-    create_user(&s, "everything", json!({"firstName": "Al", "lastName": "L", "email": format!("all-{}@example.org", suffix()), "unrestrictedAccess": true}))
+    s.create_user("everything", json!({"firstName": "Al", "lastName": "L", "email": format!("all-{}@example.org", suffix()), "unrestrictedAccess": true}))
         .await;
-    wait_user(&s, "everything", "False", Some("UnrestrictedAccessNotAllowed")).await;
+    s.wait_user("everything", "False", Some("UnrestrictedAccessNotAllowed")).await;
     let found = s
         .http()
         .get(
@@ -186,9 +158,9 @@ async fn existing_members_admins_and_unrestricted_access_need_permission() {
         .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    let boss = wait_user(&s, "boss", "True", None).await;
+    let boss = s.wait_user("boss", "True", None).await;
     assert_eq!(membership(&s, &boss.status.unwrap().membership_id.unwrap()).await.1["admin"], true);
-    let all = wait_user(&s, "everything", "True", None).await;
+    let all = s.wait_user("everything", "True", None).await;
     let (_, m) = membership(&s, &all.status.unwrap().membership_id.unwrap()).await;
     assert!(m.get("access").is_none() && m.get("accessPolicy").is_none(), "no policy at all, as asked");
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::medplum::Http;
 use super::{MedplumTarget, ProjectAdmin, TestNamespace, cluster_client, eventually};
-use medplum_operator::crd::{AccessPolicy, ClientApplication, MedplumConnection};
+use medplum_operator::crd::{AccessPolicy, ClientApplication, MedplumConnection, ProjectUser};
 
 pub const WAIT: Duration = Duration::from_secs(60);
 /// The ownership tag system the operator writes with the default cluster id.
@@ -92,6 +92,31 @@ impl Setup {
     pub async fn ready_policy(&self, name: &str, resources: Value) -> String {
         self.create_policy(name, json!({"resources": resources})).await;
         self.wait_policy(name, "True", None).await.status.unwrap().policy_id.unwrap()
+    }
+
+    pub fn users(&self) -> Api<ProjectUser> {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    pub async fn create_user(&self, name: &str, spec: Value) {
+        let object: ProjectUser = serde_json::from_value(json!({
+            "apiVersion": "medplum.com/v1alpha1", "kind": "ProjectUser", "metadata": {"name": name}, "spec": spec
+        }))
+        .unwrap();
+        self.users().create(&PostParams::default(), &object).await.unwrap();
+    }
+
+    /// Waits until the ProjectUser's Ready condition has `status` and (if given) `reason`.
+    pub async fn wait_user(&self, name: &str, status: &str, reason: Option<&str>) -> ProjectUser {
+        let api = self.users();
+        eventually(WAIT, &format!("ProjectUser {name}: Ready={status} {reason:?}"), || async {
+            let u = api.get(name).await.ok()?;
+            let st = u.status.as_ref()?;
+            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
+            let current = st.observed_generation == u.metadata.generation;
+            (current && c.status == status && reason.is_none_or(|r| c.reason == r)).then_some(u)
+        })
+        .await
     }
 
     pub async fn create_client(&self, name: &str, spec: Value) -> ClientApplication {

@@ -115,6 +115,43 @@ impl Http {
     }
 }
 
+/// A new CA (`ca.crt`, `ca.key`) in a new temporary folder, and a runner of `openssl` in that folder.
+fn new_ca() -> (std::path::PathBuf, impl Fn(&[&str])) {
+    let dir = std::env::temp_dir().join(format!("medplum-test-tls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let folder = dir.clone();
+    let openssl = move |args: &[&str]| {
+        let status =
+            std::process::Command::new("openssl").args(args).current_dir(&folder).stderr(Stdio::null()).status();
+        assert!(status.expect("running openssl").success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=medplum-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    (dir, openssl)
+}
+
+/// The PEM of a new CA that signs nothing: a CA bundle a connection can carry to a server that does
+/// not need it (a real Medplum on plain HTTP), so that reading the bundle is still exercised.
+pub fn unused_ca_pem() -> String {
+    let (dir, _) = new_ca();
+    let pem = std::fs::read_to_string(dir.join("ca.crt")).expect("CA");
+    let _ = std::fs::remove_dir_all(&dir);
+    pem
+}
+
 /// A running `medplum-test-server` child process.
 struct TestServer {
     child: Child,
@@ -150,32 +187,10 @@ impl MedplumTarget {
     /// A test server that serves HTTPS with a certificate from a new CA; returns the CA's PEM too.
     /// With a real Medplum configured, returns that (its own certificates) and no CA.
     pub async fn start_tls() -> (Self, Option<String>) {
-        let plain = Self::start().await;
-        if !plain.is_test_server() {
-            return (plain, None);
+        if let Some(real) = Self::real() {
+            return (real, None);
         }
-        let dir = std::env::temp_dir().join(format!("medplum-test-tls-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let openssl = |args: &[&str]| {
-            let status =
-                std::process::Command::new("openssl").args(args).current_dir(&dir).stderr(Stdio::null()).status();
-            assert!(status.expect("running openssl").success(), "openssl {args:?}");
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=medplum-test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ]);
+        let (dir, openssl) = new_ca();
         openssl(&[
             "req",
             "-newkey",
@@ -216,12 +231,18 @@ impl MedplumTarget {
         (Self { http, ..target }, Some(ca))
     }
 
-    /// Like [`start`](Self::start), passing extra flags to the test server.
-    pub async fn start_with(test_server_args: &[&str]) -> Self {
+    /// The real Medplum named by `MEDPLUM_TEST_*`, if set.
+    fn real() -> Option<Self> {
         let real = ["MEDPLUM_TEST_BASE_URL", "MEDPLUM_TEST_CLIENT_ID", "MEDPLUM_TEST_CLIENT_SECRET"]
             .map(|key| std::env::var(key).ok().filter(|v| !v.is_empty()));
-        if let [Some(url), Some(id), Some(secret)] = real {
-            return Self { http: Http::new(&url), super_admin: (id, secret), server: None };
+        let [Some(url), Some(id), Some(secret)] = real else { return None };
+        Some(Self { http: Http::new(&url), super_admin: (id, secret), server: None })
+    }
+
+    /// Like [`start`](Self::start), passing extra flags to the test server.
+    pub async fn start_with(test_server_args: &[&str]) -> Self {
+        if let Some(real) = Self::real() {
+            return real;
         }
         let id = uuid::Uuid::new_v4().to_string();
         let secret = format!("sa-{}", uuid::Uuid::new_v4().simple());

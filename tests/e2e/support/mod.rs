@@ -41,3 +41,16 @@ where
 pub fn suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
 }
+
+/// Records that the running test skipped its checks on this Medplum target, and why. The line goes to
+/// stdout and, when `MEDPLUM_OPERATOR_SKIP_LOG` names a file, into it, so `hack/test.sh` can count
+/// and list the skips of a run.
+pub fn skip(reason: &str) {
+    let test = std::thread::current().name().unwrap_or("unknown test").to_string();
+    println!("SKIPPED: {reason}");
+    if let Some(path) = std::env::var_os("MEDPLUM_OPERATOR_SKIP_LOG") {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("skip log");
+        writeln!(file, "{test}: {reason}").expect("writing the skip log");
+    }
+}
