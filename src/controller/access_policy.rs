@@ -17,8 +17,8 @@ use super::connection::{UseError, usable_connection};
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::{CleanupVia, Context, Error, GrantsPolicies, ReconcileStream, cleanup_via, event};
 use crate::crd::{
-    AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, Interaction, IpAction, PolicyDeletionPolicy,
-    PolicyResource, ProjectUser, ResourceCeiling,
+    AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, ConnectionLimits, Interaction, IpAction,
+    PolicyDeletionPolicy, PolicyResource, ProjectUser,
 };
 use crate::medplum::{
     AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumClient, MedplumError, MembershipAccess,
@@ -37,7 +37,7 @@ pub enum PolicyError {
     InvalidCriteria { index: usize, message: String },
     #[error("spec.ipAccessRules[{index}]: {message}")]
     InvalidIpRule { index: usize, message: String },
-    #[error("exceeds the connection's limits (spec.limits.allowedResources): {0}")]
+    #[error("exceeds the connection's limits: {0}")]
     ExceedsLimits(String),
     #[error("Medplum keeps {0} different from the spec after an update")]
     NotConverging(String),
@@ -134,43 +134,102 @@ pub fn validate(spec: &AccessPolicySpec) -> Result<(), PolicyError> {
     Ok(())
 }
 
-/// The interactions a policy resource grants.
-pub fn granted(resource: &PolicyResource) -> BTreeSet<Interaction> {
-    let listed: BTreeSet<Interaction> = resource.interactions.iter().copied().collect();
-    let base: BTreeSet<Interaction> = if listed.is_empty() { Interaction::ALL.into_iter().collect() } else { listed };
-    if resource.readonly == Some(true) {
-        base.into_iter().filter(|i| Interaction::READ_ONLY.contains(i)).collect()
-    } else {
-        base
-    }
+/// Resource types whose holders administer the project: with them a member can read every client's
+/// secret (`ClientApplication`), rewrite the policies of others (`AccessPolicy`), or change code that runs
+/// with other memberships' rights (`Bot`). `*` includes them. Medplum itself keeps Project,
+/// ProjectMembership and User to project admins.
+pub const PROJECT_ADMINISTRATION: [&str; 3] = ["ClientApplication", "AccessPolicy", "Bot"];
+
+/// What one entry of a policy grants: a resource type and interactions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub resource_type: String,
+    pub interactions: BTreeSet<Interaction>,
 }
 
-/// Checks that the policy grants nothing beyond the connection's ceiling.
-pub fn check_ceiling(spec: &AccessPolicySpec, ceiling: Option<&[ResourceCeiling]>) -> Result<(), PolicyError> {
-    let Some(ceiling) = ceiling else { return Ok(()) };
-    for (index, resource) in spec.resources.iter().enumerate() {
+/// The interactions an entry grants: those listed (all when none are), the read-only ones of them with
+/// `readonly`, as Medplum reads them.
+fn granted_interactions(listed: BTreeSet<Interaction>, readonly: bool) -> BTreeSet<Interaction> {
+    let base: BTreeSet<Interaction> = if listed.is_empty() { Interaction::ALL.into_iter().collect() } else { listed };
+    if readonly { base.into_iter().filter(|i| Interaction::READ_ONLY.contains(i)).collect() } else { base }
+}
+
+/// The interactions a policy resource of a spec grants.
+pub fn granted(resource: &PolicyResource) -> BTreeSet<Interaction> {
+    granted_interactions(resource.interactions.iter().copied().collect(), resource.readonly == Some(true))
+}
+
+/// What a spec's resources grant.
+pub fn spec_grants(spec: &AccessPolicySpec) -> Vec<Grant> {
+    spec.resources.iter().map(|r| Grant { resource_type: r.resource_type.clone(), interactions: granted(r) }).collect()
+}
+
+/// What a policy stored in Medplum grants. An interaction the operator does not know counts as all of
+/// them, so that nothing is underestimated.
+pub fn medplum_grants(policy: &AccessPolicyResource) -> Vec<Grant> {
+    policy
+        .resource
+        .iter()
+        .map(|entry| {
+            let parsed: Option<BTreeSet<Interaction>> =
+                entry.interaction.iter().map(|i| serde_json::from_value(serde_json::json!(i)).ok()).collect();
+            Grant {
+                resource_type: entry.resource_type.clone(),
+                interactions: granted_interactions(parsed.unwrap_or_default(), entry.readonly == Some(true)),
+            }
+        })
+        .collect()
+}
+
+/// Checks grants against the connection's limits: no project administration (nor `*`) unless it
+/// allows admin, and nothing beyond `allowedResources`. `entry` names the i-th grant in the message.
+pub fn check_limits(
+    grants: &[Grant],
+    limits: &ConnectionLimits,
+    entry: impl Fn(usize) -> String,
+) -> Result<(), String> {
+    for (index, grant) in grants.iter().enumerate() {
+        let administration =
+            grant.resource_type == "*" || PROJECT_ADMINISTRATION.contains(&grant.resource_type.as_str());
+        if administration && !limits.allow_admin {
+            return Err(format!(
+                "{} grants {}, which administers the project (its holder can read every client's secret and \
+                 rewrite other policies); only a connection with spec.limits.allowAdmin allows that",
+                entry(index),
+                grant.resource_type
+            ));
+        }
+        let Some(ceiling) = limits.allowed_resources.as_deref() else { continue };
         let allowed: BTreeSet<Interaction> = ceiling
             .iter()
-            .filter(|c| c.resource_type == "*" || c.resource_type == resource.resource_type)
+            .filter(|c| c.resource_type == "*" || c.resource_type == grant.resource_type)
             .flat_map(|c| if c.interactions.is_empty() { Interaction::ALL.to_vec() } else { c.interactions.clone() })
             .collect();
         if allowed.is_empty() {
-            return Err(PolicyError::ExceedsLimits(format!(
-                "spec.resources[{index}] grants {}, which the connection does not allow",
-                resource.resource_type
-            )));
+            return Err(format!(
+                "{} grants {}, which the connection does not allow",
+                entry(index),
+                grant.resource_type
+            ));
         }
-        let excess: Vec<&str> = granted(resource).difference(&allowed).map(|i| i.as_str()).collect();
+        let excess: Vec<&str> = grant.interactions.difference(&allowed).map(|i| i.as_str()).collect();
         if !excess.is_empty() {
-            return Err(PolicyError::ExceedsLimits(format!(
-                "spec.resources[{index}] grants {} on {}, beyond the allowed {}",
+            return Err(format!(
+                "{} grants {} on {}, beyond the allowed {}",
+                entry(index),
                 excess.join(", "),
-                resource.resource_type,
+                grant.resource_type,
                 allowed.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", ")
-            )));
+            ));
         }
     }
     Ok(())
+}
+
+/// Checks that the policy grants nothing beyond the connection's limits.
+pub fn check_ceiling(spec: &AccessPolicySpec, limits: &ConnectionLimits) -> Result<(), PolicyError> {
+    check_limits(&spec_grants(spec), limits, |index| format!("spec.resources[{index}]"))
+        .map_err(PolicyError::ExceedsLimits)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -260,6 +319,10 @@ pub enum GrantError {
     NotReady { name: String },
     #[error("AccessPolicy {name} uses another connection")]
     ConnectionMismatch { name: String },
+    #[error(
+        "parameter {parameter} of AccessPolicy {name}: a valueString may not hold '\"', '\\' or control characters (Medplum puts it into the policy's JSON text as it is)"
+    )]
+    InvalidParameter { name: String, parameter: String },
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
 }
@@ -270,6 +333,7 @@ impl GrantError {
             Self::NotFound { .. } => "PolicyNotFound",
             Self::NotReady { .. } => "PolicyNotReady",
             Self::ConnectionMismatch { .. } => "PolicyConnectionMismatch",
+            Self::InvalidParameter { .. } => "InvalidParameter",
             Self::Kube(_) => "KubernetesApiError",
         }
     }
@@ -298,6 +362,11 @@ pub fn membership_access(grants: &[(String, &AccessGrant)]) -> Vec<MembershipAcc
         .collect()
 }
 
+/// Whether a parameter value would change the JSON text Medplum substitutes it into.
+pub fn breaks_json_text(value: &str) -> bool {
+    value.chars().any(|c| c == '"' || c == '\\' || c.is_control())
+}
+
 /// Resolves grants to Medplum policy ids through the AccessPolicy resources of the namespace, which
 /// must use the same connection (the same Medplum project).
 pub async fn resolve_grants(
@@ -310,6 +379,11 @@ pub async fn resolve_grants(
     let mut resolved = Vec::new();
     for grant in grants {
         let name = grant.policy_ref.name.clone();
+        // Repeated from the schema, for objects stored before it said so: a quote or backslash in a
+        // value would rewrite the policy Medplum evaluates, beyond anything the connection checked.
+        if let Some(p) = grant.parameters.iter().find(|p| p.value_string.as_deref().is_some_and(breaks_json_text)) {
+            return Err(GrantError::InvalidParameter { name, parameter: p.name.clone() });
+        }
         let policy = api.get_opt(&name).await?.ok_or_else(|| GrantError::NotFound { name: name.clone() })?;
         if policy.spec.connection_ref != *connection {
             return Err(GrantError::ConnectionMismatch { name });
@@ -341,7 +415,7 @@ async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResou
     let namespace = ap.namespace().unwrap_or_default();
     let usable = usable_connection(ctx, &namespace, &ap.spec.connection_ref).await?;
     validate(&ap.spec)?;
-    check_ceiling(&ap.spec, usable.limits.allowed_resources.as_deref())?;
+    check_ceiling(&ap.spec, &usable.limits)?;
     let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ap.name_any());
     let desired = desired_policy(ap, &tag);
     let medplum = &usable.client;
@@ -525,7 +599,7 @@ pub fn controller(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{IpAccessRule, ResourceCeiling};
+    use crate::crd::IpAccessRule;
 
     fn spec(value: serde_json::Value) -> AccessPolicySpec {
         serde_json::from_value(value).unwrap()
@@ -568,17 +642,54 @@ mod tests {
         let policy = spec(serde_json::json!({"resources": [
             {"resourceType": "Observation", "readonly": true},
             {"resourceType": "Patient", "interactions": ["read", "search"]}]}));
-        let ceiling = |v: serde_json::Value| -> Vec<ResourceCeiling> { serde_json::from_value(v).unwrap() };
-        assert!(check_ceiling(&policy, None).is_ok());
+        let limits = |ceiling: serde_json::Value| -> ConnectionLimits {
+            serde_json::from_value(serde_json::json!({"allowedResources": ceiling})).unwrap()
+        };
+        assert!(check_ceiling(&policy, &ConnectionLimits::default()).is_ok());
         let reads =
-            ceiling(serde_json::json!([{"resourceType": "*", "interactions": ["read", "vread", "history", "search"]}]));
-        assert!(check_ceiling(&policy, Some(&reads)).is_ok());
-        let no_patients = ceiling(serde_json::json!([{"resourceType": "Observation"}]));
-        let message = check_ceiling(&policy, Some(&no_patients)).unwrap_err().to_string();
+            limits(serde_json::json!([{"resourceType": "*", "interactions": ["read", "vread", "history", "search"]}]));
+        assert!(check_ceiling(&policy, &reads).is_ok());
+        let no_patients = limits(serde_json::json!([{"resourceType": "Observation"}]));
+        let message = check_ceiling(&policy, &no_patients).unwrap_err().to_string();
         assert!(message.contains("grants Patient, which the connection does not allow"), "{message}");
         let writes = spec(serde_json::json!({"resources": [{"resourceType": "Observation"}]}));
-        let message = check_ceiling(&writes, Some(&reads)).unwrap_err().to_string();
+        let message = check_ceiling(&writes, &reads).unwrap_err().to_string();
         assert!(message.contains("grants create, update, delete on Observation"), "{message}");
+    }
+
+    #[test]
+    fn project_administration_needs_a_connection_that_allows_admin() {
+        let admin = ConnectionLimits { allow_admin: true, ..Default::default() };
+        for resource_type in ["*", "ClientApplication", "AccessPolicy", "Bot"] {
+            let policy = spec(serde_json::json!({"resources": [{"resourceType": resource_type, "readonly": true}]}));
+            let message = check_ceiling(&policy, &ConnectionLimits::default()).unwrap_err().to_string();
+            assert!(message.contains("administers the project"), "{resource_type}: {message}");
+            assert!(check_ceiling(&policy, &admin).is_ok(), "{resource_type}");
+        }
+    }
+
+    #[test]
+    fn parameter_values_that_would_rewrite_the_policy_text_are_refused() {
+        assert!(!breaks_json_text("Organization/123"));
+        assert!(!breaks_json_text("final or prelim, 50% (ok)"));
+        for injected in [r#"final"},{"resourceType":"Patient"#, r"a\u0022b", "line\nbreak"] {
+            assert!(breaks_json_text(injected), "{injected}");
+        }
+    }
+
+    #[test]
+    fn grants_of_a_stored_policy_are_read_as_medplum_reads_them() {
+        let policy: AccessPolicyResource = serde_json::from_value(serde_json::json!({
+            "resourceType": "AccessPolicy", "resource": [
+                {"resourceType": "Patient", "readonly": true},
+                {"resourceType": "Observation", "interaction": ["read", "search"]},
+                {"resourceType": "Task", "interaction": ["read", "$something-new"]}]
+        }))
+        .unwrap();
+        let grants = medplum_grants(&policy);
+        assert_eq!(grants[0].interactions, Interaction::READ_ONLY.into_iter().collect());
+        assert_eq!(grants[1].interactions, [Interaction::Read, Interaction::Search].into_iter().collect());
+        assert_eq!(grants[2].interactions, Interaction::ALL.into_iter().collect(), "unknown counts as all");
     }
 
     #[test]

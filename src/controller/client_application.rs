@@ -28,14 +28,17 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use super::access_policy::{GrantError, resolve_grants};
-use super::connection::{UsableConnection, UseError, usable_connection};
+use super::adoption::{self, AdoptionError};
+use super::connection::{CREDENTIALS_LABEL, UsableConnection, UseError, usable_connection};
 use super::secret::{
     CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, read_secret_strings, read_written,
 };
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::workload::{self, TargetState};
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, crash_point, event};
-use crate::crd::{AdoptSecret, ClientApplication, ClientApplicationStatus, DeletionPolicy, RestartTarget};
+use crate::crd::{
+    AdoptSecret, ClientApplication, ClientApplicationStatus, DeletionPolicy, MedplumConnection, RestartTarget,
+};
 use crate::medplum::{
     ClientApplicationResource, ClientCredentials, Coding, CredentialProof, Identifier, IdentityProviderResource,
     MedplumClient, MedplumError, MembershipAccess, MembershipResource, Ref,
@@ -69,14 +72,14 @@ pub enum ClientError {
     UnrestrictedAccessNotAllowed,
     #[error(transparent)]
     Grant(#[from] GrantError),
+    #[error("Secret {name} {why}; refusing to write into it")]
+    SecretConflict { name: String, why: String },
+    #[error(transparent)]
+    Adoption(#[from] AdoptionError),
     #[error(
-        "Secret {name} exists and was not made by the operator; refusing to take it over (set spec.secret.merge to write into it)"
+        "restart target {target} does not use Secret {secret} (no volume, env or envFrom of its pod template refers to it); only workloads that use the credentials are restarted"
     )]
-    SecretConflict { name: String },
-    #[error("spec.adopt: no ClientApplication {id} in the project")]
-    AdoptTargetNotFound { id: String },
-    #[error("ClientApplication {id} is already managed as {owner}")]
-    AlreadyManaged { id: String, owner: String },
+    RestartTargetNotUsingSecret { target: String, secret: String },
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
     #[error("Medplum refused the credentials in the Secret: {0}")]
@@ -98,8 +101,8 @@ impl ClientError {
             Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
             Self::Grant(e) => e.reason(),
             Self::SecretConflict { .. } => "SecretConflict",
-            Self::AdoptTargetNotFound { .. } => "AdoptTargetNotFound",
-            Self::AlreadyManaged { .. } => "AlreadyManaged",
+            Self::Adoption(e) => e.reason(),
+            Self::RestartTargetNotUsingSecret { .. } => "RestartTargetNotAllowed",
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::CredentialRejected(_) => "CredentialRejected",
             Self::NotConverging(_) => "NotConverging",
@@ -116,6 +119,7 @@ impl ClientError {
             Self::Source(e) => e.is_transient(),
             Self::Connection(e) => e.is_transient(),
             Self::Grant(e) => e.is_transient(),
+            Self::Adoption(e) => e.is_transient(),
             Self::Kube(_) => true,
             _ => false,
         }
@@ -160,9 +164,11 @@ pub fn desired_client(
 ) -> ClientApplicationResource {
     let spec = &ca.spec;
     let namespace = ca.namespace().unwrap_or_default();
+    // A resource that adopts marks the client as adopted, so that its deletion knows.
+    let marker = spec.adopt.as_ref().map(|_| adoption::adopted_marker(tag));
     ClientApplicationResource {
         resource_type: "ClientApplication".into(),
-        meta: crate::medplum::Meta { tag: vec![tag.clone()], ..Default::default() },
+        meta: crate::medplum::Meta { tag: std::iter::once(tag.clone()).chain(marker).collect(), ..Default::default() },
         name: Some(spec.display_name.clone().unwrap_or_else(|| format!("{namespace}/{}", ca.name_any()))),
         description: spec.description.clone(),
         access_token_lifetime: spec.access_token_lifetime.clone(),
@@ -697,7 +703,7 @@ impl Reconciler<'_> {
                 {
                     workload::restart(&self.ctx.client, &d.namespace, &target.target, &issued).await?;
                     restarted.push(format!("{:?}/{}", target.target.kind, target.target.name));
-                    *target = workload::observe(&self.ctx.client, &d.namespace, &target.target).await?;
+                    *target = workload::observe(&self.ctx.client, &d.namespace, &target.target, &d.secret_name).await?;
                 }
                 crash_point("restart-targets");
                 self.normal(
@@ -811,12 +817,15 @@ async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnectio
     })
 }
 
-/// Finds the Medplum client: by the id in status, else by the ownership tag, else the one to adopt.
+/// Finds the Medplum client: by the id in status, else by the ownership tag, else the one to adopt,
+/// once adoption checks found nothing against it.
 async fn find_client(
-    medplum: &MedplumClient,
+    ctx: &Context,
+    usable: &UsableConnection,
     ca: &ClientApplication,
     d: &Desired,
 ) -> Result<Option<ClientApplicationResource>, ClientError> {
+    let medplum = &usable.client;
     let recorded = ca.status.as_ref().and_then(|s| s.client_id.as_deref());
     let tag = format!("{}|{}", d.tag.system, d.tag.code);
     let owned = |c: &ClientApplicationResource| c.meta.has_tag(&d.tag);
@@ -824,14 +833,63 @@ async fn find_client(
         return Ok(Some(client));
     }
     let Some(adopt) = &d.adopt else { return Ok(None) };
-    let client = medplum
-        .read::<ClientApplicationResource>(&adopt.client_id)
-        .await?
-        .ok_or_else(|| ClientError::AdoptTargetNotFound { id: adopt.client_id.clone() })?;
-    if let Some(other) = client.meta.tag.iter().find(|t| t.system == d.tag.system && t.code != d.tag.code) {
-        return Err(ClientError::AlreadyManaged { id: adopt.client_id.clone(), owner: other.code.clone() });
+    let what = format!("ClientApplication/{}", adopt.client_id);
+    let limits = &usable.limits.adoption;
+    if !limits.admits_client(&adopt.client_id) {
+        return Err(AdoptionError::NotAllowed { what }.into());
     }
+    if adopt.secret == AdoptSecret::Keep && !limits.allow_keep_secret {
+        return Err(AdoptionError::KeepSecretNotAllowed.into());
+    }
+    if let Some(connection) = adoption::credential_of(usable, &ctx.connections.credentials(), &adopt.client_id) {
+        return Err(AdoptionError::ConnectionCredential { what, connection }.into());
+    }
+    // Searched within the project: a super-admin connection could otherwise read any project's clients.
+    let project = usable.project_id.as_str();
+    let found =
+        medplum.search::<ClientApplicationResource>(&[("_id", &adopt.client_id), ("_project", project)]).await?;
+    let client = found.into_iter().next().ok_or_else(|| AdoptionError::NotFound { what: what.clone() })?;
+    let marks = client.meta.tag.iter().map(|t| (t.system.as_str(), t.code.as_str()));
+    if let Some(owner) = adoption::managed_elsewhere(marks, (&d.tag.system, &d.tag.code)) {
+        return Err(AdoptionError::ManagedElsewhere { what, owner }.into());
+    }
+    let membership = find_membership(medplum, Some(&client)).await?;
+    adoption::check_access(medplum, &usable.limits, membership.as_ref(), &what).await?;
     Ok(Some(client))
+}
+
+/// Why the operator may not write its keys into the existing Secret, if it may not.
+fn secret_refusal(secret: &WrittenSecret, d: &Desired, connection_secrets: &[String]) -> Option<String> {
+    if !secret.exists || secret.owner_uids.contains(&d.owner.uid) {
+        return None;
+    }
+    if !d.merge {
+        return Some("exists and was not made by the operator (set spec.secret.merge to write into it)".into());
+    }
+    if let Some(type_) = secret.type_.as_deref().filter(|t| *t != "Opaque") {
+        return Some(format!("is of type {type_}; the operator writes only into Opaque Secrets"));
+    }
+    if let Some(other) = secret.labels.get(CLIENT_LABEL).filter(|owner| **owner != d.name) {
+        return Some(format!("holds the credentials of ClientApplication {other}"));
+    }
+    if secret.labels.contains_key(CREDENTIALS_LABEL) || connection_secrets.contains(&d.secret_name) {
+        return Some("holds a connection's credentials or CA bundle".into());
+    }
+    None
+}
+
+/// The Secrets the namespace's MedplumConnections read (credentials and CA bundles).
+async fn connection_secrets(ctx: &Context, namespace: &str) -> Result<Vec<String>, kube::Error> {
+    let connections =
+        Api::<MedplumConnection>::namespaced(ctx.client.clone(), namespace).list(&Default::default()).await?;
+    Ok(connections
+        .items
+        .iter()
+        .flat_map(|c| {
+            let ca = c.spec.ca_bundle.as_ref().and_then(|ca| ca.secret_ref.as_ref()).map(|r| r.name.clone());
+            std::iter::once(c.spec.credentials_secret_ref.name.clone()).chain(ca)
+        })
+        .collect())
 }
 
 async fn find_membership(
@@ -847,18 +905,26 @@ async fn observe(
     ctx: &Context,
     ca: &ClientApplication,
     d: &Desired,
-    medplum: &MedplumClient,
+    usable: &UsableConnection,
 ) -> Result<Observed, ClientError> {
     let secret = read_written(&ctx.client, &d.namespace, &d.secret_name, &secret_keys(d)).await?;
-    if secret.exists && !secret.owner_uids.contains(&d.owner.uid) && !d.merge {
-        return Err(ClientError::SecretConflict { name: d.secret_name.clone() });
+    let foreign = secret.exists && !secret.owner_uids.contains(&d.owner.uid);
+    let used_by_connections =
+        if foreign && d.merge { connection_secrets(ctx, &d.namespace).await? } else { Vec::new() };
+    if let Some(why) = secret_refusal(&secret, d, &used_by_connections) {
+        return Err(ClientError::SecretConflict { name: d.secret_name.clone(), why });
     }
-    let client = find_client(medplum, ca, d).await?;
-    let membership = find_membership(medplum, client.as_ref()).await?;
     let mut targets = Vec::new();
     for target in &d.restart_targets {
-        targets.push(workload::observe(&ctx.client, &d.namespace, target).await?);
+        let state = workload::observe(&ctx.client, &d.namespace, target, &d.secret_name).await?;
+        if state.exists && !state.uses_secret {
+            let target = format!("{:?}/{}", target.kind, target.name);
+            return Err(ClientError::RestartTargetNotUsingSecret { target, secret: d.secret_name.clone() });
+        }
+        targets.push(state);
     }
+    let client = find_client(ctx, usable, ca, d).await?;
+    let membership = find_membership(&usable.client, client.as_ref()).await?;
     let current = secret.values.get(&d.keys.client_secret);
     let status = ca.status.as_ref();
     let same_secret =
@@ -1009,7 +1075,7 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     let result: Result<Outcome, ClientError> = async {
         let usable = usable_connection(ctx, &ca.namespace().unwrap_or_default(), &ca.spec.connection_ref).await?;
         let d = desired(ctx, ca, &usable).await?;
-        let o = observe(ctx, ca, &d, &usable.client).await?;
+        let o = observe(ctx, ca, &d, &usable).await?;
         let mut r = Reconciler { ctx, ca, d, usable, events: Vec::new() };
         let mut o = o;
         let outcome = converge(&mut r, &mut o).await;
@@ -1068,27 +1134,45 @@ async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error>
     };
     let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ca.name_any());
     let medplum = &usable.client;
-    let result: Result<String, ClientError> = async {
+    let result: Result<(String, &str), ClientError> = async {
         let tag_query = format!("{}|{}", tag.system, tag.code);
         let mut clients = medplum.search::<ClientApplicationResource>(&[("_tag", &tag_query)]).await?;
-        let Some(client) = clients.pop() else { return Ok("nothing left in Medplum".into()) };
+        let Some(client) = clients.pop() else {
+            return Ok(("nothing left in Medplum".into(), deletion_reason(ca.spec.deletion_policy)));
+        };
         let id = client.id.clone().unwrap_or_default();
         let membership = find_membership(medplum, Some(&client)).await?;
+        let marker = adoption::adopted_marker(&tag);
         let untagged = |mut c: ClientApplicationResource| {
-            c.meta.tag.retain(|t| *t != tag && t.system != "http://hl7.org/fhir/v3/ObservationValue");
+            c.meta.tag.retain(|t| *t != tag && *t != marker && t.system != "http://hl7.org/fhir/v3/ObservationValue");
             c
         };
         let version = client.meta.version_id.clone().unwrap_or_default();
-        Ok(match ca.spec.deletion_policy {
-            DeletionPolicy::Delete => {
+        // An adopted client was not made by the namespace: unless the connection allows it, deleting the
+        // resource only releases it (left as it is, no longer managed), whatever its deletionPolicy.
+        let adopted = client.meta.has_tag(&marker);
+        let ending = match ca.spec.deletion_policy {
+            DeletionPolicy::Orphan => Ending::Untag { released: false },
+            _ if adopted && !usable.limits.adoption.allow_delete => Ending::Untag { released: true },
+            DeletionPolicy::Delete => Ending::Delete,
+            DeletionPolicy::Disable => Ending::Disable,
+        };
+        Ok(match ending {
+            Ending::Delete => {
                 // The membership first: deleting it ends the client's live tokens at once.
                 if let Some(m) = &membership {
                     usable.delete_membership(m.id.as_deref().unwrap_or_default()).await?;
                 }
                 medplum.delete::<ClientApplicationResource>(&id).await?;
-                format!("deleted ClientApplication/{id} and its membership from Medplum")
+                (format!("deleted ClientApplication/{id} and its membership from Medplum"), "Deleted")
             }
-            DeletionPolicy::Orphan => {
+            Ending::Disable => {
+                let mut off = untagged(client);
+                off.status = Some("off".into());
+                medplum.update(&id, &off, &version).await?;
+                (format!("set ClientApplication/{id} to status off: no new tokens"), "Disabled")
+            }
+            Ending::Untag { released } => {
                 medplum.update(&id, &untagged(client), &version).await?;
                 if let Some(mut m) = membership {
                     let identifier = identifier_of(&tag);
@@ -1097,28 +1181,43 @@ async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error>
                         (m.id.clone().unwrap_or_default(), m.meta.version_id.clone().unwrap_or_default());
                     medplum.update(&mid, &m, &mversion).await?;
                 }
-                format!("left ClientApplication/{id} and its membership in Medplum, no longer managed")
-            }
-            DeletionPolicy::Disable => {
-                let mut off = untagged(client);
-                off.status = Some("off".into());
-                medplum.update(&id, &off, &version).await?;
-                format!("set ClientApplication/{id} to status off: no new tokens")
+                if released {
+                    let note = format!(
+                        "left adopted ClientApplication/{id} and its membership in Medplum as they are, no longer \
+                         managed: the connection does not allow deleting adopted objects (spec.limits.adoption.allowDelete)"
+                    );
+                    (note, "Released")
+                } else {
+                    (format!("left ClientApplication/{id} and its membership in Medplum, no longer managed"), "Orphaned")
+                }
             }
         })
     }
     .await;
-    let note = result.map_err(|e| Error::Cleanup(e.to_string()))?;
+    let (note, reason) = result.map_err(|e| Error::Cleanup(e.to_string()))?;
     release_secret(ctx, ca).await.map_err(Error::Kube)?;
     ctx.metrics.set_object_ready(KIND, &namespace, &ca.name_any(), None);
     ctx.metrics.set_next_rotation(&namespace, &ca.name_any(), None);
-    let reason = match ca.spec.deletion_policy {
+    ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
+    Ok(Action::await_change())
+}
+
+/// What a deletion does to the Medplum client.
+enum Ending {
+    Delete,
+    Disable,
+    /// Left as it is, without the operator's tags: orphaned as asked, or released because it was adopted.
+    Untag {
+        released: bool,
+    },
+}
+
+fn deletion_reason(policy: DeletionPolicy) -> &'static str {
+    match policy {
         DeletionPolicy::Delete => "Deleted",
         DeletionPolicy::Orphan => "Orphaned",
         DeletionPolicy::Disable => "Disabled",
-    };
-    ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
-    Ok(Action::await_change())
+    }
 }
 
 /// The Secret after deletion: with `Orphan`, the credentials stay where they are (an owned Secret is

@@ -485,6 +485,18 @@ impl ConnectionRegistry {
         }
     }
 
+    /// The ClientApplication ids of every connection's credential, with the connection they belong to.
+    pub fn credentials(&self) -> Vec<(String, String)> {
+        let entries = self.entries.read().expect("registry lock");
+        entries
+            .iter()
+            .map(|(key, entry)| {
+                let namespace = key.namespace.as_deref().map(|ns| format!("{ns}/")).unwrap_or_default();
+                (entry.client.client_id().to_string(), format!("{} {namespace}{}", key.kind_name(), key.name))
+            })
+            .collect()
+    }
+
     /// The connection, if its last verification succeeded.
     pub fn ready(&self, key: &ConnectionKey) -> Option<UsableConnection> {
         let entries = self.entries.read().expect("registry lock");
@@ -705,6 +717,24 @@ pub fn controller<K: ConnectionObject>(
         }
         None => controller,
     };
+    let gone = ctx.users_gone.subscribe();
+    let released = futures::stream::unfold(gone, |mut gone| async move {
+        loop {
+            match gone.recv().await {
+                Ok(key) if key.kind == K::KIND => {
+                    let reference = ObjectRef::<K>::new(&key.name);
+                    let reference = match &key.namespace {
+                        Some(ns) => reference.within(ns),
+                        None => reference,
+                    };
+                    return Some((reference, gone));
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let controller = controller.reconcile_on(released);
     let stream = super::drive(controller, kind_name(K::KIND), ctx, reconcile::<K>);
     (stream, ready)
 }

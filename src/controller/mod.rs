@@ -2,6 +2,7 @@
 //! conditions and status writes, and reading Secrets.
 
 mod access_policy;
+mod adoption;
 mod client_application;
 mod connection;
 mod project_user;
@@ -110,6 +111,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub connections: ConnectionRegistry,
     pub backoff: FailureBackoff,
+    /// Connections one of whose users was just deleted: a connection being deleted waits for its
+    /// users, and looks again at once instead of at its next backoff.
+    pub users_gone: tokio::sync::broadcast::Sender<connection::ConnectionKey>,
     recorder: Recorder,
 }
 
@@ -123,6 +127,7 @@ impl Context {
             metrics,
             connections: ConnectionRegistry::default(),
             backoff: FailureBackoff::default(),
+            users_gone: tokio::sync::broadcast::channel(1024).0,
         }
     }
 
@@ -233,15 +238,23 @@ async fn reconcile_with_cleanup<K: UsesConnection>(
     apply: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
     cleanup: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
 ) -> Result<Action, Error> {
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    kube::runtime::finalizer(&api, CLEANUP_FINALIZER, obj, |event| async {
+    let namespace = obj.namespace().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let deleted = obj.meta().deletion_timestamp.is_some();
+    let connection = connection::ConnectionKey::of(&namespace, obj.connection_ref());
+    let action = kube::runtime::finalizer(&api, CLEANUP_FINALIZER, obj, |event| async {
         match event {
             kube::runtime::finalizer::Event::Apply(obj) => apply(&obj, &ctx).await,
             kube::runtime::finalizer::Event::Cleanup(obj) => cleanup(&obj, &ctx).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    if deleted {
+        // The finalizer is gone: a connection waiting for its users to go may be released now.
+        let _ = ctx.users_gone.send(connection);
+    }
+    Ok(action)
 }
 
 /// Set to `true` on a resource being deleted to drop its finalizer without touching Medplum (for when
@@ -391,7 +404,7 @@ fn watch_connections<K: UsesConnection>(
 /// How a deletion reaches Medplum.
 pub enum CleanupVia {
     /// Through this connection (as last verified: it may be failing or deleted by now).
-    Connection(connection::UsableConnection),
+    Connection(Box<connection::UsableConnection>),
     /// Not at all: the finalizer is released, and an Event says why.
     Released,
 }
@@ -409,7 +422,7 @@ async fn cleanup_via<K: UsesConnection>(ctx: &Context, obj: &K) -> Result<Cleanu
     }
     let key = connection::ConnectionKey::of(&namespace, obj.connection_ref());
     if let Some(usable) = ctx.connections.last_usable(&key) {
-        return Ok(CleanupVia::Connection(usable));
+        return Ok(CleanupVia::Connection(Box::new(usable)));
     }
     let (_, terminating) = connection::namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
     if terminating {

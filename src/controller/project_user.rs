@@ -12,6 +12,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
 use super::access_policy::{GrantError, resolve_grants};
+use super::adoption::{self, AdoptionError};
 use super::connection::{UsableConnection, UseError, usable_connection};
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
@@ -40,8 +41,8 @@ pub enum UserError {
     UnrestrictedAccessNotAllowed,
     #[error("this person is already a member of the project; set spec.adopt: true to take that membership over")]
     AlreadyMember,
-    #[error("Medplum says this person is a member, but the membership cannot be found to adopt it")]
-    AdoptTargetNotFound,
+    #[error(transparent)]
+    Adoption(#[from] AdoptionError),
     #[error("Medplum keeps {0} different from the spec after an update")]
     NotConverging(String),
     #[error(transparent)]
@@ -58,7 +59,7 @@ impl UserError {
             Self::AdminNotAllowed => "AdminNotAllowed",
             Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
             Self::AlreadyMember => "AlreadyMember",
-            Self::AdoptTargetNotFound => "AdoptTargetNotFound",
+            Self::Adoption(e) => e.reason(),
             Self::NotConverging(_) => "NotConverging",
             Self::Medplum(e) => e.reason(),
             Self::Kube(_) => "KubernetesApiError",
@@ -69,6 +70,7 @@ impl UserError {
         match self {
             Self::Connection(e) => e.is_transient(),
             Self::Grant(e) => e.is_transient(),
+            Self::Adoption(e) => e.is_transient(),
             Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
             Self::Kube(_) => true,
             _ => false,
@@ -110,7 +112,7 @@ pub fn invite_request(user: &ProjectUser, access: &[MembershipAccess], identifie
 pub fn membership_drift(
     access: &[MembershipAccess],
     admin: bool,
-    identifier: &Identifier,
+    identifiers: &[Identifier],
     actual: &MembershipResource,
 ) -> Vec<&'static str> {
     let checks = [
@@ -118,25 +120,27 @@ pub fn membership_drift(
         ("accessPolicy", actual.access_policy.is_none()),
         ("admin", actual.admin.unwrap_or(false) == admin),
         ("active", actual.active != Some(false)),
-        ("identifier", actual.identifier.contains(identifier)),
+        ("identifier", identifiers.iter().all(|i| actual.identifier.contains(i))),
     ];
     checks.into_iter().filter(|(_, same)| !same).map(|(name, _)| name).collect()
 }
 
-/// The membership with the spec's access, admin flag and identifier; its other fields are kept.
+/// The membership with the spec's access, admin flag and identifiers; its other fields are kept.
 fn membership_body(
     actual: &MembershipResource,
     access: &[MembershipAccess],
     admin: bool,
-    identifier: &Identifier,
+    identifiers: &[Identifier],
 ) -> MembershipResource {
     let mut body = actual.clone();
     body.access = access.to_vec();
     body.access_policy = None;
     body.admin = Some(admin);
     body.active = None;
-    if !body.identifier.contains(identifier) {
-        body.identifier.push(identifier.clone());
+    for identifier in identifiers {
+        if !body.identifier.contains(identifier) {
+            body.identifier.push(identifier.clone());
+        }
     }
     body
 }
@@ -162,19 +166,50 @@ async fn find_membership(
     medplum.find_owned(recorded, |m: &MembershipResource| m.identifier.contains(identifier), "identifier", &query).await
 }
 
-/// The existing membership of the person the spec names (for adoption after a 409).
+/// The existing membership in the project of the person the spec names (for adoption after a 409).
 async fn existing_membership(
     medplum: &MedplumClient,
     user: &ProjectUser,
+    project_id: &str,
 ) -> Result<Option<MembershipResource>, MedplumError> {
+    // Searched within the project: a super-admin connection could otherwise see every project's members.
+    let project = format!("Project/{project_id}");
     let found = match (&user.spec.external_id, &user.spec.email) {
-        (Some(external), _) => medplum.search::<MembershipResource>(&[("external-id", external)]).await?,
+        (Some(external), _) => {
+            medplum.search::<MembershipResource>(&[("external-id", external), ("project", &project)]).await?
+        }
         (None, Some(email)) => {
-            medplum.search::<MembershipResource>(&[("user:User.email", &email.to_lowercase())]).await?
+            let email = email.to_lowercase();
+            medplum.search::<MembershipResource>(&[("user:User.email", &email), ("project", &project)]).await?
         }
         (None, None) => Vec::new(),
     };
     Ok(found.into_iter().next())
+}
+
+/// The membership of the person the spec names, once the connection's adoption limits and the
+/// membership itself allow taking it over. Nothing is written before this returns.
+async fn adoptable_membership(
+    usable: &UsableConnection,
+    user: &ProjectUser,
+    own: &Identifier,
+) -> Result<MembershipResource, AdoptionError> {
+    let spec = &user.spec;
+    let who = spec.email.clone().or_else(|| spec.external_id.clone()).unwrap_or_default();
+    if !usable.limits.adoption.admits_user(spec.email.as_deref(), spec.external_id.as_deref()) {
+        return Err(AdoptionError::NotAllowed { what: format!("the membership of {who}") });
+    }
+    let medplum = &usable.client;
+    let membership = existing_membership(medplum, user, &usable.project_id)
+        .await?
+        .ok_or_else(|| AdoptionError::NotFound { what: format!("membership of {who}") })?;
+    let what = format!("ProjectMembership/{} of {who}", membership.id.as_deref().unwrap_or_default());
+    let marks = membership.identifier.iter().map(|i| (i.system.as_str(), i.value.as_str()));
+    if let Some(owner) = adoption::managed_elsewhere(marks, (&own.system, &own.value)) {
+        return Err(AdoptionError::ManagedElsewhere { what, owner });
+    }
+    adoption::check_access(medplum, &usable.limits, Some(&membership), &what).await?;
+    Ok(membership)
 }
 
 async fn converge(
@@ -193,6 +228,8 @@ async fn converge(
     let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
     let medplum = &usable.client;
     let mut events = Vec::new();
+    // An adopted membership is marked as such beside the operator's identifier.
+    let mut identifiers = vec![identifier.clone()];
     let mut membership = match find_membership(medplum, user, &identifier).await? {
         Some(m) => m,
         None => match medplum.invite(&usable.project_id, &invite_request(user, &access, &identifier)).await {
@@ -206,22 +243,23 @@ async fn converge(
                 m
             }
             Err(MedplumError::Conflict { .. }) if user.spec.adopt => {
-                let m = existing_membership(medplum, user).await?.ok_or(UserError::AdoptTargetNotFound)?;
+                let m = adoptable_membership(usable, user, &identifier).await?;
                 let note = format!("took over ProjectMembership/{}", m.id.as_deref().unwrap_or_default());
                 events.push(event(EventType::Normal, "Adopted", "Adopt", note));
+                identifiers.push(adoption::adopted_identifier(&identifier));
                 m
             }
             Err(MedplumError::Conflict { .. }) => return Err(UserError::AlreadyMember),
             Err(e) => return Err(e.into()),
         },
     };
-    let drift = membership_drift(&access, user.spec.admin, &identifier, &membership);
+    let drift = membership_drift(&access, user.spec.admin, &identifiers, &membership);
     if !drift.is_empty() {
         let id = membership.id.clone().unwrap_or_default();
         let version = membership.meta.version_id.clone().unwrap_or_default();
-        let updated =
-            medplum.update(&id, &membership_body(&membership, &access, user.spec.admin, &identifier), &version).await?;
-        let left = membership_drift(&access, user.spec.admin, &identifier, &updated);
+        let body = membership_body(&membership, &access, user.spec.admin, &identifiers);
+        let updated = medplum.update(&id, &body, &version).await?;
+        let left = membership_drift(&access, user.spec.admin, &identifiers, &updated);
         if !left.is_empty() {
             return Err(UserError::NotConverging(left.join(", ")));
         }
@@ -305,37 +343,48 @@ async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
     };
     let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
     let medplum = &usable.client;
-    let outcome: Result<String, MedplumError> = async {
+    let outcome: Result<(String, &str), MedplumError> = async {
         let Some(mut m) = find_membership(medplum, user, &identifier).await? else {
-            return Ok("nothing left in Medplum".into());
+            return Ok(("nothing left in Medplum".into(), "Deleted"));
         };
         let id = m.id.clone().unwrap_or_default();
         let version = m.meta.version_id.clone().unwrap_or_default();
+        let marker = adoption::adopted_identifier(&identifier);
+        // A person adopted into management was not invited by the namespace: unless the connection
+        // allows it, deleting the resource only releases the membership, whatever its deletionPolicy.
+        let adopted = m.identifier.contains(&marker);
+        m.identifier.retain(|i| *i != identifier && *i != marker);
         Ok(match user.spec.deletion_policy {
+            UserDeletionPolicy::Orphan => {
+                medplum.update(&id, &m, &version).await?;
+                (format!("left ProjectMembership/{id} in Medplum, no longer managed"), "Orphaned")
+            }
+            _ if adopted && !usable.limits.adoption.allow_delete => {
+                medplum.update(&id, &m, &version).await?;
+                let note = format!(
+                    "left adopted ProjectMembership/{id} of {} as it is, no longer managed: the connection does not \
+                     allow deleting adopted objects (spec.limits.adoption.allowDelete)",
+                    m.profile.reference
+                );
+                (note, "Released")
+            }
             UserDeletionPolicy::Delete => {
                 usable.delete_membership(&id).await?;
-                format!("removed ProjectMembership/{id} of {}", m.profile.reference)
-            }
-            UserDeletionPolicy::Orphan => {
-                m.identifier.retain(|i| *i != identifier);
-                medplum.update(&id, &m, &version).await?;
-                format!("left ProjectMembership/{id} in Medplum, no longer managed")
+                (format!("removed ProjectMembership/{id} of {}", m.profile.reference), "Deleted")
             }
             UserDeletionPolicy::Deactivate => {
-                m.identifier.retain(|i| *i != identifier);
                 m.active = Some(false);
                 medplum.update(&id, &m, &version).await?;
-                format!("deactivated ProjectMembership/{id}: {} can no longer use the project", m.profile.reference)
+                let note = format!(
+                    "deactivated ProjectMembership/{id}: {} can no longer use the project",
+                    m.profile.reference
+                );
+                (note, "Deactivated")
             }
         })
     }
     .await;
-    let note = outcome.map_err(|e| Error::Cleanup(e.to_string()))?;
-    let reason = match user.spec.deletion_policy {
-        UserDeletionPolicy::Delete => "Deleted",
-        UserDeletionPolicy::Orphan => "Orphaned",
-        UserDeletionPolicy::Deactivate => "Deactivated",
-    };
+    let (note, reason) = outcome.map_err(|e| Error::Cleanup(e.to_string()))?;
     ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
     ctx.metrics.set_object_ready(KIND, &namespace, &user.name_any(), None);
     Ok(Action::await_change())
@@ -388,12 +437,13 @@ mod tests {
         let id = identifier("default", "team-a", "dr-lee");
         let access = vec![MembershipAccess { policy: Ref::to("AccessPolicy/p1"), parameter: vec![] }];
         let mut m = MembershipResource { access: access.clone(), identifier: vec![id.clone()], ..Default::default() };
-        assert!(membership_drift(&access, false, &id, &m).is_empty());
+        let ids = std::slice::from_ref(&id);
+        assert!(membership_drift(&access, false, ids, &m).is_empty());
         m.access_policy = Some(Ref::to("AccessPolicy/default-practitioner"));
         m.admin = Some(true);
         m.active = Some(false);
-        assert_eq!(membership_drift(&access, false, &id, &m), ["accessPolicy", "admin", "active"]);
-        let fixed = membership_body(&m, &access, false, &id);
-        assert!(membership_drift(&access, false, &id, &fixed).is_empty());
+        assert_eq!(membership_drift(&access, false, ids, &m), ["accessPolicy", "admin", "active"]);
+        let fixed = membership_body(&m, &access, false, ids);
+        assert!(membership_drift(&access, false, ids, &fixed).is_empty());
     }
 }

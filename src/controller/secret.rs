@@ -137,6 +137,8 @@ pub const CLIENT_LABEL: &str = "medplum.com/client-application";
 #[derive(Default)]
 pub struct WrittenSecret {
     pub exists: bool,
+    /// Its `type` (`Opaque` for the ones the operator makes).
+    pub type_: Option<String>,
     pub owner_uids: Vec<String>,
     pub values: BTreeMap<String, SecretString>,
     pub labels: BTreeMap<String, String>,
@@ -192,6 +194,7 @@ pub async fn read_written(
         .collect();
     Ok(WrittenSecret {
         exists: true,
+        type_: secret.type_,
         owner_uids: secret.metadata.owner_references.unwrap_or_default().into_iter().map(|o| o.uid).collect(),
         values,
         labels: secret.metadata.labels.unwrap_or_default(),

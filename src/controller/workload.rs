@@ -1,6 +1,7 @@
 //! Restart targets: workloads restarted when a Secret's credentials change, and whether they rolled out.
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -21,9 +22,32 @@ pub struct TargetState {
     pub exists: bool,
     /// Whether its latest pod template is fully rolled out (the test `kubectl rollout status` makes).
     pub rolled_out: bool,
+    /// Whether its pod template refers to the credentials Secret (volume, env or envFrom).
+    pub uses_secret: bool,
 }
 
-fn template_annotation(template: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>) -> Option<String> {
+/// Whether a pod template refers to Secret `name`: a secret volume, a projected volume source, or a
+/// container's (or init container's) `env[].valueFrom.secretKeyRef` or `envFrom[].secretRef`.
+pub fn template_uses_secret(template: &PodTemplateSpec, name: &str) -> bool {
+    let Some(spec) = &template.spec else { return false };
+    let volumes = spec.volumes.iter().flatten().any(|v| {
+        v.secret.as_ref().is_some_and(|s| s.secret_name.as_deref() == Some(name))
+            || v.projected
+                .iter()
+                .flat_map(|p| p.sources.iter().flatten())
+                .any(|source| source.secret.as_ref().is_some_and(|s| s.name == name))
+    });
+    let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| {
+        c.env
+            .iter()
+            .flatten()
+            .any(|e| e.value_from.as_ref().and_then(|f| f.secret_key_ref.as_ref()).is_some_and(|r| r.name == name))
+            || c.env_from.iter().flatten().any(|e| e.secret_ref.as_ref().is_some_and(|r| r.name == name))
+    });
+    volumes || containers
+}
+
+fn template_annotation(template: Option<&PodTemplateSpec>) -> Option<String> {
     template?.metadata.as_ref()?.annotations.as_ref()?.get(RESTART_ANNOTATION).cloned()
 }
 
@@ -55,30 +79,43 @@ pub fn daemonset_rolled_out(d: &DaemonSet) -> bool {
         && status.number_available.unwrap_or(0) >= status.desired_number_scheduled
 }
 
-/// Reads a target's state.
-pub async fn observe(client: &Client, namespace: &str, target: &RestartTarget) -> Result<TargetState, kube::Error> {
-    let (exists, restarted_for, rolled_out) = match target.kind {
-        WorkloadKind::Deployment => {
-            match Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(&target.name).await? {
-                Some(d) => (true, template_annotation(d.spec.as_ref().map(|s| &s.template)), deployment_rolled_out(&d)),
-                None => (false, None, true),
-            }
-        }
-        WorkloadKind::StatefulSet => match Api::<StatefulSet>::namespaced(client.clone(), namespace)
+/// Reads a target's state; `secret` is the Secret it should use.
+pub async fn observe(
+    client: &Client,
+    namespace: &str,
+    target: &RestartTarget,
+    secret: &str,
+) -> Result<TargetState, kube::Error> {
+    let found = match target.kind {
+        WorkloadKind::Deployment => Api::<Deployment>::namespaced(client.clone(), namespace)
             .get_opt(&target.name)
             .await?
-        {
-            Some(s) => (true, template_annotation(s.spec.as_ref().map(|s| &s.template)), statefulset_rolled_out(&s)),
-            None => (false, None, true),
-        },
-        WorkloadKind::DaemonSet => {
-            match Api::<DaemonSet>::namespaced(client.clone(), namespace).get_opt(&target.name).await? {
-                Some(d) => (true, template_annotation(d.spec.as_ref().map(|s| &s.template)), daemonset_rolled_out(&d)),
-                None => (false, None, true),
-            }
-        }
+            .map(|d| (deployment_rolled_out(&d), d.spec.map(|s| s.template))),
+        WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), namespace)
+            .get_opt(&target.name)
+            .await?
+            .map(|s| (statefulset_rolled_out(&s), s.spec.map(|s| s.template))),
+        WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), namespace)
+            .get_opt(&target.name)
+            .await?
+            .map(|d| (daemonset_rolled_out(&d), d.spec.map(|s| s.template))),
     };
-    Ok(TargetState { target: target.clone(), restarted_for, exists, rolled_out })
+    Ok(match found {
+        Some((rolled_out, template)) => TargetState {
+            target: target.clone(),
+            restarted_for: template_annotation(template.as_ref()),
+            exists: true,
+            rolled_out,
+            uses_secret: template.as_ref().is_some_and(|t| template_uses_secret(t, secret)),
+        },
+        None => TargetState {
+            target: target.clone(),
+            restarted_for: None,
+            exists: false,
+            rolled_out: true,
+            uses_secret: false,
+        },
+    })
 }
 
 /// Restarts a workload by setting [`RESTART_ANNOTATION`] on its pod template (server-side apply of that
@@ -146,6 +183,23 @@ mod tests {
         assert!(!deployment_rolled_out(&deployment(2, 2, 3, 2, 3, 4)), "old pods still running");
         assert!(!deployment_rolled_out(&deployment(2, 2, 3, 3, 2, 3)), "a new pod not available yet");
         assert!(deployment_rolled_out(&deployment(5, 5, 0, 0, 0, 0)), "scaled to zero");
+    }
+
+    #[test]
+    fn a_template_uses_a_secret_through_volumes_env_or_env_from() {
+        let template =
+            |spec: serde_json::Value| -> PodTemplateSpec { serde_json::from_value(json!({"spec": spec})).unwrap() };
+        let uses = [
+            json!({"containers": [{"name": "a"}], "volumes": [{"name": "v", "secret": {"secretName": "creds"}}]}),
+            json!({"containers": [{"name": "a"}], "volumes": [{"name": "v", "projected": {"sources": [{"secret": {"name": "creds"}}]}}]}),
+            json!({"containers": [{"name": "a", "envFrom": [{"secretRef": {"name": "creds"}}]}]}),
+            json!({"containers": [{"name": "a"}], "initContainers": [{"name": "i", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "k"}}}]}]}),
+        ];
+        for spec in uses {
+            assert!(template_uses_secret(&template(spec.clone()), "creds"), "{spec}");
+            assert!(!template_uses_secret(&template(spec.clone()), "other"), "{spec}");
+        }
+        assert!(!template_uses_secret(&template(json!({"containers": [{"name": "a"}]})), "creds"));
     }
 
     #[test]

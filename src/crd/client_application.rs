@@ -126,7 +126,10 @@ pub struct PolicyParameter {
     /// The variable name, without `%`.
     #[schemars(regex(pattern = r"^[A-Za-z][A-Za-z0-9_-]*$"))]
     pub name: String,
+    /// Medplum puts it into the policy's JSON text as it is, so it may not hold `"`, `\` or control
+    /// characters (they would change the policy itself, not only the value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r#"^[^"\\\x00-\x1f]*$"#), length(max = 1024))]
     pub value_string: Option<String>,
     /// A FHIR reference, `<ResourceType>/<id>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,14 +184,24 @@ pub struct SecretSpec {
     /// Key names; the defaults are the ones the Medplum CLI and SDK read.
     #[serde(default)]
     pub keys: SecretKeys,
-    /// Extra labels on the Secret.
+    /// Extra labels on the Secret (not `medplum.com/` ones, nor `app.kubernetes.io/managed-by`: the
+    /// operator sets and watches those).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(k, !k.startsWith('medplum.com/') && k != 'app.kubernetes.io/managed-by')",
+        "message": "medplum.com/ labels and app.kubernetes.io/managed-by are the operator's"
+    }]))]
     pub labels: BTreeMap<String, String>,
-    /// Extra annotations on the Secret.
+    /// Extra annotations on the Secret (not `medplum.com/` ones: the operator keeps its state there).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(k, !k.startsWith('medplum.com/'))",
+        "message": "medplum.com/ annotations are the operator's"
+    }]))]
     pub annotations: BTreeMap<String, String>,
     /// Write the keys into an existing Secret that the operator does not own, leaving its other keys alone.
-    /// Without it, an existing Secret not made by the operator is never touched.
+    /// Without it, an existing Secret not made by the operator is never touched. Even with it, only an
+    /// `Opaque` Secret that no connection uses and no other ClientApplication writes is written into.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub merge: bool,
 }
@@ -299,15 +312,17 @@ pub enum DeletionPolicy {
     Disable,
 }
 
-/// Take over an existing ClientApplication of the connection's project.
+/// Take over an existing ClientApplication of the connection's project; only one the connection lists
+/// in `spec.limits.adoption.clientIds`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Adopt {
     /// Its id.
     #[schemars(length(min = 1, max = 64))]
     pub client_id: String,
-    /// Keep its current secret (written to the Secret as is), or rotate it at once (the current one
-    /// keeps working through the grace period).
+    /// Keep its current secret (written to the Secret as is; only if the connection allows it,
+    /// `spec.limits.adoption.allowKeepSecret`), or rotate it at once (the default; the current one keeps
+    /// working through the grace period).
     #[serde(default)]
     pub secret: AdoptSecret,
 }

@@ -65,13 +65,72 @@ pub struct ConnectionLimits {
     /// access to the project. Default: not allowed.
     #[serde(default)]
     pub allow_unrestricted_access: bool,
-    /// Allow ProjectUsers with `admin: true` (project administrators). Default: not allowed.
+    /// Allow project administration: ProjectUsers with `admin: true`, and AccessPolicies that grant
+    /// `ClientApplication`, `AccessPolicy` or `Bot` (or `*`, which includes them), whose holders can read
+    /// every client's secret, rewrite the policies of others, or change code that runs with other
+    /// memberships' rights. Default: not allowed.
     #[serde(default)]
     pub allow_admin: bool,
     /// The resource types and interactions that AccessPolicies made through this connection may grant.
-    /// Unset: any. A policy granting anything else is refused.
+    /// Unset: any but the project administration types above. A policy granting anything else is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_resources: Option<Vec<ResourceCeiling>>,
+    /// Which existing Medplum objects resources may take over (`spec.adopt`). Default: none.
+    #[serde(default, skip_serializing_if = "AdoptionLimits::is_none")]
+    pub adoption: AdoptionLimits,
+}
+
+/// The existing Medplum objects a connection's namespaces may adopt. Whatever is listed, the operator
+/// never adopts a connection's own credential, an object another medplum-operator manages (any cluster
+/// id), or one whose current access is beyond these limits (admin, no policy, resources not allowed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdoptionLimits {
+    /// ClientApplications that may be adopted, by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub client_ids: Vec<String>,
+    /// Members ProjectUsers may adopt, by email: `ada@example.org`, or `@example.org` for a whole domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub user_emails: Vec<String>,
+    /// Members ProjectUsers may adopt, by external id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub user_external_ids: Vec<String>,
+    /// An adopted ClientApplication may keep its current secret (`spec.adopt.secret: Keep`), which hands
+    /// a secret someone else already holds to the namespace. Default: adoption always rotates the secret.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_keep_secret: bool,
+    /// Deleting the resource of an adopted object may delete, disable or deactivate it in Medplum as its
+    /// `deletionPolicy` says. Default: an adopted object is only released (left in Medplum as it is, no
+    /// longer managed), since the namespace did not create it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_delete: bool,
+}
+
+impl AdoptionLimits {
+    fn is_none(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Whether the ClientApplication `id` is listed.
+    pub fn admits_client(&self, id: &str) -> bool {
+        self.client_ids.iter().any(|listed| listed == id)
+    }
+
+    /// Whether a member with this email (Medplum lower-cases it) or external id is listed.
+    pub fn admits_user(&self, email: Option<&str>, external_id: Option<&str>) -> bool {
+        let email = email.map(str::to_lowercase);
+        let by_email = email.as_deref().is_some_and(|email| {
+            self.user_emails.iter().map(|e| e.to_lowercase()).any(|listed| match listed.strip_prefix('@') {
+                Some(domain) => email.rsplit_once('@').is_some_and(|(_, d)| d == domain),
+                None => listed == email,
+            })
+        });
+        let by_external_id = external_id.is_some_and(|x| self.user_external_ids.iter().any(|listed| listed == x));
+        by_email || by_external_id
+    }
 }
 
 /// What policies may grant on one resource type.

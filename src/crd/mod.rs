@@ -28,8 +28,8 @@ pub use cluster_medplum_connection::{
     ClusterMedplumConnectionSpec,
 };
 pub use medplum_connection::{
-    CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialsSecretRef, MedplumConnection, MedplumConnectionSpec,
-    ResourceCeiling,
+    AdoptionLimits, CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialsSecretRef, MedplumConnection,
+    MedplumConnectionSpec, ResourceCeiling,
 };
 pub use project_user::{ProfileType, ProjectUser, ProjectUserSpec, ProjectUserStatus, UserDeletionPolicy, UserScope};
 

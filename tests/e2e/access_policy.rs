@@ -121,7 +121,7 @@ async fn a_membership_made_in_medplum_also_keeps_the_policy_and_orphan_leaves_it
     let _operator = Operator::start(&s.ns.name, &[]).await;
     let policy_id = s.ready_policy("shared", json!([{"resourceType": "Patient", "readonly": true}])).await;
     // Someone grants the policy in the console to a client the operator does not manage.
-    let (legacy, _) = s.legacy_client("console-made").await;
+    let (legacy, _) = s.legacy_client("console-made", None).await;
     let mut membership = s.memberships_of(&legacy).await.remove(0);
     membership["accessPolicy"] = json!({"reference": format!("AccessPolicy/{policy_id}")});
     let id = membership["id"].as_str().unwrap().to_string();

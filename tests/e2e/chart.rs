@@ -347,7 +347,7 @@ async fn scenario(
     let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
         "metadata": {"name": "app"},
         "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "app"}},
-                 "template": {"metadata": {"labels": {"app": "app"}}, "spec": {"containers": [{"name": "app", "image": "example.org/app:1"}]}}}}))
+                 "template": {"metadata": {"labels": {"app": "app"}}, "spec": {"containers": [{"name": "app", "image": "example.org/app:1", "envFrom": [{"secretRef": {"name": "app"}}]}]}}}}))
     .unwrap();
     Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), &deployment)

@@ -611,8 +611,9 @@ async fn adoption_keeps_or_rotates_the_existing_secret() {
     let s = Setup::new("ca-adopt", &[], json!({})).await;
     let _operator = Operator::start(&s.ns.name, &[]).await;
     let policy_id = s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
-    let (keep_id, keep_secret) = s.legacy_client("legacy-keep").await;
-    let (rotate_id, rotate_secret) = s.legacy_client("legacy-rotate").await;
+    let broad = s.ready_policy("broad", json!([{"resourceType": "Patient"}, {"resourceType": "Observation"}])).await;
+    let (keep_id, keep_secret) = s.legacy_client("legacy-keep", Some(&broad)).await;
+    let (rotate_id, rotate_secret) = s.legacy_client("legacy-rotate", Some(&broad)).await;
     s.create_client("keep", json!({"access": access("reader"), "adopt": {"clientId": keep_id, "secret": "Keep"}}))
         .await;
     s.create_client(
@@ -620,6 +621,13 @@ async fn adoption_keeps_or_rotates_the_existing_secret() {
         json!({"access": access("reader"), "adopt": {"clientId": rotate_id, "secret": "Rotate"}, "rotation": {"gracePeriod": "2s"}}),
     )
     .await;
+    // Adoption is the connection's to grant: by default nothing is adopted.
+    s.wait_condition("rotate", "Ready", "False", Some("AdoptionNotAllowed")).await;
+    s.set_limits(json!({"adoption": {"clientIds": [keep_id, rotate_id]}})).await;
+    // Keeping the current secret hands it to the namespace: that needs its own permission.
+    s.wait_condition("keep", "Ready", "False", Some("KeepSecretNotAllowed")).await;
+    assert!(s.secret("keep").await.is_none(), "nothing written for a refused adoption");
+    s.set_limits(json!({"adoption": {"clientIds": [keep_id, rotate_id], "allowKeepSecret": true}})).await;
     let kept = s.wait_ready("keep").await;
     assert_eq!(kept.status.unwrap().client_id.as_deref(), Some(keep_id.as_str()), "no new client");
     assert_eq!(s.secret("keep").await.unwrap()["MEDPLUM_CLIENT_SECRET"], keep_secret, "Keep: the existing secret");
@@ -628,7 +636,7 @@ async fn adoption_keeps_or_rotates_the_existing_secret() {
     assert_eq!(
         membership["access"][0]["policy"]["reference"],
         format!("AccessPolicy/{policy_id}"),
-        "full access narrowed"
+        "broad access narrowed to the declared policy"
     );
 
     s.wait_ready("rotate").await;

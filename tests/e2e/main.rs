@@ -9,6 +9,7 @@ mod client_application;
 mod connection;
 mod contract;
 mod crds;
+mod hostile;
 mod least_privilege;
 mod operations;
 mod project_user;

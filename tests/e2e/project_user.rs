@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
 use crate::support::fixtures::{Setup, WAIT};
@@ -113,7 +113,9 @@ async fn existing_members_admins_and_unrestricted_access_need_permission() {
     // Someone already invited this person in the console.
     let email = format!("existing-{}@example.org", suffix());
     let url = format!("admin/projects/{}/invite", s.admin.project_id);
-    let body = json!({"resourceType": "Practitioner", "firstName": "Eve", "lastName": "Existing", "email": email, "sendEmail": false});
+    let reader = s.policies().get("reader").await.unwrap().status.unwrap().policy_id.unwrap();
+    let body = json!({"resourceType": "Practitioner", "firstName": "Eve", "lastName": "Existing", "email": email,
+                      "sendEmail": false, "accessPolicy": {"reference": format!("AccessPolicy/{reader}")}});
     let existing = s
         .http()
         .send(s.http().request(reqwest::Method::POST, &url, Some(&s.token)).json(&body))
@@ -125,6 +127,9 @@ async fn existing_members_admins_and_unrestricted_access_need_permission() {
     let refused = s.wait_user("eve", "False", Some("AlreadyMember")).await;
     println!("refusal existing member: {:?}", refused.status.unwrap().conditions[0].message);
     s.users().patch("eve", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"adopt": true}}))).await.unwrap();
+    // Adoption is the connection's to grant, by email (or domain) or external id.
+    s.wait_user("eve", "False", Some("AdoptionNotAllowed")).await;
+    s.set_limits(json!({"adoption": {"userEmails": [email.to_uppercase()]}})).await;
     let adopted = s.wait_user("eve", "True", None).await;
     assert_eq!(
         adopted.status.unwrap().membership_id.as_deref(),
@@ -132,7 +137,7 @@ async fn existing_members_admins_and_unrestricted_access_need_permission() {
         "took over the existing membership"
     );
     let (_, m) = membership(&s, existing["id"].as_str().unwrap()).await;
-    assert!(m.get("accessPolicy").is_none(), "the project default policy was replaced by the declared access");
+    assert!(m.get("accessPolicy").is_none(), "the policy given in the console was replaced by the declared access");
 
     s.create_user("boss", json!({"firstName": "Bo", "lastName": "Ss", "email": format!("boss-{}@example.org", suffix()), "admin": true, "access": access}))
         .await;
@@ -153,11 +158,7 @@ async fn existing_members_admins_and_unrestricted_access_need_permission() {
         .await;
     assert!(found.json().get("entry").is_none(), "nothing was written to Medplum for a refused user");
 
-    let patch = json!({"spec": {"limits": {"allowAdmin": true, "allowUnrestrictedAccess": true}}});
-    Api::<medplum_operator::crd::MedplumConnection>::namespaced(s.client.clone(), &s.ns.name)
-        .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    s.set_limits(json!({"allowAdmin": true, "allowUnrestrictedAccess": true})).await;
     let boss = s.wait_user("boss", "True", None).await;
     assert_eq!(membership(&s, &boss.status.unwrap().membership_id.unwrap()).await.1["admin"], true);
     let all = s.wait_user("everything", "True", None).await;

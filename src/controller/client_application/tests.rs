@@ -59,7 +59,14 @@ fn secret(d: &Desired, current: Option<&str>, pending: Option<&str>, issued: Opt
     }
     let mut labels = BTreeMap::from([(CLIENT_LABEL.to_string(), d.name.clone())]);
     labels.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
-    WrittenSecret { exists: true, owner_uids: vec!["uid-1".into()], values, labels, annotations }
+    WrittenSecret {
+        exists: true,
+        type_: Some("Opaque".into()),
+        owner_uids: vec!["uid-1".into()],
+        values,
+        labels,
+        annotations,
+    }
 }
 
 fn client(d: &Desired, secret: Option<&str>, retiring: Option<&str>) -> ClientApplicationResource {
@@ -86,6 +93,7 @@ fn target(restarted_for: Option<i64>, rolled_out: bool) -> TargetState {
         restarted_for: restarted_for.map(|t| at(t).to_string()),
         exists: true,
         rolled_out,
+        uses_secret: true,
     }
 }
 
@@ -275,4 +283,29 @@ fn fingerprints_tell_secrets_apart_without_revealing_them() {
     assert_ne!(fingerprint(&a), fingerprint(&b));
     assert!(fingerprint(&a).starts_with("sha256:") && fingerprint(&a).len() == 23);
     assert!(!fingerprint(&a).contains(&a.expose_secret()[..16]));
+}
+
+#[test]
+fn only_a_foreign_opaque_secret_no_connection_or_other_client_uses_is_merged_into() {
+    let mut d = desired();
+    let foreign = |labels: &[(&str, &str)], type_: &str| WrittenSecret {
+        exists: true,
+        type_: Some(type_.into()),
+        owner_uids: vec!["someone-else".into()],
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    let plain = foreign(&[], "Opaque");
+    assert!(secret_refusal(&plain, &d, &[]).unwrap().contains("set spec.secret.merge"));
+    d.merge = true;
+    assert_eq!(secret_refusal(&plain, &d, &[]), None);
+    assert!(secret_refusal(&foreign(&[], "kubernetes.io/service-account-token"), &d, &[]).unwrap().contains("Opaque"));
+    let other_client = foreign(&[(CLIENT_LABEL, "other")], "Opaque");
+    assert!(secret_refusal(&other_client, &d, &[]).unwrap().contains("ClientApplication other"));
+    let credentials = foreign(&[(CREDENTIALS_LABEL, "true")], "Opaque");
+    assert!(secret_refusal(&credentials, &d, &[]).unwrap().contains("connection"));
+    assert!(secret_refusal(&plain, &d, std::slice::from_ref(&d.secret_name)).unwrap().contains("connection"));
+    let mut own = plain;
+    own.owner_uids = vec![d.owner.uid.clone()];
+    assert_eq!(secret_refusal(&own, &d, std::slice::from_ref(&d.secret_name)), None, "its own Secret");
 }

@@ -1,6 +1,7 @@
 //! A namespace with a Ready connection to a fresh Medplum project, and helpers around ClientApplications.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -21,7 +22,7 @@ pub const TAG_SYSTEM: &str = "urn:medplum-operator:default";
 pub struct Setup {
     pub client: Client,
     pub ns: TestNamespace,
-    pub medplum: MedplumTarget,
+    pub medplum: Arc<MedplumTarget>,
     pub admin: ProjectAdmin,
     /// A project-admin token of the test (not the operator's), to look at and edit Medplum.
     pub token: String,
@@ -51,7 +52,28 @@ impl Setup {
             .create(&PostParams::default(), &connection)
             .await
             .unwrap();
-        Self { client, ns, medplum, admin, token }
+        Self { client, ns, medplum: Arc::new(medplum), admin, token }
+    }
+
+    /// Another namespace on the same Medplum project, with no connection of its own.
+    pub async fn sharing(&self, prefix: &str) -> Self {
+        let ns = TestNamespace::create(&self.client, prefix).await;
+        Self {
+            client: self.client.clone(),
+            ns,
+            medplum: self.medplum.clone(),
+            admin: self.admin.clone(),
+            token: self.token.clone(),
+        }
+    }
+
+    /// Merges `limits` into the connection's `spec.limits`.
+    pub async fn set_limits(&self, limits: Value) {
+        let patch = json!({"spec": {"limits": limits}});
+        Api::<MedplumConnection>::namespaced(self.client.clone(), &self.ns.name)
+            .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
     }
 
     pub fn http(&self) -> &Http {
@@ -241,13 +263,14 @@ impl Setup {
     }
 
     /// A Deployment with no replicas (there is no kubelet): its rollouts finish as soon as the
-    /// deployment controller has seen them.
+    /// deployment controller has seen them. Its container takes the Secret `name` as environment.
     pub async fn deployment(&self, name: &str) {
         let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
             "metadata": {"name": name},
             "spec": {"replicas": 0, "selector": {"matchLabels": {"app": name}},
                      "template": {"metadata": {"labels": {"app": name}},
-                                  "spec": {"containers": [{"name": "app", "image": "example.org/app:1"}]}}},
+                                  "spec": {"containers": [{"name": "app", "image": "example.org/app:1",
+                                                           "envFrom": [{"secretRef": {"name": name}}]}]}}},
         }))
         .unwrap();
         Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(self.client.clone(), &self.ns.name)
@@ -281,10 +304,15 @@ impl Setup {
         .await;
     }
 
-    /// Creates a client in Medplum directly (admin endpoint), as a team did before the operator.
-    pub async fn legacy_client(&self, name: &str) -> (String, String) {
+    /// Creates a client in Medplum directly (admin endpoint), as a team did before the operator; with
+    /// `policy` (a Medplum AccessPolicy id) on its membership, else with full access.
+    pub async fn legacy_client(&self, name: &str, policy: Option<&str>) -> (String, String) {
         let url = format!("admin/projects/{}/client", self.admin.project_id);
-        let request = self.http().request(Method::POST, &url, Some(&self.token)).json(&json!({"name": name}));
+        let mut body = json!({"name": name});
+        if let Some(id) = policy {
+            body["accessPolicy"] = json!({"reference": format!("AccessPolicy/{id}")});
+        }
+        let request = self.http().request(Method::POST, &url, Some(&self.token)).json(&body);
         let client = self.http().send(request).await.expect(201).json();
         (client["id"].as_str().unwrap().to_string(), client["secret"].as_str().unwrap().to_string())
     }

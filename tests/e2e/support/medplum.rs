@@ -289,12 +289,23 @@ impl MedplumTarget {
         let init = json!({"resourceType": "Parameters", "parameter": [{"name": "name", "valueString": name}]});
         let project = self.http.post("fhir/R4/Project/$init", &sa, &init).await.expect(201).json();
         let project_id = project["id"].as_str().expect("project id").to_string();
+        self.admin_client_with(&sa, &project_id, &format!("{name} operator admin")).await
+    }
+
+    /// Another project-admin client of the project.
+    pub async fn new_admin_client(&self, project_id: &str, name: &str) -> ProjectAdmin {
+        self.admin_client_with(&self.super_admin_token().await, project_id, name).await
+    }
+
+    /// A project-admin client made with the super-admin token `sa` (one token request per project
+    /// matters to the rate limit tests).
+    async fn admin_client_with(&self, sa: &str, project_id: &str, name: &str) -> ProjectAdmin {
         let client = self
             .http
             .send(
                 self.http
-                    .request(Method::POST, &format!("admin/projects/{project_id}/client"), Some(&sa))
-                    .json(&json!({"name": format!("{name} operator admin")})),
+                    .request(Method::POST, &format!("admin/projects/{project_id}/client"), Some(sa))
+                    .json(&json!({"name": name})),
             )
             .await
             .expect(201)
@@ -303,7 +314,7 @@ impl MedplumTarget {
         let client_secret = client["secret"].as_str().expect("client secret").to_string();
         let search = self
             .http
-            .get(&format!("fhir/R4/ProjectMembership?user=ClientApplication/{client_id}"), &sa)
+            .get(&format!("fhir/R4/ProjectMembership?user=ClientApplication/{client_id}"), sa)
             .await
             .expect(200)
             .json();
@@ -311,12 +322,12 @@ impl MedplumTarget {
         self.http
             .patch(
                 &format!("fhir/R4/ProjectMembership/{membership_id}"),
-                &sa,
+                sa,
                 &json!([{"op": "add", "path": "/admin", "value": true}]),
             )
             .await
             .expect(200);
-        ProjectAdmin { project_id, client_id, client_secret, membership_id }
+        ProjectAdmin { project_id: project_id.to_string(), client_id, client_secret, membership_id }
     }
 
     /// Switches fault injection on the test server (see `/__test/faults`).
