@@ -1,0 +1,294 @@
+//! Carrying the planned steps out, one at a time, until the plan says done or wait.
+
+use super::*;
+
+pub(super) struct Reconciler<'a> {
+    pub(super) ctx: &'a Context,
+    pub(super) ca: &'a ClientApplication,
+    pub(super) d: Desired,
+    pub(super) usable: UsableConnection,
+    /// Events of the steps carried out, published after the status write.
+    pub(super) events: Vec<Event>,
+}
+
+impl Reconciler<'_> {
+    fn normal(&mut self, reason: &str, action: &str, note: String) {
+        self.events.push(event(EventType::Normal, reason, action, note));
+    }
+
+    fn updated(&mut self, target: &str, fields: &[&str]) {
+        let observed = self.ca.status.as_ref().and_then(|s| s.observed_generation);
+        self.events.push(crate::controller::update_event(
+            observed,
+            self.ca.metadata.generation,
+            target,
+            &fields.join(", "),
+        ));
+    }
+
+    async fn write_secret(&self, content: &SecretContent) -> Result<(), ClientError> {
+        apply_written(&self.ctx.client, &self.d.namespace, &self.d.secret_name, content).await?;
+        Ok(())
+    }
+
+    async fn reread_secret(&self, o: &mut Observed) -> Result<(), ClientError> {
+        o.secret =
+            read_written(&self.ctx.client, &self.d.namespace, &self.d.secret_name, &secret_keys(&self.d)).await?;
+        Ok(())
+    }
+
+    /// Carries out one step; returns how long to wait when the step is a wait.
+    async fn execute(
+        &mut self,
+        step: &Step,
+        o: &mut Observed,
+        now: Timestamp,
+    ) -> Result<Option<Duration>, ClientError> {
+        let d = &self.d;
+        match step {
+            Step::StoreNewSecret { handled } => {
+                let mut data: BTreeMap<String, SecretString> = o
+                    .secret
+                    .values
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != PENDING_KEY)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                data.insert(PENDING_KEY.into(), generate_secret());
+                let handled = handled.clone().or_else(|| o.secret.annotations.get(ROTATION_HANDLED).cloned());
+                let issued = o.secret.annotations.get(ISSUED_AT).cloned();
+                let content = secret_content(d, o, data, issued, handled);
+                self.write_secret(&content).await?;
+                crash_point("store-new-secret");
+                self.reread_secret(o).await?;
+            }
+            Step::CreateClient => {
+                let body = client_body(&d.client, None, o.pending(), None);
+                let condition = format!("_tag={}|{}", d.tag.system, d.tag.code);
+                let created = self.usable.create(&body, Some(&condition)).await?;
+                crash_point("create-client");
+                self.normal(
+                    "Created",
+                    "Create",
+                    format!("created Medplum ClientApplication/{}", created.id.as_deref().unwrap_or_default()),
+                );
+                o.client = Some(created);
+            }
+            Step::UpdateClient { fields } => {
+                let actual = o.client.as_ref().expect("planned with a client");
+                let body =
+                    client_body(&d.client, Some(actual), actual.secret.as_ref(), actual.retiring_secret.as_ref());
+                let id = actual.id.clone().unwrap_or_default();
+                let updated = self
+                    .usable
+                    .client
+                    .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
+                    .await?;
+                if fields.contains(&"meta.tag") && d.adopt.as_ref().is_some_and(|a| a.client_id == id) {
+                    self.normal("Adopted", "Adopt", format!("took over Medplum ClientApplication/{id}"));
+                } else {
+                    self.updated(&format!("ClientApplication/{id}"), fields);
+                }
+                o.client = Some(updated);
+            }
+            Step::CreateMembership => {
+                let client_id = o.client.as_ref().and_then(|c| c.id.clone()).unwrap_or_default();
+                let client_ref = format!("ClientApplication/{client_id}");
+                let body = MembershipResource {
+                    resource_type: "ProjectMembership".into(),
+                    project: Ref::to(format!("Project/{}", d.project_id)),
+                    user: Ref::to(client_ref.clone()),
+                    profile: Ref::to(client_ref.clone()),
+                    access: d.access.clone(),
+                    identifier: vec![identifier_of(&d.tag)],
+                    ..Default::default()
+                };
+                let created = self.usable.create(&body, Some(&format!("user={client_ref}"))).await?;
+                crash_point("create-membership");
+                self.normal(
+                    "Created",
+                    "Create",
+                    format!(
+                        "created Medplum ProjectMembership/{} for {client_ref}",
+                        created.id.as_deref().unwrap_or_default()
+                    ),
+                );
+                o.membership = Some(created);
+            }
+            Step::UpdateMembership { fields } => {
+                let actual = o.membership.clone().expect("planned with a membership");
+                let mut body = actual.clone();
+                body.access = d.access.clone();
+                body.access_policy = None;
+                body.admin = None;
+                body.active = None;
+                let identifier = identifier_of(&d.tag);
+                if !body.identifier.contains(&identifier) {
+                    body.identifier.push(identifier);
+                }
+                let id = actual.id.clone().unwrap_or_default();
+                let updated = self
+                    .usable
+                    .client
+                    .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
+                    .await?;
+                self.updated(&format!("ProjectMembership/{id}"), fields);
+                o.membership = Some(updated);
+            }
+            Step::PushSecret => {
+                let actual = o.client.as_ref().expect("planned with a client");
+                let body = client_body(&d.client, Some(actual), o.pending(), actual.secret.as_ref());
+                let id = actual.id.clone().unwrap_or_default();
+                let updated = self
+                    .usable
+                    .client
+                    .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
+                    .await?;
+                crash_point("push-secret");
+                o.client = Some(updated);
+            }
+            Step::WriteSecret { switched } => {
+                let client = o.client.as_ref().expect("planned with a client");
+                let client_id = client.id.clone().unwrap_or_default();
+                let secret = client.secret.clone().expect("planned with a secret");
+                let mut content = settled_content(d, o, &client_id, &secret, now);
+                if *switched {
+                    content.data.remove(PENDING_KEY);
+                }
+                let credentials_changed = o.value(&d.keys.client_id).is_none_or(|v| v.expose_secret() != client_id)
+                    || !secret_eq(o.value(&d.keys.client_secret), Some(&secret));
+                self.write_secret(&content).await?;
+                crash_point("write-secret");
+                if *switched && o.value(&d.keys.client_secret).is_some() {
+                    self.normal(
+                        "Rotated",
+                        "Rotate",
+                        format!("Secret {} switched to the new secret {}", d.secret_name, fingerprint(&secret)),
+                    );
+                } else if credentials_changed && o.secret.exists && o.value(&d.keys.client_secret).is_some() {
+                    self.events.push(event(
+                        EventType::Warning,
+                        "SecretRestored",
+                        "Update",
+                        format!("Secret {} did not hold the client's credentials; restored them", d.secret_name),
+                    ));
+                } else if !o.secret.exists && !*switched {
+                    self.events.push(event(
+                        EventType::Warning,
+                        "SecretRestored",
+                        "Create",
+                        format!("Secret {} was missing; recreated it", d.secret_name),
+                    ));
+                }
+                self.reread_secret(o).await?;
+            }
+            Step::RestartTargets => {
+                let issued = o.secret.annotations.get(ISSUED_AT).cloned().unwrap_or_default();
+                let mut restarted = Vec::new();
+                for target in
+                    o.targets.iter_mut().filter(|t| t.exists && t.restarted_for.as_deref() != Some(issued.as_str()))
+                {
+                    workload::restart(&self.ctx.client, &d.namespace, &target.target, &issued).await?;
+                    restarted.push(format!("{:?}/{}", target.target.kind, target.target.name));
+                    *target = workload::observe(&self.ctx.client, &d.namespace, &target.target, &d.secret_name).await?;
+                }
+                crash_point("restart-targets");
+                self.normal(
+                    "Restarted",
+                    "Restart",
+                    format!("restarted {} for the credentials issued at {issued}", restarted.join(", ")),
+                );
+            }
+            Step::WaitForRollout { .. } => return Ok(Some(ROLLOUT_POLL)),
+            Step::WaitForGrace { until } => {
+                let left = until.duration_since(now).unsigned_abs();
+                return Ok(Some(left.max(Duration::from_secs(1))));
+            }
+            Step::RetireSecret => {
+                let actual = o.client.as_ref().expect("planned with a client");
+                let body = client_body(&d.client, Some(actual), actual.secret.as_ref(), None);
+                let id = actual.id.clone().unwrap_or_default();
+                let updated = self
+                    .usable
+                    .client
+                    .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
+                    .await?;
+                crash_point("retire-secret");
+                self.ctx.metrics.record_rotation();
+                self.normal(
+                    "SecretRetired",
+                    "Rotate",
+                    format!("the previous secret of ClientApplication/{id} no longer works"),
+                );
+                o.client = Some(updated);
+            }
+            Step::Verify => {
+                let client_id = o.client.as_ref().and_then(|c| c.id.clone()).unwrap_or_default();
+                let secret = o.value(&d.keys.client_secret).cloned().expect("verified after the Secret was written");
+                match self
+                    .usable
+                    .client
+                    .check_credentials(&ClientCredentials { client_id, client_secret: secret })
+                    .await
+                {
+                    Ok(proof) => o.verified = Some(proof),
+                    Err(MedplumError::InvalidCredentials { description }) => {
+                        return Err(ClientError::CredentialRejected(description));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Step::Done => {}
+        }
+        Ok(None)
+    }
+}
+
+pub(super) fn secret_keys(d: &Desired) -> Vec<&str> {
+    vec![&d.keys.base_url, &d.keys.client_id, &d.keys.client_secret, &d.keys.token_url, &d.keys.project_id, PENDING_KEY]
+}
+
+/// The `CredentialVerified` reason for each kind of proof.
+pub(super) fn reason_of_proof(proof: CredentialProof) -> &'static str {
+    match proof {
+        CredentialProof::TokenIssued => "TokenIssued",
+        CredentialProof::AddressNotAllowed => "SecretAcceptedAddressBlocked",
+    }
+}
+
+pub(super) fn proof_of_reason(reason: &str) -> Option<CredentialProof> {
+    [CredentialProof::TokenIssued, CredentialProof::AddressNotAllowed]
+        .into_iter()
+        .find(|p| reason_of_proof(*p) == reason)
+}
+
+/// How a reconcile ended.
+pub(super) enum Outcome {
+    Done,
+    Waiting(Step, Duration),
+}
+
+pub(super) async fn converge(r: &mut Reconciler<'_>, o: &mut Observed) -> Result<Outcome, ClientError> {
+    let mut updates: Vec<Step> = Vec::new();
+    for _ in 0..MAX_STEPS {
+        let now = Timestamp::now();
+        let step = plan(&r.d, o, now);
+        if matches!(step, Step::UpdateClient { .. } | Step::UpdateMembership { .. }) {
+            if updates.contains(&step) {
+                let fields = match &step {
+                    Step::UpdateClient { fields } | Step::UpdateMembership { fields } => fields.join(", "),
+                    _ => unreachable!(),
+                };
+                return Err(ClientError::NotConverging(fields));
+            }
+            updates.push(step.clone());
+        }
+        if step == Step::Done {
+            return Ok(Outcome::Done);
+        }
+        if let Some(wait) = r.execute(&step, o, now).await? {
+            return Ok(Outcome::Waiting(step, wait));
+        }
+    }
+    Err(ClientError::NotConverging("the reconcile (too many steps)".into()))
+}

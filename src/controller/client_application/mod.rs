@@ -1,0 +1,428 @@
+//! `ClientApplication`: a Medplum ClientApplication and its membership, with working credentials in a
+//! Kubernetes Secret, rotated without downtime.
+//!
+//! Every reconcile observes the Secret, the Medplum client and membership and the restart targets, then
+//! repeatedly asks [`plan`] (pure) for the one next step and carries it out, until nothing is left to do.
+//! Progress lives only in what is observed, so a reconcile killed at any line resumes where it stopped:
+//! - a new secret is written to the Secret (key [`PENDING_KEY`]) before Medplum sees it;
+//! - Medplum then holds it as `secret` and the old one as `retiringSecret`, both working;
+//! - the Secret switches to it (annotation [`ISSUED_AT`]) and the restart targets are restarted;
+//! - once they rolled out and the grace period passed, the old secret is retired.
+//!
+//! Medplum objects are found again through an ownership tag (ClientApplication has no identifier).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+use super::access_policy::{GrantError, resolve_grants};
+use super::adoption::{self, AdoptionError};
+use super::connection::{CREDENTIALS_LABEL, UsableConnection, UseError, usable_connection};
+use super::secret::{
+    CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, read_secret_strings, read_written,
+};
+use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::workload::{self, TargetState};
+use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, crash_point, event};
+use crate::crd::{
+    AdoptSecret, ClientApplication, ClientApplicationStatus, DeletionPolicy, MedplumConnection, RestartTarget,
+};
+use crate::medplum::{
+    ClientApplicationResource, ClientCredentials, Coding, CredentialProof, Identifier, IdentityProviderResource,
+    MedplumClient, MedplumError, MembershipAccess, MembershipResource, Ref,
+};
+
+mod cleanup;
+mod execute;
+mod observe;
+mod plan;
+
+use cleanup::*;
+use execute::*;
+use observe::*;
+use plan::*;
+
+pub const KIND: &str = "ClientApplication";
+/// Set to any new value on a ClientApplication to rotate its secret now.
+pub const ROTATE_ANNOTATION: &str = "medplum.com/rotate";
+/// Secret key holding a new secret that Medplum may not know yet.
+pub const PENDING_KEY: &str = "medplum-operator.next-client-secret";
+/// Secret annotation: when the current credentials were written (RFC 3339).
+pub const ISSUED_AT: &str = "medplum.com/issued-at";
+/// Secret annotation: the last `medplum.com/rotate` value acted on.
+pub const ROTATION_HANDLED: &str = "medplum.com/rotation-handled";
+const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "medplum-operator");
+/// Condition: Medplum proved the Secret's current credentials right; its reason says how.
+const CREDENTIAL_VERIFIED: &str = "CredentialVerified";
+/// How often a rollout in progress is looked at again.
+const ROLLOUT_POLL: Duration = Duration::from_secs(5);
+/// A reconcile carries out at most this many steps; a correct plan needs far fewer.
+const MAX_STEPS: usize = 24;
+
+/// Why a ClientApplication cannot be reconciled now.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Connection(#[from] UseError),
+    #[error(
+        "spec.unrestrictedAccess asks for a membership without any policy (full access), which the connection does not allow (spec.limits.allowUnrestrictedAccess)"
+    )]
+    UnrestrictedAccessNotAllowed,
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    #[error("Secret {name} {why}; refusing to write into it")]
+    SecretConflict { name: String, why: String },
+    #[error(transparent)]
+    Adoption(#[from] AdoptionError),
+    #[error(
+        "restart target {target} does not use Secret {secret} (no volume, env or envFrom of its pod template refers to it); only workloads that use the credentials are restarted"
+    )]
+    RestartTargetNotUsingSecret { target: String, secret: String },
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    #[error("Medplum refused the credentials in the Secret: {0}")]
+    CredentialRejected(String),
+    #[error("Medplum keeps {0} different from the spec after an update")]
+    NotConverging(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Medplum(#[from] MedplumError),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl ClientError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connection(e) => e.reason(),
+            Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
+            Self::Grant(e) => e.reason(),
+            Self::SecretConflict { .. } => "SecretConflict",
+            Self::Adoption(e) => e.reason(),
+            Self::RestartTargetNotUsingSecret { .. } => "RestartTargetNotAllowed",
+            Self::InvalidSpec(_) => "InvalidSpec",
+            Self::CredentialRejected(_) => "CredentialRejected",
+            Self::NotConverging(_) => "NotConverging",
+            Self::Source(e) => e.reason(),
+            Self::Medplum(e) => e.reason(),
+            Self::Kube(_) => "KubernetesApiError",
+        }
+    }
+
+    /// Retried with exponential backoff; the others wait for a change (or the resync).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
+            Self::Source(e) => e.is_transient(),
+            Self::Connection(e) => e.is_transient(),
+            Self::Grant(e) => e.is_transient(),
+            Self::Adoption(e) => e.is_transient(),
+            Self::Kube(_) => true,
+            _ => false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// What should exist (pure)
+
+/// Everything the spec and its references say should exist.
+pub struct Desired {
+    pub name: String,
+    pub namespace: String,
+    pub tag: Coding,
+    /// The managed fields of the Medplum ClientApplication (no id, no secrets).
+    pub client: ClientApplicationResource,
+    pub access: Vec<MembershipAccess>,
+    pub project_id: String,
+    pub base_url: String,
+    pub secret_name: String,
+    pub keys: crate::crd::SecretKeys,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub owner: OwnerReference,
+    pub merge: bool,
+    pub rotation_interval: Option<Duration>,
+    pub grace_period: Duration,
+    pub restart_targets: Vec<RestartTarget>,
+    pub rotation_request: Option<String>,
+    pub adopt: Option<crate::crd::Adopt>,
+}
+
+fn parse_duration(field: &str, text: &str) -> Result<Duration, ClientError> {
+    crate::config::parse_duration(text).map_err(|e| ClientError::InvalidSpec(format!("{field}: {e}")))
+}
+
+/// The managed fields of the Medplum ClientApplication for a spec.
+pub fn desired_client(
+    ca: &ClientApplication,
+    tag: &Coding,
+    identity_provider_secret: Option<SecretString>,
+) -> ClientApplicationResource {
+    let spec = &ca.spec;
+    let namespace = ca.namespace().unwrap_or_default();
+    // A resource that adopts marks the client as adopted, so that its deletion knows.
+    let marker = spec.adopt.as_ref().map(|_| adoption::adopted_marker(tag));
+    ClientApplicationResource {
+        resource_type: "ClientApplication".into(),
+        meta: crate::medplum::Meta { tag: std::iter::once(tag.clone()).chain(marker).collect(), ..Default::default() },
+        name: Some(spec.display_name.clone().unwrap_or_else(|| format!("{namespace}/{}", ca.name_any()))),
+        description: spec.description.clone(),
+        access_token_lifetime: spec.access_token_lifetime.clone(),
+        refresh_token_lifetime: spec.refresh_token_lifetime.clone(),
+        redirect_uris: spec.redirect_uris.clone(),
+        pkce_optional: spec.pkce_optional,
+        jwks_uri: spec.jwks_uri.clone(),
+        launch_uri: spec.launch_uri.clone(),
+        allowed_origin: spec.allowed_origins.clone(),
+        default_scope: spec.default_scopes.clone(),
+        identity_provider: spec.identity_provider.as_ref().map(|idp| IdentityProviderResource {
+            authorize_url: idp.authorize_url.clone(),
+            token_url: idp.token_url.clone(),
+            user_info_url: idp.user_info_url.clone(),
+            client_id: idp.client_id.clone(),
+            client_secret: identity_provider_secret,
+            token_auth_method: idp
+                .token_auth_method
+                .map(|m| serde_json::to_value(m).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()),
+            use_pkce: idp.use_pkce,
+            use_subject: idp.use_subject,
+        }),
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Reconcile
+
+async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnection) -> Result<Desired, ClientError> {
+    if ca.spec.unrestricted_access && !usable.limits.allow_unrestricted_access {
+        return Err(ClientError::UnrestrictedAccessNotAllowed);
+    }
+    let namespace = ca.namespace().unwrap_or_default();
+    let name = ca.name_any();
+    let access = resolve_grants(ctx, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;
+    let idp_secret = match ca.spec.identity_provider.as_ref().and_then(|idp| idp.client_secret_ref.as_ref()) {
+        Some(r) => read_secret_strings(&ctx.client, &namespace, &r.name, &[&r.key]).await?.pop(),
+        None => None,
+    };
+    let tag = crate::controller::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &name);
+    let rotation = &ca.spec.rotation;
+    Ok(Desired {
+        client: desired_client(ca, &tag, idp_secret),
+        tag,
+        access,
+        project_id: usable.project_id.clone(),
+        base_url: usable.client.base_url().to_string(),
+        secret_name: ca.spec.secret.name.clone().unwrap_or_else(|| name.clone()),
+        keys: ca.spec.secret.keys.clone(),
+        labels: ca.spec.secret.labels.clone(),
+        annotations: ca.spec.secret.annotations.clone(),
+        owner: ca.controller_owner_ref(&()).expect("stored objects have a uid"),
+        merge: ca.spec.secret.merge,
+        rotation_interval: rotation
+            .interval
+            .as_deref()
+            .map(|i| parse_duration("spec.rotation.interval", i))
+            .transpose()?,
+        grace_period: parse_duration("spec.rotation.gracePeriod", &rotation.grace_period)?,
+        restart_targets: rotation.restart_targets.clone(),
+        rotation_request: ca.annotations().get(ROTATE_ANNOTATION).cloned(),
+        adopt: ca.spec.adopt.clone(),
+        name,
+        namespace,
+    })
+}
+
+/// The status after a reconcile.
+fn desired_status(
+    ca: &ClientApplication,
+    d: Option<&Desired>,
+    o: Option<&Observed>,
+    result: &Result<Outcome, ClientError>,
+    now: Timestamp,
+) -> ClientApplicationStatus {
+    let mut status = ca.status.clone().unwrap_or_default();
+    let generation = ca.metadata.generation;
+    if let Some(d) = d {
+        status.secret_name = Some(d.secret_name.clone());
+        status.project_id = Some(d.project_id.clone());
+    }
+    if let (Some(d), Some(o)) = (d, o) {
+        status.client_id = o.client.as_ref().and_then(|c| c.id.clone()).or(status.client_id);
+        status.membership_id = o.membership.as_ref().and_then(|m| m.id.clone()).or(status.membership_id);
+        let current = o.value(&d.keys.client_secret);
+        if o.verified.is_some() {
+            status.secret_fingerprint = current.map(fingerprint);
+        }
+        let issued = o.issued_at();
+        status.last_rotation_time = issued.map(Time);
+        status.next_rotation_time = match (issued, d.rotation_interval) {
+            (Some(i), Some(interval)) => i.checked_add(interval).ok().map(Time),
+            _ => None,
+        };
+        let print = status.secret_fingerprint.clone().unwrap_or_default();
+        let verified = match o.verified {
+            Some(proof) => ConditionState::new(
+                CREDENTIAL_VERIFIED,
+                true,
+                reason_of_proof(proof),
+                match proof {
+                    CredentialProof::TokenIssued => {
+                        format!("Medplum issued a token for the credentials in Secret {} ({print})", d.secret_name)
+                    }
+                    CredentialProof::AddressNotAllowed => format!(
+                        "Medplum accepted the secret in Secret {} ({print}) and refused a token only because the \
+                         client's IP rules block the operator's address; tokens work from the addresses they allow",
+                        d.secret_name
+                    ),
+                },
+            ),
+            None => ConditionState::new(
+                CREDENTIAL_VERIFIED,
+                false,
+                "NotVerified",
+                "the credentials in the Secret were not verified yet",
+            ),
+        };
+        status.conditions = set_condition(&status.conditions, verified, generation, now);
+        let retiring = o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some());
+        let rotating = match result {
+            Ok(Outcome::Waiting(Step::WaitForRollout { target }, _)) => ConditionState::new(
+                "Rotating",
+                true,
+                "WaitingForRollout",
+                format!("the previous secret is retired once {target} rolled out and the grace period passed"),
+            ),
+            Ok(Outcome::Waiting(Step::WaitForGrace { until }, _)) => ConditionState::new(
+                "Rotating",
+                true,
+                "GracePeriod",
+                format!("the previous secret keeps working until {until}"),
+            ),
+            _ if o.pending().is_some() => ConditionState::new(
+                "Rotating",
+                true,
+                "NewSecretStored",
+                "a new secret is stored and being handed to Medplum",
+            ),
+            _ if retiring => ConditionState::new(
+                "Rotating",
+                true,
+                "RetiringPreviousSecret",
+                "the previous secret still works until it is retired",
+            ),
+            _ => ConditionState::new("Rotating", false, "Idle", "no rotation in progress"),
+        };
+        status.conditions = set_condition(&status.conditions, rotating, generation, now);
+    }
+    let ready = match result {
+        Ok(_) => ConditionState::new(
+            READY,
+            true,
+            "Ready",
+            format!(
+                "Secret {} holds working credentials of ClientApplication/{}",
+                status.secret_name.clone().unwrap_or_default(),
+                status.client_id.clone().unwrap_or_default()
+            ),
+        ),
+        Err(e) => ConditionState::new(READY, false, e.reason(), e.to_string()),
+    };
+    status.conditions = set_condition(&status.conditions, ready, generation, now);
+    status.observed_generation = generation;
+    status
+}
+
+async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
+    let api: Api<ClientApplication> = Api::namespaced(ctx.client.clone(), &ca.namespace().unwrap_or_default());
+    let mut desired_state = None;
+    let mut observed = None;
+    let mut events = Vec::new();
+    let result: Result<Outcome, ClientError> = async {
+        let usable = usable_connection(ctx, &ca.namespace().unwrap_or_default(), &ca.spec.connection_ref).await?;
+        let d = desired(ctx, ca, &usable).await?;
+        let o = observe(ctx, ca, &d, &usable).await?;
+        let mut r = Reconciler { ctx, ca, d, usable, events: Vec::new() };
+        let mut o = o;
+        let outcome = converge(&mut r, &mut o).await;
+        events = std::mem::take(&mut r.events);
+        desired_state = Some(r.d);
+        observed = Some(o);
+        outcome
+    }
+    .await;
+    let now = Timestamp::now();
+    let status = desired_status(ca, desired_state.as_ref(), observed.as_ref(), &result, now);
+    apply_status(&api, &ca.name_any(), ca.status.as_ref(), &status).await.map_err(Error::Status)?;
+    let reference = ca.object_ref(&());
+    for event in &events {
+        ctx.publish(&reference, event).await;
+    }
+    let before = ca.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    ctx.report_ready(KIND, ca, before, &status.conditions).await;
+    let (name, namespace) = (ca.name_any(), ca.namespace().unwrap_or_default());
+    ctx.metrics.set_next_rotation(&namespace, &name, status.next_rotation_time.as_ref().map(|t| t.0.as_second()));
+    let rotating = observed
+        .as_ref()
+        .is_some_and(|o| o.pending().is_some() || o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some()));
+    if result.is_err() && rotating {
+        ctx.metrics.record_rotation_failure();
+    }
+    match result {
+        Ok(outcome) => {
+            ctx.succeeded(KIND, ca);
+            let resync = ctx.settings.resync_interval;
+            let next = match (outcome, status.next_rotation_time.as_ref()) {
+                (Outcome::Waiting(_, wait), _) => wait.min(resync),
+                (Outcome::Done, Some(Time(at))) => {
+                    at.duration_since(now).unsigned_abs().max(Duration::from_secs(1)).min(resync)
+                }
+                (Outcome::Done, None) => resync,
+            };
+            Ok(Action::requeue(next))
+        }
+        Err(e) => {
+            let rate_limited = matches!(e, ClientError::Medplum(MedplumError::RateLimited { .. }));
+            Ok(ctx.retry(KIND, ca, e.reason(), &e.to_string(), e.is_transient(), rate_limited))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Watches
+
+/// The controller for one scope (`namespace` None: all), and a future that resolves once its cache is filled.
+pub fn controller(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
+    let client = ctx.client.clone();
+    let controller = super::new_controller::<ClientApplication>(&ctx, namespace, ctx.settings.client_concurrency);
+    let ready = super::cache_synced(controller.store());
+    let secrets: Api<PartialObjectMeta<Secret>> = super::scoped(&client, namespace);
+    let by_label = |secret: PartialObjectMeta<Secret>| {
+        let name = secret.labels().get(CLIENT_LABEL).cloned();
+        name.map(|n| ObjectRef::new(&n).within(&secret.namespace().unwrap_or_default()))
+    };
+    let controller = controller.watches(secrets, watcher::Config::default().labels(CLIENT_LABEL), by_label);
+    let controller = super::watch_connections(super::watch_policies(controller, &ctx, namespace), &ctx, namespace);
+    let reconcile = |obj, ctx| super::reconcile_with_cleanup(obj, ctx, apply, cleanup);
+    (super::drive(controller, KIND, ctx, reconcile), ready)
+}
+
+#[cfg(test)]
+mod tests;

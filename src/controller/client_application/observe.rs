@@ -1,0 +1,123 @@
+//! Observing the Secret, the restart targets and the Medplum client and membership, with the
+//! refusals (foreign Secrets, workloads that do not use it, adoption) that come before any write.
+
+use super::*;
+
+/// Finds the Medplum client: by the id in status, else by the ownership tag, else the one to adopt,
+/// once adoption checks found nothing against it.
+pub(super) async fn find_client(
+    ctx: &Context,
+    usable: &UsableConnection,
+    ca: &ClientApplication,
+    d: &Desired,
+) -> Result<Option<ClientApplicationResource>, ClientError> {
+    let medplum = &usable.client;
+    let recorded = ca.status.as_ref().and_then(|s| s.client_id.as_deref());
+    let tag = format!("{}|{}", d.tag.system, d.tag.code);
+    let owned = |c: &ClientApplicationResource| c.meta.has_tag(&d.tag);
+    if let Some(client) = medplum.find_owned(recorded, owned, "_tag", &tag).await? {
+        return Ok(Some(client));
+    }
+    let Some(adopt) = &d.adopt else { return Ok(None) };
+    let what = format!("ClientApplication/{}", adopt.client_id);
+    let limits = &usable.limits.adoption;
+    if !limits.admits_client(&adopt.client_id) {
+        return Err(AdoptionError::NotAllowed { what }.into());
+    }
+    if adopt.secret == AdoptSecret::Keep && !limits.allow_keep_secret {
+        return Err(AdoptionError::KeepSecretNotAllowed.into());
+    }
+    if let Some(connection) = adoption::credential_of(usable, &ctx.connections.credentials(), &adopt.client_id) {
+        return Err(AdoptionError::ConnectionCredential { what, connection }.into());
+    }
+    // Searched within the project: a super-admin connection could otherwise read any project's clients.
+    let project = usable.project_id.as_str();
+    let found =
+        medplum.search::<ClientApplicationResource>(&[("_id", &adopt.client_id), ("_project", project)]).await?;
+    let client = found.into_iter().next().ok_or_else(|| AdoptionError::NotFound { what: what.clone() })?;
+    let marks = client.meta.tag.iter().map(|t| (t.system.as_str(), t.code.as_str()));
+    if let Some(owner) = adoption::managed_elsewhere(marks, (&d.tag.system, &d.tag.code)) {
+        return Err(AdoptionError::ManagedElsewhere { what, owner }.into());
+    }
+    let membership = find_membership(medplum, Some(&client)).await?;
+    adoption::check_access(medplum, &usable.limits, membership.as_ref(), &what).await?;
+    Ok(Some(client))
+}
+
+/// Why the operator may not write its keys into the existing Secret, if it may not.
+pub(super) fn secret_refusal(secret: &WrittenSecret, d: &Desired, connection_secrets: &[String]) -> Option<String> {
+    if !secret.exists || secret.owner_uids.contains(&d.owner.uid) {
+        return None;
+    }
+    if !d.merge {
+        return Some("exists and was not made by the operator (set spec.secret.merge to write into it)".into());
+    }
+    if let Some(type_) = secret.type_.as_deref().filter(|t| *t != "Opaque") {
+        return Some(format!("is of type {type_}; the operator writes only into Opaque Secrets"));
+    }
+    if let Some(other) = secret.labels.get(CLIENT_LABEL).filter(|owner| **owner != d.name) {
+        return Some(format!("holds the credentials of ClientApplication {other}"));
+    }
+    if secret.labels.contains_key(CREDENTIALS_LABEL) || connection_secrets.contains(&d.secret_name) {
+        return Some("holds a connection's credentials or CA bundle".into());
+    }
+    None
+}
+
+/// The Secrets the namespace's MedplumConnections read (credentials and CA bundles).
+pub(super) async fn connection_secrets(ctx: &Context, namespace: &str) -> Result<Vec<String>, kube::Error> {
+    let connections =
+        Api::<MedplumConnection>::namespaced(ctx.client.clone(), namespace).list(&Default::default()).await?;
+    Ok(connections
+        .items
+        .iter()
+        .flat_map(|c| {
+            let ca = c.spec.ca_bundle.as_ref().and_then(|ca| ca.secret_ref.as_ref()).map(|r| r.name.clone());
+            std::iter::once(c.spec.credentials_secret_ref.name.clone()).chain(ca)
+        })
+        .collect())
+}
+
+pub(super) async fn find_membership(
+    medplum: &MedplumClient,
+    client: Option<&ClientApplicationResource>,
+) -> Result<Option<MembershipResource>, ClientError> {
+    let Some(id) = client.and_then(|c| c.id.as_deref()) else { return Ok(None) };
+    let user = format!("ClientApplication/{id}");
+    Ok(medplum.search::<MembershipResource>(&[("user", &user)]).await?.pop())
+}
+
+pub(super) async fn observe(
+    ctx: &Context,
+    ca: &ClientApplication,
+    d: &Desired,
+    usable: &UsableConnection,
+) -> Result<Observed, ClientError> {
+    let secret = read_written(&ctx.client, &d.namespace, &d.secret_name, &secret_keys(d)).await?;
+    let foreign = secret.exists && !secret.owner_uids.contains(&d.owner.uid);
+    let used_by_connections =
+        if foreign && d.merge { connection_secrets(ctx, &d.namespace).await? } else { Vec::new() };
+    if let Some(why) = secret_refusal(&secret, d, &used_by_connections) {
+        return Err(ClientError::SecretConflict { name: d.secret_name.clone(), why });
+    }
+    let mut targets = Vec::new();
+    for target in &d.restart_targets {
+        let state = workload::observe(&ctx.client, &d.namespace, target, &d.secret_name).await?;
+        if state.exists && !state.uses_secret {
+            let target = format!("{:?}/{}", target.kind, target.name);
+            return Err(ClientError::RestartTargetNotUsingSecret { target, secret: d.secret_name.clone() });
+        }
+        targets.push(state);
+    }
+    let client = find_client(ctx, usable, ca, d).await?;
+    let membership = find_membership(&usable.client, client.as_ref()).await?;
+    let current = secret.values.get(&d.keys.client_secret);
+    let status = ca.status.as_ref();
+    let same_secret =
+        current.is_some_and(|c| status.and_then(|s| s.secret_fingerprint.clone()) == Some(fingerprint(c)));
+    let verified = status
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CREDENTIAL_VERIFIED && c.status == "True"))
+        .and_then(|c| proof_of_reason(&c.reason))
+        .filter(|_| same_secret);
+    Ok(Observed { secret, client, membership, targets, verified })
+}
