@@ -698,6 +698,121 @@ async fn project_init_creates_the_defaults() {
     http.send(http.request(Method::POST, &url, Some(&member_token)).json(&json!({"name": "x"}))).await.expect(403);
 }
 
+/// HTTP Basic on `/auth/me` with client credentials: how the operator checks credentials without
+/// spending the auth rate limit (d5).
+#[tokio::test]
+async fn basic_auth_on_auth_me_checks_the_current_secret_and_the_ip_rules() {
+    let medplum = MedplumTarget::start().await;
+    let admin = Admin::new(&medplum, "contract-basic").await;
+    let http = &medplum.http;
+    let basic = |id: &str, secret: &str| {
+        let request = http.request(Method::GET, "auth/me", None).basic_auth(id, Some(secret));
+        async move { http.send(request).await }
+    };
+    let (id, secret) = admin.new_client(json!({"name": "basic"})).await;
+    let me = basic(&id, &secret).await.expect(200).json();
+    let profile = (me["profile"]["resourceType"].as_str(), me["profile"]["id"].as_str());
+    assert_eq!(profile, (Some("ClientApplication"), Some(id.as_str())), "the client itself");
+    assert_eq!(basic(&id, "not-the-secret").await.status.as_u16(), 401);
+    // Only the current secret: a retiring one is refused (d4).
+    let mut client = http.get(&format!("fhir/R4/ClientApplication/{id}"), &admin.token).await.expect(200).json();
+    client["retiringSecret"] = json!(secret);
+    client["secret"] = json!("b".repeat(64));
+    http.put(&format!("fhir/R4/ClientApplication/{id}"), &admin.token, &client).await.expect(200);
+    assert_eq!(basic(&id, &secret).await.status.as_u16(), 401);
+    basic(&id, &"b".repeat(64)).await.expect(200);
+    // IP rules refuse Basic auth as 401, whatever the secret; the token endpoint then says why.
+    let rule = |value: &str, action: &str| json!({"name": value, "value": value, "action": action});
+    let policy = json!({"resourceType": "AccessPolicy", "name": "office", "ipAccessRule": [rule("10.2.", "allow"), rule("*", "block")],
+                        "resource": [{"resourceType": "Patient", "readonly": true}]});
+    let policy = http.post("fhir/R4/AccessPolicy", &admin.token, &policy).await.expect(201).json();
+    let reference = format!("AccessPolicy/{}", policy["id"].as_str().unwrap());
+    let (id, secret) = admin.new_client(json!({"name": "office", "accessPolicy": {"reference": reference}})).await;
+    assert_eq!(basic(&id, &secret).await.status.as_u16(), 401);
+    assert_eq!(token_error(&http.token_request(&id, &secret).await), "IP address not allowed");
+    // An inactive client is refused too.
+    let (id, secret) = admin.new_client(json!({"name": "off"})).await;
+    let mut client = http.get(&format!("fhir/R4/ClientApplication/{id}"), &admin.token).await.expect(200).json();
+    client["status"] = json!("off");
+    http.put(&format!("fhir/R4/ClientApplication/{id}"), &admin.token, &client).await.expect(200);
+    assert_eq!(basic(&id, &secret).await.status.as_u16(), 401);
+}
+
+/// The searches that keep the operator's view of a project current: every object of its ownership
+/// system (`_tag=<system>|`, `identifier=<system>|`), and one system-level search over the three
+/// types for what changed since a time (`_type`, `_lastUpdated=ge`), whatever the tags.
+#[tokio::test]
+async fn searches_for_everything_managed_and_for_what_changed() {
+    let medplum = MedplumTarget::start().await;
+    let admin = Admin::new(&medplum, "contract-sweep").await;
+    let http = &medplum.http;
+    let system = format!("urn:medplum-operator:contract-{}", crate::support::suffix());
+    let tag = |code: &str| json!([{"system": system, "code": code}]);
+    let mut clients = Vec::new();
+    for code in ["ClientApplication/a/x", "ClientApplication/a/y"] {
+        let body = json!({"resourceType": "ClientApplication", "name": code, "meta": {"tag": tag(code)}});
+        clients.push(http.post("fhir/R4/ClientApplication", &admin.token, &body).await.expect(201).json());
+    }
+    let untagged = json!({"resourceType": "ClientApplication", "name": "not ours"});
+    http.post("fhir/R4/ClientApplication", &admin.token, &untagged).await.expect(201);
+    let client_id = clients[0]["id"].as_str().unwrap();
+    let reference = format!("ClientApplication/{client_id}");
+    let membership = json!({"resourceType": "ProjectMembership",
+        "project": {"reference": format!("Project/{}", admin.project.project_id)},
+        "user": {"reference": reference}, "profile": {"reference": reference},
+        "identifier": [{"system": system, "value": "ClientApplication/a/x"}]});
+    let membership = http.post("fhir/R4/ProjectMembership", &admin.token, &membership).await.expect(201).json();
+    let project = format!("_project={}", admin.project.project_id);
+
+    let swept = http
+        .get(&format!("fhir/R4/ClientApplication?_tag={system}|&{project}&_count=1000&_offset=0"), &admin.token)
+        .await
+        .expect(200)
+        .json();
+    let mut found = ids(&swept);
+    found.sort();
+    let mut expected: Vec<String> = clients.iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
+    expected.sort();
+    assert_eq!(found, expected, "every client of the system, and only those");
+    let swept = http
+        .get(&format!("fhir/R4/ProjectMembership?identifier={system}|&{project}&_count=1000&_offset=0"), &admin.token)
+        .await
+        .expect(200)
+        .json();
+    assert_eq!(ids(&swept), [membership["id"].as_str().unwrap()]);
+
+    // What changed since the newest version: an edit that removed the tag is found all the same.
+    let newest = clients[1]["meta"]["lastUpdated"].as_str().unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let mut edited = clients[0].clone();
+    edited["meta"]["tag"] = json!([]);
+    edited["name"] = json!("edited in the console");
+    let edited =
+        http.put(&format!("fhir/R4/ClientApplication/{client_id}"), &admin.token, &edited).await.expect(200).json();
+    let since = format!("ge{}", edited["meta"]["lastUpdated"].as_str().unwrap());
+    let changes = http
+        .get(&format!("fhir/R4?_type=ClientApplication,ProjectMembership,AccessPolicy&{project}&_lastUpdated={since}&_count=1000&_offset=0"), &admin.token)
+        .await
+        .expect(200)
+        .json();
+    let changed: Vec<(String, String)> = changes["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["resource"]["resourceType"].as_str().unwrap().to_string(),
+                e["resource"]["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(changed, [("ClientApplication".to_string(), client_id.to_string())], "only what changed since");
+    assert!(newest < since[2..].to_string());
+    // Without `_type`, a system-level search is refused.
+    let refused = http.get(&format!("fhir/R4?{project}&_lastUpdated={since}"), &admin.token).await;
+    assert_eq!(refused.status.as_u16(), 400, "{}", refused.text);
+}
+
 #[tokio::test]
 async fn rate_limits_and_fault_injection() {
     let medplum = MedplumTarget::start_with(&["--auth-rate-limit", "5", "--fhir-quota", "250"]).await;

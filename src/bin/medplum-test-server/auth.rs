@@ -125,7 +125,8 @@ impl FromRequestParts<Arc<App>> for Caller {
         let caller = if let Some(token) = auth.strip_prefix("Bearer ") {
             caller_from_token(&store, token.trim())
         } else if let Some(basic) = auth.strip_prefix("Basic ") {
-            caller_from_basic(&store, basic.trim(), &app.base_url)
+            let peer = parts.extensions.get::<axum::extract::ConnectInfo<crate::faults::Peer>>().map(|c| c.0.0.ip());
+            caller_from_basic(&store, basic.trim(), &app.base_url, peer)
         } else {
             Err(unauthorized("Bearer", &app.base_url))
         }?;
@@ -185,7 +186,12 @@ fn caller_from_token(store: &Store, token: &str) -> Result<Caller, Response> {
     Ok(caller_for(store, &login.client_id, membership))
 }
 
-fn caller_from_basic(store: &Store, encoded: &str, realm: &str) -> Result<Caller, Response> {
+fn caller_from_basic(
+    store: &Store,
+    encoded: &str,
+    realm: &str,
+    peer: Option<std::net::IpAddr>,
+) -> Result<Caller, Response> {
     let (id, secret) = decode_basic(encoded).ok_or_else(|| unauthorized("Basic", realm))?;
     let client = store.find("ClientApplication", &id).ok_or_else(|| unauthorized("Basic", realm))?;
     // Only the current secret works for Basic auth on the API (record d4), and only for active clients.
@@ -199,6 +205,10 @@ fn caller_from_basic(store: &Store, encoded: &str, realm: &str) -> Result<Caller
         return Err(unauthorized("Basic", realm));
     }
     check_policies(store, membership).map_err(IntoResponse::into_response)?;
+    // Basic auth is a login of its own: the client's IP rules apply to it, and refuse it as 401.
+    if peer.is_some_and(|address| !ip_allowed(store, membership, &address)) {
+        return Err(unauthorized("Basic", realm));
+    }
     Ok(caller_for(store, &id, membership))
 }
 

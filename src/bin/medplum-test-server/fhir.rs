@@ -237,21 +237,55 @@ pub async fn search(
     require(&caller, &store, &rtype, "search")?;
     let found = matching(&store, &caller, &rtype, &query)?;
     drop(store);
+    Ok(search_bundle(&app, &format!("fhir/R4/{rtype}"), &query, found, caller.extended))
+}
+
+/// A system-level search (`GET /fhir/R4?_type=A,B`): the types' matches together, oldest first.
+pub async fn search_system(State(app): State<Arc<App>>, caller: Caller, RawQuery(query): RawQuery) -> Result<Response> {
+    let query = query.unwrap_or_default();
     let params = search::parse(&query);
+    let Some(types) = search::control(&params, "_type") else {
+        return Err(Outcome::invalid("No types specified"));
+    };
+    let filters: String = url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k != "_type")
+        .fold(url::form_urlencoded::Serializer::new(String::new()), |mut s, (k, v)| {
+            s.append_pair(&k, &v);
+            s
+        })
+        .finish();
+    let store = app.store();
+    let mut found = Vec::new();
+    for rtype in types.split(',') {
+        require(&caller, &store, rtype, "search")?;
+        found.extend(matching(&store, &caller, rtype, &filters)?);
+    }
+    drop(store);
+    found.sort_by(|a, b| a["meta"]["lastUpdated"].as_str().cmp(&b["meta"]["lastUpdated"].as_str()));
+    Ok(search_bundle(&app, "fhir/R4", &query, found, caller.extended))
+}
+
+/// A searchset Bundle of one page of `found` (`_count`, `_offset`, `_elements`, `_sort=-_lastUpdated`).
+fn search_bundle(app: &App, path: &str, query: &str, mut found: Vec<Value>, extended: bool) -> Response {
+    let params = search::parse(query);
+    if search::control(&params, "_sort") == Some("-_lastUpdated") {
+        found.reverse();
+    }
     let count: usize = search::control(&params, "_count").and_then(|c| c.parse().ok()).unwrap_or(20).min(1000);
     let offset: usize = search::control(&params, "_offset").and_then(|c| c.parse().ok()).unwrap_or(0);
     let elements = search::control(&params, "_elements");
-    let self_url = format!("{}fhir/R4/{rtype}?{query}", app.base_url);
+    let self_url = format!("{}{path}?{query}", app.base_url);
     let entries: Vec<Value> = found
         .iter()
         .skip(offset)
         .take(count)
         .map(|r| {
-            let shown = present(r, caller.extended);
+            let shown = present(r, extended);
             let shown = match elements {
                 Some(e) => search::subset(shown, e),
                 None => shown,
             };
+            let rtype = r["resourceType"].as_str().unwrap_or_default();
             json!({
                 "fullUrl": format!("{}fhir/R4/{rtype}/{}", app.base_url, r["id"].as_str().unwrap_or_default()),
                 "search": {"mode": "match"},
@@ -269,7 +303,7 @@ pub async fn search(
             })
             .append_pair("_offset", &(offset + count).to_string())
             .finish();
-        links.push(json!({"relation": "next", "url": format!("{}fhir/R4/{rtype}?{rest}", app.base_url)}));
+        links.push(json!({"relation": "next", "url": format!("{}{path}?{rest}", app.base_url)}));
     }
     let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "link": links});
     if !entries.is_empty() {
@@ -278,7 +312,7 @@ pub async fn search(
     if search::control(&params, "_total").is_some() || search::control(&params, "_summary") == Some("count") {
         bundle["total"] = json!(found.len());
     }
-    Ok(outcome::fhir(StatusCode::OK, &bundle))
+    outcome::fhir(StatusCode::OK, &bundle)
 }
 
 pub async fn create(

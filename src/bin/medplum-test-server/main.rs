@@ -132,6 +132,7 @@ fn routes(app: Arc<App>) -> axum::Router {
         )
         .route("/fhir/R4/metadata", get(fhir::metadata))
         .route("/fhir/R4/Project/$init", post(fhir::project_init))
+        .route("/fhir/R4", get(fhir::search_system))
         .route("/fhir/R4/{rtype}", get(fhir::search).post(fhir::create).put(fhir::conditional_update))
         .route("/fhir/R4/{rtype}/{id}", get(fhir::read).put(fhir::update).patch(fhir::patch).delete(fhir::delete))
         .route("/fhir/R4/{rtype}/{id}/{operation}", post(fhir::instance_operation))

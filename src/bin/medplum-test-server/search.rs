@@ -79,6 +79,23 @@ fn token_matches(system: &Value, code: &Value, wanted: &str) -> bool {
     }
 }
 
+/// A date parameter with its FHIR prefix (`ge2026-01-01T00:00:00.000Z`; none means `eq`).
+fn date_matches(actual: jiff::Timestamp, wanted: &str) -> bool {
+    let (prefix, text) = match wanted.get(..2) {
+        Some(p @ ("eq" | "ne" | "gt" | "lt" | "ge" | "le")) => (p, &wanted[2..]),
+        _ => ("eq", wanted),
+    };
+    let Ok(bound) = text.parse::<jiff::Timestamp>() else { return false };
+    match prefix {
+        "gt" => actual > bound,
+        "lt" => actual < bound,
+        "ge" => actual >= bound,
+        "le" => actual <= bound,
+        "ne" => actual != bound,
+        _ => actual == bound,
+    }
+}
+
 fn reference_matches(reference: &Value, wanted: &str) -> bool {
     reference["reference"].as_str().is_some_and(|r| r == wanted || r.ends_with(&format!("/{wanted}")))
 }
@@ -102,6 +119,10 @@ fn matches_one(resource: &Value, p: &Param, resolve: &dyn Fn(&str) -> Option<Val
     let any_of = |f: &dyn Fn(&str) -> bool| value.split(',').any(f);
     match p.name.as_str() {
         "_id" => any_of(&|v| resource["id"] == v),
+        "_lastUpdated" => resource["meta"]["lastUpdated"]
+            .as_str()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .is_some_and(|updated| date_matches(updated, value)),
         "_tag" => any_of(&|v| {
             resource["meta"]["tag"].as_array().into_iter().flatten().any(|t| token_matches(&t["system"], &t["code"], v))
         }),
