@@ -58,6 +58,11 @@ pub struct Settings {
     /// How often connections are verified again when nothing changed.
     #[arg(long, env = "RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub resync_interval: Duration,
+    /// How often each connection asks Medplum what changed among the objects it manages (one search
+    /// per type), so that a console edit is put back within seconds; 0 leaves that to the sweep of
+    /// every object at each resync.
+    #[arg(long, env = "DRIFT_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub drift_poll_interval: Duration,
     /// Timeout of one request to Medplum.
     #[arg(long, env = "MEDPLUM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub medplum_timeout: Duration,

@@ -48,6 +48,11 @@ pub struct ClientLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KubeRequestLabels {
     pub verb: &'static str,
     pub resource: String,
@@ -69,6 +74,8 @@ pub struct Metrics {
     token_refreshes: Counter,
     connection_ready: Family<ObjectLabels, Gauge>,
     kubernetes_requests: Family<KubeRequestLabels, Counter>,
+    rate_limit_waits: Family<LimitLabels, Counter>,
+    rate_limit_wait_seconds: Family<LimitLabels, Counter<f64>>,
     rotations: Counter,
     rotation_failures: Counter,
     seconds_until_rotation: Family<ClientLabels, Gauge>,
@@ -115,6 +122,18 @@ impl Default for Metrics {
             "Requests to the Kubernetes API by verb and resource",
             kubernetes_requests.clone(),
         );
+        let rate_limit_waits = Family::default();
+        registry.register(
+            "rate_limit_waits",
+            "Requests to Medplum held back until its rate limit window allowed them, by limit",
+            rate_limit_waits.clone(),
+        );
+        let rate_limit_wait_seconds = Family::default();
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time requests to Medplum were held back for its rate limits, by limit",
+            rate_limit_wait_seconds.clone(),
+        );
         let rotations = Counter::default();
         registry.register(
             "rotations",
@@ -147,6 +166,8 @@ impl Default for Metrics {
             token_refreshes,
             connection_ready,
             kubernetes_requests,
+            rate_limit_waits,
+            rate_limit_wait_seconds,
             rotations,
             rotation_failures,
             seconds_until_rotation,
@@ -195,6 +216,13 @@ impl Metrics {
     pub fn record_kube_request(&self, method: &http::Method, uri: &http::Uri) {
         let (verb, resource) = kube_request_kind(method, uri);
         self.kubernetes_requests.get_or_create(&KubeRequestLabels { verb, resource }).inc();
+    }
+
+    /// A request to Medplum held back for `waited` by the rate limit `limit`.
+    pub fn record_rate_limit_wait(&self, limit: &'static str, waited: Duration) {
+        let labels = LimitLabels { limit };
+        self.rate_limit_waits.get_or_create(&labels).inc();
+        self.rate_limit_wait_seconds.get_or_create(&labels).inc_by(waited.as_secs_f64());
     }
 
     pub fn record_rotation(&self) {

@@ -13,16 +13,17 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use super::connection::{UseError, usable_connection};
+use super::connection::{UsableConnection, UseError, usable_connection};
 use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::view::Seen;
 use super::{CleanupVia, Context, Error, GrantsPolicies, ReconcileStream, cleanup_via, event};
 use crate::crd::{
     AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, ConnectionLimits, Interaction, IpAction,
     PolicyDeletionPolicy, PolicyResource, ProjectUser,
 };
 use crate::medplum::{
-    AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumClient, MedplumError, MembershipAccess,
-    MembershipParameter, MembershipResource, PolicyResourceEntry, Ref,
+    AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumError, MembershipAccess, MembershipParameter,
+    MembershipResource, PolicyResourceEntry, Ref,
 };
 
 pub const KIND: &str = "AccessPolicy";
@@ -367,10 +368,12 @@ pub fn breaks_json_text(value: &str) -> bool {
     value.chars().any(|c| c == '"' || c == '\\' || c.is_control())
 }
 
-/// Resolves grants to Medplum policy ids through the AccessPolicy resources of the namespace, which
-/// must use the same connection (the same Medplum project).
+/// Resolves the grants of a resource of `kind` to Medplum policy ids through the AccessPolicy
+/// resources of the namespace, which must use the same connection (the same Medplum project). They
+/// are read from the watch of `kind`'s controller, or from the API server when it does not hold them.
 pub async fn resolve_grants(
     ctx: &Context,
+    kind: &str,
     namespace: &str,
     connection: &crate::crd::ConnectionRef,
     grants: &[AccessGrant],
@@ -384,7 +387,10 @@ pub async fn resolve_grants(
         if let Some(p) = grant.parameters.iter().find(|p| p.value_string.as_deref().is_some_and(breaks_json_text)) {
             return Err(GrantError::InvalidParameter { name, parameter: p.name.clone() });
         }
-        let policy = api.get_opt(&name).await?.ok_or_else(|| GrantError::NotFound { name: name.clone() })?;
+        let policy = match ctx.policies.get(kind, namespace, &name) {
+            Some(policy) => policy,
+            None => Arc::new(api.get_opt(&name).await?.ok_or_else(|| GrantError::NotFound { name: name.clone() })?),
+        };
         if policy.spec.connection_ref != *connection {
             return Err(GrantError::ConnectionMismatch { name });
         }
@@ -400,14 +406,34 @@ pub async fn resolve_grants(
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
 
+/// The Medplum policy of `ap`: from the view, else from Medplum.
 async fn find_policy(
-    medplum: &MedplumClient,
+    usable: &UsableConnection,
+    ap: &AccessPolicy,
+    tag: &Coding,
+) -> Result<Option<AccessPolicyResource>, MedplumError> {
+    match usable.view.seen::<AccessPolicyResource>(&tag.code).await {
+        Seen::Known(policy) => Ok(Some(policy)),
+        // Creating it is idempotent (conditional on the tag).
+        Seen::Absent => Ok(None),
+        Seen::Unknown => read_policy(usable, ap, tag).await,
+    }
+}
+
+/// The Medplum policy of `ap`, by the id in status or the ownership tag.
+async fn read_policy(
+    usable: &UsableConnection,
     ap: &AccessPolicy,
     tag: &Coding,
 ) -> Result<Option<AccessPolicyResource>, MedplumError> {
     let recorded = ap.status.as_ref().and_then(|s| s.policy_id.as_deref());
     let query = format!("{}|{}", tag.system, tag.code);
-    medplum.find_owned(recorded, |p: &AccessPolicyResource| p.meta.has_tag(tag), "_tag", &query).await
+    let found =
+        usable.client.find_owned(recorded, |p: &AccessPolicyResource| p.meta.has_tag(tag), "_tag", &query).await?;
+    if let Some(policy) = &found {
+        usable.view.record(policy);
+    }
+    Ok(found)
 }
 
 /// Creates or updates the policy; returns it and the Events to publish.
@@ -417,11 +443,26 @@ async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResou
     validate(&ap.spec)?;
     check_ceiling(&ap.spec, &usable.limits)?;
     let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ap.name_any());
-    let desired = desired_policy(ap, &tag);
+    let result = converge_policy(&usable, ap, &tag).await;
+    if let Err(PolicyError::Medplum(e)) = &result
+        && e.leaves_object_uncertain()
+    {
+        usable.view.doubt::<AccessPolicyResource>(&tag.code);
+    }
+    result
+}
+
+async fn converge_policy(
+    usable: &UsableConnection,
+    ap: &AccessPolicy,
+    tag: &Coding,
+) -> Result<(AccessPolicyResource, Vec<Event>), PolicyError> {
+    let desired = desired_policy(ap, tag);
     let medplum = &usable.client;
-    let Some(actual) = find_policy(medplum, ap, &tag).await? else {
+    let Some(actual) = find_policy(usable, ap, tag).await? else {
         let condition = format!("_tag={}|{}", tag.system, tag.code);
         let created = usable.create(&desired, Some(&condition)).await?;
+        usable.view.record(&created);
         let note = format!("created Medplum AccessPolicy/{}", created.id.as_deref().unwrap_or_default());
         return Ok((created, vec![event(EventType::Normal, "Created", "Create", note)]));
     };
@@ -432,6 +473,7 @@ async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResou
     let id = actual.id.clone().unwrap_or_default();
     let version = actual.meta.version_id.clone().unwrap_or_default();
     let updated = medplum.update(&id, &policy_body(&desired, &actual), &version).await?;
+    usable.view.record(&updated);
     let left = policy_drift(&desired, &updated);
     if !left.is_empty() {
         return Err(PolicyError::NotConverging(left.join(", ")));
@@ -519,7 +561,8 @@ async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
     let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ap.name_any());
     let medplum = &usable.client;
     let outcome: Result<Option<String>, MedplumError> = async {
-        let Some(policy) = find_policy(medplum, ap, &tag).await? else {
+        // Deletion asks Medplum itself, whatever the view holds.
+        let Some(policy) = read_policy(&usable, ap, &tag).await? else {
             return Ok(Some("nothing left in Medplum".into()));
         };
         let id = policy.id.clone().unwrap_or_default();
@@ -542,6 +585,9 @@ async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
         }))
     }
     .await;
+    if matches!(outcome, Ok(Some(_))) {
+        usable.view.forget::<AccessPolicyResource>(&tag.code);
+    }
     match outcome.map_err(|e| Error::Cleanup(e.to_string()))? {
         Some(note) => {
             let reason = match ap.spec.deletion_policy {

@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use super::secret::{CaSource, SourceError, read_ca_bundle, read_secret_strings};
 use super::status::{ConditionState, READY, apply_status, is_ready, set_condition};
+use super::view::MedplumView;
 use super::{Context, Error, ReconcileStream};
 use crate::crd::{
     AllowedNamespaces, ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, MedplumConnection,
@@ -61,8 +62,8 @@ impl ConnectionKey {
 pub enum UseError {
     #[error("{kind} {name} not found")]
     NotFound { kind: &'static str, name: String },
-    #[error("{kind} {name} is not Ready")]
-    NotReady { kind: &'static str, name: String },
+    #[error("{kind} {name} is not Ready{}", cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default())]
+    NotReady { kind: &'static str, name: String, cause: Option<String> },
     #[error("ClusterMedplumConnection {name} does not admit namespace {namespace} (spec.allowedNamespaces)")]
     NotAllowed { name: String, namespace: String },
     #[error("Kubernetes API: {0}")]
@@ -99,20 +100,34 @@ pub async fn usable_connection(
 ) -> Result<UsableConnection, UseError> {
     let key = ConnectionKey::of(namespace, reference);
     let kind = key.kind_name();
-    let exists = match key.kind {
-        ConnectionKind::MedplumConnection => {
-            Api::<MedplumConnection>::namespaced(ctx.client.clone(), namespace).get_opt(&key.name).await?.is_some()
-        }
-        ConnectionKind::ClusterMedplumConnection => {
-            Api::<ClusterMedplumConnection>::all(ctx.client.clone()).get_opt(&key.name).await?.is_some()
+    // A connection the registry holds exists: it leaves the registry when its deletion completes.
+    let usable = match ctx.connections.state(&key) {
+        Some(Ok(usable)) => usable,
+        Some(Err(cause)) => return Err(UseError::NotReady { kind, name: key.name, cause }),
+        None => {
+            let exists = match key.kind {
+                ConnectionKind::MedplumConnection => {
+                    Api::<MedplumConnection>::namespaced(ctx.client.clone(), namespace)
+                        .get_opt(&key.name)
+                        .await?
+                        .is_some()
+                }
+                ConnectionKind::ClusterMedplumConnection => {
+                    Api::<ClusterMedplumConnection>::all(ctx.client.clone()).get_opt(&key.name).await?.is_some()
+                }
+            };
+            return Err(if exists {
+                UseError::NotReady { kind, name: key.name, cause: None }
+            } else {
+                UseError::NotFound { kind, name: key.name }
+            });
         }
     };
-    if !exists {
-        return Err(UseError::NotFound { kind, name: key.name });
-    }
-    let usable = ctx.connections.ready(&key).ok_or_else(|| UseError::NotReady { kind, name: key.name.clone() })?;
-    let (labels, _) = namespace_labels(ctx, namespace).await?;
-    if !usable.admission.admits(namespace, &labels) {
+    let admitted = match usable.admission.admits_by_name(namespace) {
+        Some(admitted) => admitted,
+        None => usable.admission.admits(namespace, &namespace_labels(ctx, namespace).await?.0),
+    };
+    if !admitted {
         return Err(UseError::NotAllowed { name: key.name, namespace: namespace.to_string() });
     }
     Ok(usable)
@@ -249,6 +264,16 @@ pub enum Admission {
 }
 
 impl Admission {
+    /// Whether resources in `namespace` may use the connection, when its name alone decides; `None`
+    /// when its labels must be read.
+    pub fn admits_by_name(&self, namespace: &str) -> Option<bool> {
+        match self {
+            Self::Namespace(own) => Some(own == namespace),
+            Self::Namespaces(allowed) if allowed.names.iter().any(|n| n == namespace) => Some(true),
+            Self::Namespaces(allowed) => allowed.selector.is_none().then_some(false),
+        }
+    }
+
     /// Whether resources in `namespace` (with these labels) may use the connection.
     pub fn admits(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
         match self {
@@ -281,6 +306,8 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
 #[derive(Clone)]
 pub struct UsableConnection {
     pub client: Arc<MedplumClient>,
+    /// What the operator knows of its objects in the project.
+    pub view: Arc<MedplumView>,
     pub project_id: String,
     /// The credential is a super admin's: writes name the project, and memberships are deleted through FHIR.
     pub super_admin: bool,
@@ -447,7 +474,19 @@ struct RegistryEntry {
     client: Arc<MedplumClient>,
     /// The last successful verification; kept while later ones fail, for cleanups.
     last_usable: Option<UsableConnection>,
-    ready: bool,
+    /// Whether the last verification succeeded, and why not.
+    ready: Result<(), Option<String>>,
+    /// The view of the project, and the task keeping it current (stopped with the entry).
+    view: Option<(String, Arc<MedplumView>, AbortOnDrop)>,
+}
+
+/// A background task that ends when this is dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Medplum clients of the connections, by connection, and their state for dependents.
@@ -472,15 +511,39 @@ impl ConnectionRegistry {
         let client = Arc::new(make()?);
         let mut entries = self.entries.write().expect("registry lock");
         let last_usable = entries.remove(key).and_then(|e| e.last_usable);
-        entries.insert(key.clone(), RegistryEntry { fingerprint, client: client.clone(), last_usable, ready: false });
+        let entry = RegistryEntry { fingerprint, client: client.clone(), last_usable, ready: Err(None), view: None };
+        entries.insert(key.clone(), entry);
         Ok(client)
     }
 
-    fn set_usable(&self, key: &ConnectionKey, usable: Option<UsableConnection>) {
+    /// The view of `project_id` through the connection's current client, started by `start` (which
+    /// returns the view and the task keeping it current) the first time, or when the project changed.
+    fn view(
+        &self,
+        key: &ConnectionKey,
+        project_id: &str,
+        start: impl FnOnce() -> (Arc<MedplumView>, tokio::task::AbortHandle),
+    ) -> Option<Arc<MedplumView>> {
+        let mut entries = self.entries.write().expect("registry lock");
+        let entry = entries.get_mut(key)?;
+        if let Some((project, view, _)) = &entry.view
+            && project == project_id
+        {
+            return Some(view.clone());
+        }
+        let (view, task) = start();
+        entry.view = Some((project_id.to_string(), view.clone(), AbortOnDrop(task)));
+        Some(view)
+    }
+
+    fn set_usable(&self, key: &ConnectionKey, usable: Result<UsableConnection, String>) {
         if let Some(entry) = self.entries.write().expect("registry lock").get_mut(key) {
-            entry.ready = usable.is_some();
-            if usable.is_some() {
-                entry.last_usable = usable;
+            match usable {
+                Ok(usable) => {
+                    entry.ready = Ok(());
+                    entry.last_usable = Some(usable);
+                }
+                Err(failure) => entry.ready = Err(Some(failure)),
             }
         }
     }
@@ -497,10 +560,20 @@ impl ConnectionRegistry {
             .collect()
     }
 
-    /// The connection, if its last verification succeeded.
-    pub fn ready(&self, key: &ConnectionKey) -> Option<UsableConnection> {
+    /// Whether the registry holds the connection (`None`: not seen yet, or deleted), and if so, the
+    /// connection when its last verification succeeded, else why it failed (if it was verified).
+    pub fn state(&self, key: &ConnectionKey) -> Option<Result<UsableConnection, Option<String>>> {
         let entries = self.entries.read().expect("registry lock");
-        entries.get(key).filter(|e| e.ready).and_then(|e| e.last_usable.clone())
+        entries.get(key).map(|e| match (&e.ready, &e.last_usable) {
+            (Ok(()), Some(usable)) => Ok(usable.clone()),
+            (Ok(()), None) => Err(None),
+            (Err(cause), _) => Err(cause.clone()),
+        })
+    }
+
+    /// Forgets a connection whose deletion completed (stopping its view's task).
+    pub fn remove(&self, key: &ConnectionKey) {
+        self.entries.write().expect("registry lock").remove(key);
     }
 
     /// The connection as last verified, even if it is failing now or was deleted: cleanups use it so
@@ -531,6 +604,7 @@ async fn verify(ctx: &Context, key: &ConnectionKey, target: &ConnectionTarget) -
             credentials,
             ca.as_deref(),
             ctx.settings.medplum_timeout,
+            &ctx.pacing,
             ctx.metrics.clone(),
         )
     })?;
@@ -563,6 +637,22 @@ fn kind_name(kind: ConnectionKind) -> &'static str {
     }
 }
 
+/// A new view of the verified project, and the task that keeps it current.
+fn start_view(ctx: &Context, verified: &Verified) -> (Arc<MedplumView>, tokio::task::AbortHandle) {
+    let settings = &ctx.settings;
+    let system = super::ownership_tag(&settings.cluster_id, "", "", "").system;
+    // Twice the resync interval: one missed sweep is forgiven, two are not.
+    let view = Arc::new(MedplumView::new(system, verified.project_id.clone(), settings.resync_interval * 2));
+    let task = tokio::spawn(super::view::keep_current(
+        view.clone(),
+        verified.client.clone(),
+        ctx.medplum_changed.clone(),
+        settings.resync_interval,
+        settings.drift_poll_interval,
+    ));
+    (view, task.abort_handle())
+}
+
 /// Held on every connection while resources still use it, so their own cleanups can reach Medplum.
 pub const FINALIZER: &str = "medplum.com/connection-in-use";
 
@@ -582,16 +672,22 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
     let kind = kind_name(K::KIND);
     let key = obj.key();
     let result = verify(ctx, &key, &obj.target()).await;
-    ctx.connections.set_usable(
-        &key,
-        result.as_ref().ok().map(|v| UsableConnection {
-            client: v.client.clone(),
-            project_id: v.project_id.clone(),
-            super_admin: v.super_admin,
-            limits: obj.limits().clone(),
-            admission: obj.admission(),
-        }),
-    );
+    let usable = match &result {
+        Ok(v) => ctx
+            .connections
+            .view(&key, &v.project_id, || start_view(ctx, v))
+            .map(|view| UsableConnection {
+                client: v.client.clone(),
+                view,
+                project_id: v.project_id.clone(),
+                super_admin: v.super_admin,
+                limits: obj.limits().clone(),
+                admission: obj.admission(),
+            })
+            .ok_or_else(|| "its Medplum client was replaced meanwhile".to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    ctx.connections.set_usable(&key, usable);
     let current = obj.connection_status();
     let desired = desired_status(current, &result, obj.meta().generation, Timestamp::now());
     write_status(ctx, obj, api, &desired, "Verify").await?;
@@ -653,6 +749,7 @@ async fn release<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> R
     let key = obj.key();
     let users = super::connection_users(ctx, &key).await.map_err(Error::Kube)?;
     if users.is_empty() {
+        ctx.connections.remove(&key);
         let namespace = key.namespace.as_deref().unwrap_or_default();
         ctx.metrics.forget_connection(kind_name(K::KIND), namespace, &key.name);
         ctx.metrics.set_object_ready(kind_name(K::KIND), namespace, &key.name, None);
@@ -717,22 +814,14 @@ pub fn controller<K: ConnectionObject>(
         }
         None => controller,
     };
-    let gone = ctx.users_gone.subscribe();
-    let released = futures::stream::unfold(gone, |mut gone| async move {
-        loop {
-            match gone.recv().await {
-                Ok(key) if key.kind == K::KIND => {
-                    let reference = ObjectRef::<K>::new(&key.name);
-                    let reference = match &key.namespace {
-                        Some(ns) => reference.within(ns),
-                        None => reference,
-                    };
-                    return Some((reference, gone));
-                }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+    let released = super::triggers(&ctx.users_gone, |key: ConnectionKey| {
+        (key.kind == K::KIND).then(|| {
+            let reference = ObjectRef::<K>::new(&key.name);
+            match &key.namespace {
+                Some(ns) => reference.within(ns),
+                None => reference,
             }
-        }
+        })
     });
     let controller = controller.reconcile_on(released);
     let stream = super::drive(controller, kind_name(K::KIND), ctx, reconcile::<K>);
@@ -774,8 +863,14 @@ mod tests {
         let now = Timestamp::from_second(1_000).unwrap();
         let _ = rustls::crypto::ring::default_provider().install_default();
         let credentials = ClientCredentials { client_id: "c1".into(), client_secret: "s".to_string().into() };
-        let client =
-            MedplumClient::new("https://m.example.org", credentials, None, Duration::from_secs(1), Default::default());
+        let client = MedplumClient::new(
+            "https://m.example.org",
+            credentials,
+            None,
+            Duration::from_secs(1),
+            &Default::default(),
+            Default::default(),
+        );
         let verified = Verified {
             project_id: "p1".into(),
             project_name: Some("Lab".into()),

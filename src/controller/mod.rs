@@ -8,6 +8,7 @@ mod connection;
 mod project_user;
 mod secret;
 mod status;
+mod view;
 mod workload;
 
 use std::collections::HashMap;
@@ -104,6 +105,32 @@ impl FailureBackoff {
     }
 }
 
+/// The resource versions the operator's own writes of Secrets produced, so that the watch event of
+/// such a write does not reconcile once more the resource that made it. An entry goes when its event
+/// arrives; a different version (someone else's change, a deletion) reconciles as usual.
+#[derive(Default)]
+pub struct OwnWrites(Mutex<HashMap<(String, String), String>>);
+
+impl OwnWrites {
+    pub fn wrote(&self, namespace: &str, name: &str, resource_version: Option<&str>) {
+        if let Some(version) = resource_version {
+            let mut writes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            writes.insert((namespace.to_string(), name.to_string()), version.to_string());
+        }
+    }
+
+    /// Whether this event shows the operator's own last write (then it is forgotten).
+    pub fn is_own(&self, namespace: &str, name: &str, resource_version: Option<&str>) -> bool {
+        let mut writes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (namespace.to_string(), name.to_string());
+        let own = resource_version.is_some() && writes.get(&key).map(String::as_str) == resource_version;
+        if own {
+            writes.remove(&key);
+        }
+        own
+    }
+}
+
 /// What every reconcile gets.
 pub struct Context {
     pub client: Client,
@@ -114,6 +141,12 @@ pub struct Context {
     /// Connections one of whose users was just deleted: a connection being deleted waits for its
     /// users, and looks again at once instead of at its next backoff.
     pub users_gone: tokio::sync::broadcast::Sender<connection::ConnectionKey>,
+    /// Resources whose objects changed or went in Medplum (found by a connection's view).
+    pub medplum_changed: tokio::sync::broadcast::Sender<view::Owner>,
+    pub own_writes: OwnWrites,
+    pub policies: PolicyStores,
+    /// What Medplum's rate limits allow, per server and per credential, shared by all connections.
+    pub pacing: crate::medplum::Pacing,
     recorder: Recorder,
 }
 
@@ -128,6 +161,10 @@ impl Context {
             connections: ConnectionRegistry::default(),
             backoff: FailureBackoff::default(),
             users_gone: tokio::sync::broadcast::channel(1024).0,
+            medplum_changed: tokio::sync::broadcast::channel(4096).0,
+            own_writes: OwnWrites::default(),
+            policies: PolicyStores::default(),
+            pacing: Default::default(),
         }
     }
 
@@ -224,10 +261,62 @@ where
 pub const CLEANUP_FINALIZER: &str = "medplum.com/cleanup";
 
 /// The controller of a namespaced kind in one scope (`namespace` None: all), reconciling at most
-/// `concurrency` objects at a time.
+/// `concurrency` objects at a time. It reconciles on changes of the spec (generation, which also
+/// moves when a deletion starts), annotations and finalizers, not on status writes (its own, above
+/// all), and on changes in Medplum of the objects a resource owns. Its cache keeps objects without
+/// `managedFields`, which the operator never reads.
 fn new_controller<K: UsesConnection>(ctx: &Context, namespace: Option<&str>, concurrency: u16) -> Controller<K> {
-    Controller::new(scoped::<K>(&ctx.client, namespace), kube::runtime::watcher::Config::default().any_semantic())
+    use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
+    let (reader, writer) = reflector::store();
+    let changes = watcher(scoped::<K>(&ctx.client, namespace), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
+            Default::default(),
+        );
+    Controller::for_stream(changes, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .reconcile_on(owners_changed::<K>(ctx, namespace.map(str::to_string)))
+}
+
+/// The resources of kind `K` (in `namespace`, if given) whose objects changed or went in Medplum.
+fn owners_changed<K: UsesConnection>(
+    ctx: &Context,
+    namespace: Option<String>,
+) -> impl futures::Stream<Item = ObjectRef<K>> + Send + 'static {
+    triggers(&ctx.medplum_changed, move |owner: view::Owner| {
+        let ours = owner.kind == K::kind(&()) && namespace.as_ref().is_none_or(|ns| *ns == owner.namespace);
+        ours.then(|| ObjectRef::new(&owner.name).within(&owner.namespace))
+    })
+}
+
+/// The objects `pick` chooses among what `sender` broadcasts, as reconcile triggers. A receiver that
+/// fell behind skips what it missed: those objects are reconciled at their next resync anyway.
+fn triggers<T, K>(
+    sender: &tokio::sync::broadcast::Sender<T>,
+    pick: impl Fn(T) -> Option<ObjectRef<K>> + Send + 'static,
+) -> impl futures::Stream<Item = ObjectRef<K>> + Send + 'static
+where
+    T: Clone + Send + 'static,
+    K: kube::runtime::reflector::Lookup + Send + 'static,
+    K::DynamicType: Send,
+{
+    futures::stream::unfold((sender.subscribe(), pick), |(mut received, pick)| async move {
+        loop {
+            match received.recv().await {
+                Ok(item) => {
+                    if let Some(reference) = pick(item) {
+                        return Some((reference, (received, pick)));
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
 }
 
 /// One reconcile behind [`CLEANUP_FINALIZER`]: `apply` while the resource exists, `cleanup` once it
@@ -331,6 +420,32 @@ impl GrantsPolicies for ProjectUser {
     }
 }
 
+/// The AccessPolicies each granting controller watches, by the kind of that controller and its scope
+/// (`None`: all namespaces). A policy's watch event reconciles its grantees only after the store took
+/// it in, so a grantee never reads an older version than the one that triggered it.
+#[derive(Default)]
+pub struct PolicyStores(Mutex<HashMap<StoreKey, Store<AccessPolicy>>>);
+
+/// A controller's kind and scope.
+type StoreKey = (String, Option<String>);
+
+impl PolicyStores {
+    fn register(&self, kind: &str, scope: Option<&str>, store: Store<AccessPolicy>) {
+        let key = (kind.to_string(), scope.map(str::to_string));
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(key, store);
+    }
+
+    /// The policy as the watch of `kind`'s controller last saw it; `None` when that watch does not
+    /// hold it (yet): then ask the API server.
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Arc<AccessPolicy>> {
+        let stores = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let store = stores
+            .get(&(kind.to_string(), Some(namespace.to_string())))
+            .or_else(|| stores.get(&(kind.to_string(), None)))?;
+        store.get(&ObjectRef::new(name).within(namespace))
+    }
+}
+
 /// Watches AccessPolicies, so that a policy appearing in Medplum (or changing) reconciles at once the
 /// resources that grant it.
 fn watch_policies<K: GrantsPolicies>(
@@ -338,20 +453,24 @@ fn watch_policies<K: GrantsPolicies>(
     ctx: &Context,
     namespace: Option<&str>,
 ) -> Controller<K> {
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
     let store = controller.store();
-    controller.watches(
-        scoped::<AccessPolicy>(&ctx.client, namespace),
-        kube::runtime::watcher::Config::default(),
-        move |policy| {
-            let (name, namespace) = (policy.name_any(), policy.namespace());
-            store
-                .state()
-                .iter()
-                .filter(|o| o.namespace() == namespace && o.access().iter().any(|g| g.policy_ref.name == name))
-                .map(|o| ObjectRef::from_obj(&**o))
-                .collect::<Vec<_>>()
-        },
-    )
+    let (policies, writer) = reflector::store();
+    ctx.policies.register(&K::kind(&()), namespace, policies);
+    let changes = watcher(scoped::<AccessPolicy>(&ctx.client, namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(|p| p.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects();
+    controller.watches_stream(changes, move |policy| {
+        let (name, namespace) = (policy.name_any(), policy.namespace());
+        store
+            .state()
+            .iter()
+            .filter(|o| o.namespace() == namespace && o.access().iter().any(|g| g.policy_ref.name == name))
+            .map(|o| ObjectRef::from_obj(&**o))
+            .collect::<Vec<_>>()
+    })
 }
 
 /// Watches both connection kinds, so that a connection's change (becoming Ready, above all)

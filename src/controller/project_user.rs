@@ -15,6 +15,7 @@ use super::access_policy::{GrantError, resolve_grants};
 use super::adoption::{self, AdoptionError};
 use super::connection::{UsableConnection, UseError, usable_connection};
 use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::view::Seen;
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
 use crate::crd::{ProjectUser, ProjectUserStatus, UserDeletionPolicy, UserScope};
 use crate::medplum::{
@@ -156,15 +157,51 @@ fn name_matches(profile: &ProfileResource, first: &str, last: &str) -> bool {
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
 
+/// The membership of `user`: from the view, else from Medplum.
 async fn find_membership(
-    medplum: &MedplumClient,
+    usable: &UsableConnection,
+    user: &ProjectUser,
+    identifier: &Identifier,
+) -> Result<Option<MembershipResource>, MedplumError> {
+    match usable.view.seen::<MembershipResource>(&identifier.value).await {
+        Seen::Known(membership) => Ok(Some(membership)),
+        // An invite of someone already a member answers 409, so no search is needed first.
+        Seen::Absent => Ok(None),
+        Seen::Unknown => read_membership(usable, user, identifier).await,
+    }
+}
+
+/// The membership of `user`, by the id in status or the operator's identifier.
+async fn read_membership(
+    usable: &UsableConnection,
     user: &ProjectUser,
     identifier: &Identifier,
 ) -> Result<Option<MembershipResource>, MedplumError> {
     let recorded = user.status.as_ref().and_then(|s| s.membership_id.as_deref());
     let query = format!("{}|{}", identifier.system, identifier.value);
-    medplum.find_owned(recorded, |m: &MembershipResource| m.identifier.contains(identifier), "identifier", &query).await
+    let ours = |m: &MembershipResource| m.identifier.contains(identifier);
+    let found = usable.client.find_owned(recorded, ours, "identifier", &query).await?;
+    if let Some(m) = &found {
+        usable.view.record(m);
+    }
+    Ok(found)
 }
+
+/// Whether to read the profile for its name now: after a change of the spec or of the membership,
+/// and otherwise for each user in one resync of every [`PROFILE_CHECK_EVERY`], spread by name, so
+/// that names are kept without a read per user per resync.
+fn profile_due(user: &ProjectUser, membership_changed: bool, resync: std::time::Duration) -> bool {
+    use std::hash::{Hash, Hasher};
+    let spec_changed = user.status.as_ref().and_then(|s| s.observed_generation) != user.metadata.generation;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (user.namespace(), user.name_any()).hash(&mut hasher);
+    let round = Timestamp::now().as_second() / resync.as_secs().max(1) as i64;
+    let turn = round.rem_euclid(PROFILE_CHECK_EVERY) == (hasher.finish() % PROFILE_CHECK_EVERY as u64) as i64;
+    spec_changed || membership_changed || turn
+}
+
+/// A profile's name is compared with the spec at least once in this many resyncs.
+const PROFILE_CHECK_EVERY: i64 = 12;
 
 /// The existing membership in the project of the person the spec names (for adoption after a 409).
 async fn existing_membership(
@@ -224,16 +261,17 @@ async fn converge(
     if user.spec.unrestricted_access && !usable.limits.allow_unrestricted_access {
         return Err(UserError::UnrestrictedAccessNotAllowed);
     }
-    let access = resolve_grants(ctx, &namespace, &user.spec.connection_ref, &user.spec.access).await?;
+    let access = resolve_grants(ctx, KIND, &namespace, &user.spec.connection_ref, &user.spec.access).await?;
     let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
     let medplum = &usable.client;
     let mut events = Vec::new();
     // An adopted membership is marked as such beside the operator's identifier.
     let mut identifiers = vec![identifier.clone()];
-    let mut membership = match find_membership(medplum, user, &identifier).await? {
+    let mut membership = match find_membership(usable, user, &identifier).await? {
         Some(m) => m,
         None => match medplum.invite(&usable.project_id, &invite_request(user, &access, &identifier)).await {
             Ok(m) => {
+                usable.view.record(&m);
                 let note = format!(
                     "invited {} as ProjectMembership/{}",
                     m.profile.reference,
@@ -254,11 +292,13 @@ async fn converge(
         },
     };
     let drift = membership_drift(&access, user.spec.admin, &identifiers, &membership);
+    let membership_changed = !events.is_empty() || !drift.is_empty();
     if !drift.is_empty() {
         let id = membership.id.clone().unwrap_or_default();
         let version = membership.meta.version_id.clone().unwrap_or_default();
         let body = membership_body(&membership, &access, user.spec.admin, &identifiers);
         let updated = medplum.update(&id, &body, &version).await?;
+        usable.view.record(&updated);
         let left = membership_drift(&access, user.spec.admin, &identifiers, &updated);
         if !left.is_empty() {
             return Err(UserError::NotConverging(left.join(", ")));
@@ -271,6 +311,9 @@ async fn converge(
         membership = updated;
     }
     // The name lives on the profile; keep it as the spec says.
+    if !profile_due(user, membership_changed, ctx.settings.resync_interval) {
+        return Ok((membership, events));
+    }
     let reference = membership.profile.reference.clone();
     let profile = medplum.read_reference::<ProfileResource>(&reference).await?;
     if let Some(mut profile) = profile.filter(|p| !name_matches(p, &user.spec.first_name, &user.spec.last_name)) {
@@ -309,7 +352,16 @@ async fn write_status(
 async fn apply(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
     let namespace = user.namespace().unwrap_or_default();
     let result = match usable_connection(ctx, &namespace, &user.spec.connection_ref).await {
-        Ok(usable) => converge(ctx, user, &usable).await,
+        Ok(usable) => {
+            let result = converge(ctx, user, &usable).await;
+            if let Err(UserError::Medplum(e)) = &result
+                && e.leaves_object_uncertain()
+            {
+                let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
+                usable.view.doubt::<MembershipResource>(&identifier.value);
+            }
+            result
+        }
         Err(e) => Err(e.into()),
     };
     match result {
@@ -344,7 +396,8 @@ async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
     let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
     let medplum = &usable.client;
     let outcome: Result<(String, &str), MedplumError> = async {
-        let Some(mut m) = find_membership(medplum, user, &identifier).await? else {
+        // Deletion asks Medplum itself, whatever the view holds.
+        let Some(mut m) = read_membership(&usable, user, &identifier).await? else {
             return Ok(("nothing left in Medplum".into(), "Deleted"));
         };
         let id = m.id.clone().unwrap_or_default();
@@ -384,6 +437,7 @@ async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
         })
     }
     .await;
+    usable.view.forget::<MembershipResource>(&identifier.value);
     let (note, reason) = outcome.map_err(|e| Error::Cleanup(e.to_string()))?;
     ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
     ctx.metrics.set_object_ready(KIND, &namespace, &user.name_any(), None);

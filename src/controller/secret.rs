@@ -143,6 +143,7 @@ pub struct WrittenSecret {
     pub values: BTreeMap<String, SecretString>,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    pub resource_version: Option<String>,
 }
 
 /// What the operator's part of a Secret should be. Applied with server-side apply, so fields the
@@ -181,9 +182,12 @@ pub async fn read_written(
     name: &str,
     keys: &[&str],
 ) -> Result<WrittenSecret, kube::Error> {
-    let Some(secret) = Api::<Secret>::namespaced(client.clone(), namespace).get_opt(name).await? else {
-        return Ok(WrittenSecret::default());
-    };
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace).get_opt(name).await?;
+    Ok(secret.map(|s| written(s, keys)).unwrap_or_default())
+}
+
+/// A Secret as the operator sees it: the values of `keys` only.
+fn written(secret: Secret, keys: &[&str]) -> WrittenSecret {
     let data = secret.data.unwrap_or_default();
     let values = keys
         .iter()
@@ -192,23 +196,25 @@ pub async fn read_written(
             Some(((*key).to_string(), SecretString::from(text)))
         })
         .collect();
-    Ok(WrittenSecret {
+    WrittenSecret {
         exists: true,
+        resource_version: secret.metadata.resource_version,
         type_: secret.type_,
         owner_uids: secret.metadata.owner_references.unwrap_or_default().into_iter().map(|o| o.uid).collect(),
         values,
         labels: secret.metadata.labels.unwrap_or_default(),
         annotations: secret.metadata.annotations.unwrap_or_default(),
-    })
+    }
 }
 
-/// Writes the operator's part of a Secret.
+/// Writes the operator's part of a Secret; returns the Secret as written (the values of `keys`).
 pub async fn apply_written(
     client: &Client,
     namespace: &str,
     name: &str,
     content: &SecretContent,
-) -> Result<(), kube::Error> {
+    keys: &[&str],
+) -> Result<WrittenSecret, kube::Error> {
     use base64::Engine;
     let data: serde_json::Map<String, serde_json::Value> = content
         .data
@@ -222,6 +228,7 @@ pub async fn apply_written(
     let body =
         serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "data": data});
     let params = PatchParams::apply(super::status::FIELD_MANAGER).force();
-    Api::<Secret>::namespaced(client.clone(), namespace).patch(name, &params, &Patch::Apply(&body)).await?;
-    Ok(())
+    let applied =
+        Api::<Secret>::namespaced(client.clone(), namespace).patch(name, &params, &Patch::Apply(&body)).await?;
+    Ok(written(applied, keys))
 }

@@ -339,9 +339,10 @@ pub enum AdoptSecret {
 #[serde(rename_all = "camelCase")]
 pub struct ClientApplicationStatus {
     /// `Ready` (credentials in the Secret work and Medplum matches the spec), `CredentialVerified`
-    /// (Medplum accepted the Secret's credentials: reason `TokenIssued`, or `SecretAcceptedAddressBlocked`
-    /// when the client's IP rules refuse the operator's own address, which Medplum checks only after the
-    /// secret matched) and `Rotating` (a rotation is in progress).
+    /// (Medplum accepted the Secret's credentials: reason `SecretAccepted` when it authenticated a
+    /// request made with them, `TokenIssued` when it issued a token for them, or
+    /// `SecretAcceptedAddressBlocked` when the client's IP rules refuse the operator's own address,
+    /// which Medplum checks only after the secret matched) and `Rotating` (a rotation is in progress).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

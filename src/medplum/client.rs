@@ -11,6 +11,7 @@ use super::MedplumError;
 use super::model::{
     Bundle, FhirResource, Health, InviteRequest, Me, MembershipResource, OperationOutcome, TokenError, TokenResponse,
 };
+use super::pacing::{Budgets, Cost, Limit, Pacing, parse_header};
 use super::token::{Source, TokenCache};
 use crate::metrics::Metrics;
 
@@ -24,6 +25,8 @@ pub struct ClientCredentials {
 /// How Medplum showed that client credentials are right.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CredentialProof {
+    /// It authenticated a request made with them (HTTP Basic on `/auth/me`).
+    Authenticated,
     /// It issued a token.
     TokenIssued,
     /// It refused a token to the caller's address under the client's IP rules, which it checks only
@@ -34,12 +37,17 @@ pub enum CredentialProof {
 /// `/oauth2/token`'s answer to a right secret from an address the client's IP rules block.
 const ADDRESS_NOT_ALLOWED: &str = "IP address not allowed";
 
-/// An HTTP client for one Medplum server, authenticated as one ClientApplication, with a token cache.
+/// An HTTP client for one Medplum server, authenticated as one ClientApplication, with a token cache,
+/// pacing its requests by the server's rate limits.
 pub struct MedplumClient {
     http: reqwest::Client,
     base_url: Url,
     credentials: ClientCredentials,
     tokens: TokenCache,
+    /// The IP budgets of the server, shared with every client of it.
+    server_budgets: Arc<Budgets>,
+    /// The FHIR quota of the credential's membership.
+    quota: Arc<Budgets>,
     metrics: Arc<Metrics>,
 }
 
@@ -69,9 +77,14 @@ impl MedplumClient {
         credentials: ClientCredentials,
         ca_pem: Option<&[u8]>,
         timeout: Duration,
+        pacing: &Pacing,
         metrics: Arc<Metrics>,
     ) -> Result<Self, MedplumError> {
         let base_url = normalized_base(base_url)?;
+        let authority =
+            format!("{}:{}", base_url.host_str().unwrap_or_default(), base_url.port_or_known_default().unwrap_or(0));
+        let server_budgets = pacing.server(&authority);
+        let quota = pacing.credential(&authority, &credentials.client_id);
         let mut builder = reqwest::Client::builder()
             .tls_backend_rustls()
             .timeout(timeout)
@@ -87,7 +100,7 @@ impl MedplumClient {
             builder = builder.tls_certs_merge(certs);
         }
         let http = builder.build().map_err(|e| MedplumError::Settings { detail: format!("HTTP client: {e}") })?;
-        Ok(Self { http, base_url, credentials, tokens: TokenCache::default(), metrics })
+        Ok(Self { http, base_url, credentials, tokens: TokenCache::default(), server_budgets, quota, metrics })
     }
 
     pub fn base_url(&self) -> &Url {
@@ -130,6 +143,33 @@ impl MedplumClient {
         let bundle: Bundle<T> =
             self.authed(&format!("search {}", T::TYPE), Method::GET, &path, |r| r.query(params)).await?;
         Ok(bundle.entry.into_iter().map(|e| e.resource).collect())
+    }
+
+    /// Every resource of a type matching `params`, page by page.
+    pub async fn search_all<T: FhirResource>(&self, params: &[(&str, &str)]) -> Result<Vec<T>, MedplumError> {
+        paged(params, |paged| async move {
+            let paged: Vec<(&str, &str)> = paged.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            self.search::<T>(&paged).await
+        })
+        .await
+    }
+
+    /// Every resource of the listed types matching `params` (one system-level search, page by page),
+    /// as JSON: callers sort them out by `resourceType`.
+    pub async fn search_types(
+        &self,
+        types: &[&str],
+        params: &[(&str, &str)],
+    ) -> Result<Vec<serde_json::Value>, MedplumError> {
+        let types = types.join(",");
+        let mut with_types = vec![("_type", types.as_str())];
+        with_types.extend_from_slice(params);
+        paged(&with_types, |paged| async move {
+            let bundle: Bundle<serde_json::Value> =
+                self.authed("search changes", Method::GET, "fhir/R4", |r| r.query(&paged)).await?;
+            Ok(bundle.entry.into_iter().map(|e| e.resource).collect())
+        })
+        .await
     }
 
     /// An object this operator made: read by the id it recorded when that still `is_ours` (the fast
@@ -220,10 +260,21 @@ impl MedplumClient {
     }
 
     /// Whether Medplum accepts these client credentials, and how that showed (not cached: this checks
-    /// them). Medplum checks a client's IP rules only after its secret matched, so "IP address not
-    /// allowed" proves the credentials as well as a token does: the operator merely runs outside the
-    /// client's allowed network.
+    /// them). First with HTTP Basic on `/auth/me`, which is outside the auth rate limit (160 token
+    /// requests a minute per IP, shared by everything on it). Medplum answers 401 there alike for a
+    /// wrong secret, an inactive client and IP rules that block the caller, so only then a token
+    /// request tells which: Medplum checks a client's IP rules only after its secret matched, so "IP
+    /// address not allowed" proves the credentials as well as a token does (the operator merely runs
+    /// outside the client's allowed network).
     pub async fn check_credentials(&self, credentials: &ClientCredentials) -> Result<CredentialProof, MedplumError> {
+        let secret = credentials.client_secret.expose_secret();
+        let request = self.http.get(self.url("auth/me")).basic_auth(&credentials.client_id, Some(secret));
+        // The body is dropped unread: it holds the client's own secret.
+        match self.send("verify credentials", request).await {
+            Ok(_) => return Ok(CredentialProof::Authenticated),
+            Err(MedplumError::Unauthorized) => {}
+            Err(e) => return Err(e),
+        }
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", credentials.client_id.as_str()),
@@ -286,11 +337,31 @@ impl MedplumClient {
         Ok((SecretString::from(token.access_token), Duration::from_secs(token.expires_in.max(1))))
     }
 
-    /// Sends a request and maps Medplum's error statuses. 400 on `/oauth2/token` is returned as a
-    /// response, since its body says why the credentials were refused.
+    /// Sends a request once the rate limits allow it, takes in what the answer says of them, and maps
+    /// Medplum's error statuses. 400 on `/oauth2/token` is returned as a response, since its body says
+    /// why the credentials were refused.
     async fn send(&self, operation: &str, request: RequestBuilder) -> Result<Response, MedplumError> {
+        let request = request.build().map_err(|e| transport_error(&self.base_url, &e))?;
+        let path = request.url().path().strip_prefix(self.base_url.path()).unwrap_or_default().to_string();
+        let cost = Cost::of(request.method(), &path);
+        let units = u64::from(cost.fhir_units);
+        self.paced(cost.category, 1).await;
+        if units > 0 {
+            self.paced(Limit::FhirQuota, units).await;
+        }
         let started = Instant::now();
-        let result = match request.send().await {
+        let sent = self.http.execute(request).await;
+        let said = |wanted: Limit| {
+            let response = sent.as_ref().ok()?;
+            response.headers().get_all("ratelimit").iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+                parse_header(v).filter(|(limit, _, _)| *limit == wanted).map(|(_, left, reset)| (left, reset))
+            })
+        };
+        self.server_budgets.update(cost.category, 1, said(Limit::Default));
+        if units > 0 {
+            self.quota.update(Limit::FhirQuota, units, said(Limit::FhirQuota));
+        }
+        let result = match sent {
             Err(e) => Err(transport_error(&self.base_url, &e)),
             Ok(response) if response.status().is_success() => Ok(response),
             Ok(response) if is_token_request(operation) && response.status() == StatusCode::BAD_REQUEST => Ok(response),
@@ -302,6 +373,38 @@ impl MedplumClient {
         };
         self.metrics.record_medplum_request(operation, &status, started.elapsed());
         result
+    }
+}
+
+/// Runs `search` page by page (`_count` 1000, `_offset`) until a page comes back short.
+async fn paged<'a, T, F, Fut>(params: &[(&'a str, &'a str)], search: F) -> Result<Vec<T>, MedplumError>
+where
+    F: Fn(Vec<(&'a str, String)>) -> Fut,
+    Fut: Future<Output = Result<Vec<T>, MedplumError>>,
+{
+    const PAGE: usize = 1000;
+    let mut found = Vec::new();
+    loop {
+        let mut paged: Vec<(&str, String)> = params.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        paged.extend([("_count", PAGE.to_string()), ("_offset", found.len().to_string())]);
+        let page = search(paged).await?;
+        let last = page.len() < PAGE;
+        found.extend(page);
+        if last {
+            return Ok(found);
+        }
+    }
+}
+
+impl MedplumClient {
+    /// Waits until the budget of `limit` has room for `cost`.
+    async fn paced(&self, limit: Limit, cost: u64) {
+        let budgets = if limit == Limit::FhirQuota { &self.quota } else { &self.server_budgets };
+        let waited = budgets.acquire(limit, cost).await;
+        if !waited.is_zero() {
+            tracing::debug!(limit = limit.label(), ?waited, "held a request back for Medplum's rate limit");
+            self.metrics.record_rate_limit_wait(limit.label(), waited);
+        }
     }
 }
 

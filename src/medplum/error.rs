@@ -45,6 +45,23 @@ impl MedplumError {
         )
     }
 
+    /// After this answer to a write, what the operator last saw of the object may no longer be
+    /// what Medplum holds: the write may have happened without an answer (network, 5xx, a broken
+    /// body), someone else wrote since (412), or the object went (404, 410), and also a 409, which
+    /// Medplum gives for a write that lost a race with another transaction.
+    pub fn leaves_object_uncertain(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. }
+                | Self::ServerError { .. }
+                | Self::Protocol { .. }
+                | Self::PreconditionFailed { .. }
+                | Self::NotFound
+                | Self::Gone
+                | Self::Conflict { .. }
+        )
+    }
+
     /// CamelCase reason for conditions and Events.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -4,6 +4,7 @@
 mod client;
 mod error;
 mod model;
+mod pacing;
 mod token;
 
 pub use client::{ClientCredentials, CredentialProof, MedplumClient};
@@ -13,3 +14,4 @@ pub use model::{
     IdentityProviderResource, InviteMembership, InviteRequest, IpAccessRuleEntry, Me, MembershipAccess,
     MembershipParameter, MembershipResource, Meta, PolicyResourceEntry, ProfileResource, ProjectSummary, Ref,
 };
+pub use pacing::Pacing;

@@ -89,6 +89,8 @@ impl OperationOutcome {
 pub trait FhirResource: serde::Serialize + serde::de::DeserializeOwned + Send + Sync {
     const TYPE: &'static str;
     fn meta_mut(&mut self) -> &mut Meta;
+    fn meta(&self) -> &Meta;
+    fn id(&self) -> Option<&str>;
 }
 
 /// A FHIR Coding, as used in `meta.tag`.
@@ -104,6 +106,9 @@ pub struct Coding {
 pub struct Meta {
     #[serde(default, skip_serializing)]
     pub version_id: Option<String>,
+    /// When Medplum last wrote it (its own clock, RFC 3339 with milliseconds).
+    #[serde(default, skip_serializing)]
+    pub last_updated: Option<String>,
     /// Set only on creates by a super admin, to name the project the resource belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
@@ -182,6 +187,12 @@ impl FhirResource for ClientApplicationResource {
     const TYPE: &'static str = "ClientApplication";
     fn meta_mut(&mut self) -> &mut Meta {
         &mut self.meta
+    }
+    fn meta(&self) -> &Meta {
+        &self.meta
+    }
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
     }
 }
 
@@ -285,6 +296,12 @@ impl FhirResource for MembershipResource {
     fn meta_mut(&mut self) -> &mut Meta {
         &mut self.meta
     }
+    fn meta(&self) -> &Meta {
+        &self.meta
+    }
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
 }
 
 /// A search result page.
@@ -330,6 +347,12 @@ impl FhirResource for AccessPolicyResource {
     const TYPE: &'static str = "AccessPolicy";
     fn meta_mut(&mut self) -> &mut Meta {
         &mut self.meta
+    }
+    fn meta(&self) -> &Meta {
+        &self.meta
+    }
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
     }
 }
 

@@ -320,7 +320,8 @@ async fn scenario(
         json!({
         "baseUrl": medplum.base_url(), "credentialsSecretRef": {"namespace": credentials, "name": "medplum-admin"},
         "caBundle": {"namespace": credentials, "configMapRef": {"name": "medplum-ca", "key": "ca.crt"}},
-        "allowedNamespaces": {"names": [namespace]}}),
+        // A selector, which only the namespace's labels can answer.
+        "allowedNamespaces": {"selector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}}),
     );
     cluster["metadata"]["labels"] = json!({"medplum-operator-test": namespace});
     let owner = Api::<Namespace>::all(client.clone()).get(namespace).await.unwrap();

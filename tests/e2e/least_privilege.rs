@@ -107,7 +107,7 @@ async fn ip_rules_decide_where_a_clients_tokens_can_be_had() {
         match expected {
             None => {
                 answer.expect(200);
-                assert_eq!(verified.reason, "TokenIssued");
+                assert_eq!(verified.reason, "SecretAccepted");
             }
             Some(()) => {
                 assert_eq!(answer.expect(400).json()["error_description"], "IP address not allowed");

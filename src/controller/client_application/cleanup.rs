@@ -71,6 +71,8 @@ pub(super) async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Act
         })
     }
     .await;
+    usable.view.forget::<ClientApplicationResource>(&tag.code);
+    usable.view.forget::<MembershipResource>(&tag.code);
     let (note, reason) = result.map_err(|e| Error::Cleanup(e.to_string()))?;
     release_secret(ctx, ca).await.map_err(Error::Kube)?;
     ctx.metrics.set_object_ready(KIND, &namespace, &ca.name_any(), None);
@@ -118,5 +120,5 @@ pub(super) async fn release_secret(ctx: &Context, ca: &ClientApplication) -> Res
         }
         (_, false) => return Ok(()),
     };
-    apply_written(&ctx.client, &namespace, &name, &content).await
+    apply_written(&ctx.client, &namespace, &name, &content, &all).await.map(|_| ())
 }

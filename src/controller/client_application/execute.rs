@@ -26,14 +26,11 @@ impl Reconciler<'_> {
         ));
     }
 
-    async fn write_secret(&self, content: &SecretContent) -> Result<(), ClientError> {
-        apply_written(&self.ctx.client, &self.d.namespace, &self.d.secret_name, content).await?;
-        Ok(())
-    }
-
-    async fn reread_secret(&self, o: &mut Observed) -> Result<(), ClientError> {
-        o.secret =
-            read_written(&self.ctx.client, &self.d.namespace, &self.d.secret_name, &secret_keys(&self.d)).await?;
+    /// Writes the operator's part of the Secret; `o` then holds the Secret as the API server returned it.
+    async fn write_secret(&self, content: &SecretContent, o: &mut Observed) -> Result<(), ClientError> {
+        let (d, client) = (&self.d, &self.ctx.client);
+        o.secret = apply_written(client, &d.namespace, &d.secret_name, content, &secret_keys(d)).await?;
+        self.ctx.own_writes.wrote(&d.namespace, &d.secret_name, o.secret.resource_version.as_deref());
         Ok(())
     }
 
@@ -58,9 +55,8 @@ impl Reconciler<'_> {
                 let handled = handled.clone().or_else(|| o.secret.annotations.get(ROTATION_HANDLED).cloned());
                 let issued = o.secret.annotations.get(ISSUED_AT).cloned();
                 let content = secret_content(d, o, data, issued, handled);
-                self.write_secret(&content).await?;
+                self.write_secret(&content, o).await?;
                 crash_point("store-new-secret");
-                self.reread_secret(o).await?;
             }
             Step::CreateClient => {
                 let body = client_body(&d.client, None, o.pending(), None);
@@ -72,6 +68,7 @@ impl Reconciler<'_> {
                     "Create",
                     format!("created Medplum ClientApplication/{}", created.id.as_deref().unwrap_or_default()),
                 );
+                self.usable.view.record(&created);
                 o.client = Some(created);
             }
             Step::UpdateClient { fields } => {
@@ -89,6 +86,7 @@ impl Reconciler<'_> {
                 } else {
                     self.updated(&format!("ClientApplication/{id}"), fields);
                 }
+                self.usable.view.record(&updated);
                 o.client = Some(updated);
             }
             Step::CreateMembership => {
@@ -105,14 +103,14 @@ impl Reconciler<'_> {
                 };
                 let created = self.usable.create(&body, Some(&format!("user={client_ref}"))).await?;
                 crash_point("create-membership");
-                self.normal(
-                    "Created",
-                    "Create",
-                    format!(
-                        "created Medplum ProjectMembership/{} for {client_ref}",
-                        created.id.as_deref().unwrap_or_default()
-                    ),
-                );
+                let membership = format!("ProjectMembership/{}", created.id.as_deref().unwrap_or_default());
+                // One Event for a client made whole in this reconcile.
+                let client_created = format!("created Medplum {client_ref}");
+                match self.events.iter_mut().find(|e| e.note.as_deref() == Some(client_created.as_str())) {
+                    Some(event) => event.note = Some(format!("{client_created} and its {membership}")),
+                    None => self.normal("Created", "Create", format!("created Medplum {membership} for {client_ref}")),
+                }
+                self.usable.view.record(&created);
                 o.membership = Some(created);
             }
             Step::UpdateMembership { fields } => {
@@ -133,6 +131,7 @@ impl Reconciler<'_> {
                     .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
                     .await?;
                 self.updated(&format!("ProjectMembership/{id}"), fields);
+                self.usable.view.record(&updated);
                 o.membership = Some(updated);
             }
             Step::PushSecret => {
@@ -145,6 +144,7 @@ impl Reconciler<'_> {
                     .update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default())
                     .await?;
                 crash_point("push-secret");
+                self.usable.view.record(&updated);
                 o.client = Some(updated);
             }
             Step::WriteSecret { switched } => {
@@ -157,22 +157,24 @@ impl Reconciler<'_> {
                 }
                 let credentials_changed = o.value(&d.keys.client_id).is_none_or(|v| v.expose_secret() != client_id)
                     || !secret_eq(o.value(&d.keys.client_secret), Some(&secret));
-                self.write_secret(&content).await?;
+                let (existed, had_secret) = (o.secret.exists, o.value(&d.keys.client_secret).is_some());
+                self.write_secret(&content, o).await?;
                 crash_point("write-secret");
-                if *switched && o.value(&d.keys.client_secret).is_some() {
+                let d = &self.d;
+                if *switched && had_secret {
                     self.normal(
                         "Rotated",
                         "Rotate",
                         format!("Secret {} switched to the new secret {}", d.secret_name, fingerprint(&secret)),
                     );
-                } else if credentials_changed && o.secret.exists && o.value(&d.keys.client_secret).is_some() {
+                } else if credentials_changed && existed && had_secret {
                     self.events.push(event(
                         EventType::Warning,
                         "SecretRestored",
                         "Update",
                         format!("Secret {} did not hold the client's credentials; restored them", d.secret_name),
                     ));
-                } else if !o.secret.exists && !*switched {
+                } else if !existed && !*switched {
                     self.events.push(event(
                         EventType::Warning,
                         "SecretRestored",
@@ -180,7 +182,6 @@ impl Reconciler<'_> {
                         format!("Secret {} was missing; recreated it", d.secret_name),
                     ));
                 }
-                self.reread_secret(o).await?;
             }
             Step::RestartTargets => {
                 let issued = o.secret.annotations.get(ISSUED_AT).cloned().unwrap_or_default();
@@ -220,6 +221,7 @@ impl Reconciler<'_> {
                     "Rotate",
                     format!("the previous secret of ClientApplication/{id} no longer works"),
                 );
+                self.usable.view.record(&updated);
                 o.client = Some(updated);
             }
             Step::Verify => {
@@ -251,13 +253,14 @@ pub(super) fn secret_keys(d: &Desired) -> Vec<&str> {
 /// The `CredentialVerified` reason for each kind of proof.
 pub(super) fn reason_of_proof(proof: CredentialProof) -> &'static str {
     match proof {
+        CredentialProof::Authenticated => "SecretAccepted",
         CredentialProof::TokenIssued => "TokenIssued",
         CredentialProof::AddressNotAllowed => "SecretAcceptedAddressBlocked",
     }
 }
 
 pub(super) fn proof_of_reason(reason: &str) -> Option<CredentialProof> {
-    [CredentialProof::TokenIssued, CredentialProof::AddressNotAllowed]
+    [CredentialProof::Authenticated, CredentialProof::TokenIssued, CredentialProof::AddressNotAllowed]
         .into_iter()
         .find(|p| reason_of_proof(*p) == reason)
 }
@@ -286,8 +289,18 @@ pub(super) async fn converge(r: &mut Reconciler<'_>, o: &mut Observed) -> Result
         if step == Step::Done {
             return Ok(Outcome::Done);
         }
-        if let Some(wait) = r.execute(&step, o, now).await? {
-            return Ok(Outcome::Waiting(step, wait));
+        match r.execute(&step, o, now).await {
+            Ok(Some(wait)) => return Ok(Outcome::Waiting(step, wait)),
+            Ok(None) => {}
+            Err(e) => {
+                if let ClientError::Medplum(e) = &e
+                    && e.leaves_object_uncertain()
+                {
+                    r.usable.view.doubt::<ClientApplicationResource>(&r.d.tag.code);
+                    r.usable.view.doubt::<MembershipResource>(&r.d.tag.code);
+                }
+                return Err(e);
+            }
         }
     }
     Err(ClientError::NotConverging("the reconcile (too many steps)".into()))

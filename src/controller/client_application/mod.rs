@@ -34,6 +34,7 @@ use super::secret::{
     CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, read_secret_strings, read_written,
 };
 use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::view::Seen;
 use super::workload::{self, TargetState};
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, crash_point, event};
 use crate::crd::{
@@ -214,7 +215,7 @@ async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnectio
     }
     let namespace = ca.namespace().unwrap_or_default();
     let name = ca.name_any();
-    let access = resolve_grants(ctx, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;
+    let access = resolve_grants(ctx, KIND, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;
     let idp_secret = match ca.spec.identity_provider.as_ref().and_then(|idp| idp.client_secret_ref.as_ref()) {
         Some(r) => read_secret_strings(&ctx.client, &namespace, &r.name, &[&r.key]).await?.pop(),
         None => None,
@@ -281,6 +282,10 @@ fn desired_status(
                 true,
                 reason_of_proof(proof),
                 match proof {
+                    CredentialProof::Authenticated => format!(
+                        "Medplum authenticated a request made with the credentials in Secret {} ({print})",
+                        d.secret_name
+                    ),
                     CredentialProof::TokenIssued => {
                         format!("Medplum issued a token for the credentials in Secret {} ({print})", d.secret_name)
                     }
@@ -414,9 +419,14 @@ pub fn controller(
     let controller = super::new_controller::<ClientApplication>(&ctx, namespace, ctx.settings.client_concurrency);
     let ready = super::cache_synced(controller.store());
     let secrets: Api<PartialObjectMeta<Secret>> = super::scoped(&client, namespace);
-    let by_label = |secret: PartialObjectMeta<Secret>| {
+    let own = ctx.clone();
+    let by_label = move |secret: PartialObjectMeta<Secret>| {
+        let namespace = secret.namespace().unwrap_or_default();
+        if own.own_writes.is_own(&namespace, &secret.name_any(), secret.resource_version().as_deref()) {
+            return None;
+        }
         let name = secret.labels().get(CLIENT_LABEL).cloned();
-        name.map(|n| ObjectRef::new(&n).within(&secret.namespace().unwrap_or_default()))
+        name.map(|n| ObjectRef::new(&n).within(&namespace))
     };
     let controller = controller.watches(secrets, watcher::Config::default().labels(CLIENT_LABEL), by_label);
     let controller = super::watch_connections(super::watch_policies(controller, &ctx, namespace), &ctx, namespace);

@@ -10,12 +10,25 @@ pub(super) async fn find_client(
     usable: &UsableConnection,
     ca: &ClientApplication,
     d: &Desired,
+    secret: &WrittenSecret,
 ) -> Result<Option<ClientApplicationResource>, ClientError> {
     let medplum = &usable.client;
-    let recorded = ca.status.as_ref().and_then(|s| s.client_id.as_deref());
+    match usable.view.seen::<ClientApplicationResource>(&d.tag.code).await {
+        Seen::Known(client) => return Ok(Some(client)),
+        // Creating it is idempotent (conditional on the tag), so no search is needed first.
+        Seen::Absent if d.adopt.is_none() => return Ok(None),
+        Seen::Absent | Seen::Unknown => {}
+    }
+    // The id in status, else the one in the Secret (status may be lost); either only if still ours.
+    let recorded = ca
+        .status
+        .as_ref()
+        .and_then(|s| s.client_id.clone())
+        .or_else(|| secret.values.get(&d.keys.client_id).map(|id| id.expose_secret().to_string()));
     let tag = format!("{}|{}", d.tag.system, d.tag.code);
     let owned = |c: &ClientApplicationResource| c.meta.has_tag(&d.tag);
-    if let Some(client) = medplum.find_owned(recorded, owned, "_tag", &tag).await? {
+    if let Some(client) = medplum.find_owned(recorded.as_deref(), owned, "_tag", &tag).await? {
+        usable.view.record(&client);
         return Ok(Some(client));
     }
     let Some(adopt) = &d.adopt else { return Ok(None) };
@@ -78,6 +91,31 @@ pub(super) async fn connection_secrets(ctx: &Context, namespace: &str) -> Result
         .collect())
 }
 
+/// The membership of the operator's client: from the view, else searched by its user.
+async fn owned_membership(
+    usable: &UsableConnection,
+    d: &Desired,
+    client: Option<&ClientApplicationResource>,
+) -> Result<Option<MembershipResource>, ClientError> {
+    match usable.view.seen::<MembershipResource>(&d.tag.code).await {
+        Seen::Known(membership)
+            if membership.user.reference
+                == format!("ClientApplication/{}", client.and_then(|c| c.id.as_deref()).unwrap_or_default()) =>
+        {
+            Ok(Some(membership))
+        }
+        // Creating it is idempotent (conditional on its user).
+        Seen::Absent => Ok(None),
+        _ => {
+            let found = find_membership(&usable.client, client).await?;
+            if let Some(m) = &found {
+                usable.view.record(m);
+            }
+            Ok(found)
+        }
+    }
+}
+
 pub(super) async fn find_membership(
     medplum: &MedplumClient,
     client: Option<&ClientApplicationResource>,
@@ -109,8 +147,8 @@ pub(super) async fn observe(
         }
         targets.push(state);
     }
-    let client = find_client(ctx, usable, ca, d).await?;
-    let membership = find_membership(&usable.client, client.as_ref()).await?;
+    let client = find_client(ctx, usable, ca, d, &secret).await?;
+    let membership = owned_membership(usable, d, client.as_ref()).await?;
     let current = secret.values.get(&d.keys.client_secret);
     let status = ca.status.as_ref();
     let same_secret =

@@ -66,6 +66,7 @@ fn secret(d: &Desired, current: Option<&str>, pending: Option<&str>, issued: Opt
         values,
         labels,
         annotations,
+        resource_version: Some("1".into()),
     }
 }
 

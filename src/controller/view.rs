@@ -1,0 +1,478 @@
+//! What the operator knows of the Medplum objects it manages through one connection.
+//!
+//! Reconciles read Medplum only when something may have changed there. The view holds the last
+//! version the operator saw of each object it manages (clients, memberships, policies), keyed by the
+//! code of its ownership tag or identifier (`<Kind>/<namespace>/<name>`). It is kept current by the
+//! operator's own reads and writes, by a sweep of every managed object every resync interval (one
+//! paged search per type, which also finds objects deleted in Medplum), and in between by what
+//! changed in the project (see [`super::changes`]). Each object found changed or gone triggers a
+//! reconcile of the resource that owns it, which puts back what a console edit changed. The view
+//! answers "unknown" (ask Medplum) before its first sweep, for an object whose last write may or may
+//! not have happened, and when sweeps failed for longer than it can vouch for.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+
+use crate::medplum::{
+    AccessPolicyResource, ClientApplicationResource, FhirResource, MedplumClient, MedplumError, MembershipResource,
+};
+
+/// What the view says of one object.
+#[derive(Debug)]
+pub enum Seen<T> {
+    /// Its last version known to the operator.
+    Known(T),
+    /// A sweep found no such object and none was made since.
+    Absent,
+    /// The view cannot say: ask Medplum.
+    Unknown,
+}
+
+/// An object the operator manages, with the codes of its owners.
+pub trait Owned: FhirResource + DeserializeOwned + Clone + Send + 'static {
+    /// The search parameter that finds every object of a system: `_tag` or `identifier`.
+    const BY_SYSTEM: &'static str;
+    /// The codes under the operator's `system` (tags, or identifiers for memberships).
+    fn codes(&self, system: &str) -> Vec<String>;
+    fn table(view: &MedplumView) -> &Mutex<Table<Self>>;
+}
+
+impl Owned for ClientApplicationResource {
+    const BY_SYSTEM: &'static str = "_tag";
+    fn codes(&self, system: &str) -> Vec<String> {
+        self.meta.tag.iter().filter(|t| t.system == system).map(|t| t.code.clone()).collect()
+    }
+    fn table(view: &MedplumView) -> &Mutex<Table<Self>> {
+        &view.clients
+    }
+}
+
+impl Owned for AccessPolicyResource {
+    const BY_SYSTEM: &'static str = "_tag";
+    fn codes(&self, system: &str) -> Vec<String> {
+        self.meta.tag.iter().filter(|t| t.system == system).map(|t| t.code.clone()).collect()
+    }
+    fn table(view: &MedplumView) -> &Mutex<Table<Self>> {
+        &view.policies
+    }
+}
+
+impl Owned for MembershipResource {
+    const BY_SYSTEM: &'static str = "identifier";
+    fn codes(&self, system: &str) -> Vec<String> {
+        self.identifier.iter().filter(|i| i.system == system).map(|i| i.value.clone()).collect()
+    }
+    fn table(view: &MedplumView) -> &Mutex<Table<Self>> {
+        &view.memberships
+    }
+}
+
+struct Entry<T> {
+    resource: T,
+    /// When the operator recorded it: a sweep that started later and did not find it means it is gone.
+    recorded: Instant,
+}
+
+/// The known objects of one type.
+pub struct Table<T> {
+    entries: HashMap<String, Entry<T>>,
+    /// The code of each known object by its Medplum id, to recognise an object whose code was
+    /// removed in Medplum.
+    codes_by_id: HashMap<String, String>,
+    /// Codes whose object may have changed in a way the view did not see (a write that failed
+    /// midway), with when that happened: unknown until read again or swept after that.
+    doubts: HashMap<String, Instant>,
+    /// When the last complete sweep started.
+    swept: Option<Instant>,
+}
+
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Self { entries: HashMap::new(), codes_by_id: HashMap::new(), doubts: HashMap::new(), swept: None }
+    }
+}
+
+impl<T: Owned> Table<T> {
+    fn seen(&self, code: &str, trust: Duration, now: Instant) -> Seen<T> {
+        if self.doubts.contains_key(code) || self.swept.is_none_or(|s| now.duration_since(s) > trust) {
+            return Seen::Unknown;
+        }
+        match self.entries.get(code) {
+            Some(entry) => Seen::Known(entry.resource.clone()),
+            None => Seen::Absent,
+        }
+    }
+
+    fn record(&mut self, system: &str, resource: &T, now: Instant) {
+        for code in self.codes_of(system, resource) {
+            self.doubts.remove(&code);
+            self.insert(code, resource.clone(), now);
+        }
+    }
+
+    /// The codes `resource` belongs to: its own, or, when someone removed them in Medplum, the one
+    /// the view knew it by.
+    fn codes_of(&self, system: &str, resource: &T) -> Vec<String> {
+        let codes = resource.codes(system);
+        if !codes.is_empty() {
+            return codes;
+        }
+        resource.id().and_then(|id| self.codes_by_id.get(id)).cloned().into_iter().collect()
+    }
+
+    fn insert(&mut self, code: String, resource: T, recorded: Instant) {
+        if let Some(id) = resource.id() {
+            self.codes_by_id.insert(id.to_string(), code.clone());
+        }
+        self.entries.insert(code, Entry { resource, recorded });
+    }
+
+    fn remove(&mut self, code: &str) {
+        if let Some(entry) = self.entries.remove(code)
+            && let Some(id) = entry.resource.id()
+        {
+            self.codes_by_id.remove(id);
+        }
+    }
+
+    /// The newest `meta.lastUpdated` (Medplum's clock) among the known objects.
+    fn newest(&self) -> Option<&str> {
+        self.entries.values().filter_map(|e| e.resource.meta().last_updated.as_deref()).max()
+    }
+
+    /// Takes in what a search found. A complete sweep (`sweep_started`) also drops what it did not
+    /// find among the objects recorded before it started, and settles doubts raised before it.
+    /// Returns the codes of objects that changed or went, once a first sweep filled the table
+    /// (before that, everything is new).
+    fn merge(&mut self, system: &str, found: Vec<T>, sweep_started: Option<Instant>) -> Vec<String> {
+        let filled = self.swept.is_some();
+        let mut changed = Vec::new();
+        let mut present = HashSet::new();
+        let recorded = sweep_started.unwrap_or_else(Instant::now);
+        for resource in found {
+            for code in self.codes_of(system, &resource) {
+                present.insert(code.clone());
+                let version = resource.meta().version_id.as_deref();
+                let same = self.entries.get(&code).is_some_and(|e| e.resource.meta().version_id.as_deref() == version);
+                if !same {
+                    if filled {
+                        changed.push(code.clone());
+                    }
+                    self.insert(code, resource.clone(), recorded);
+                }
+            }
+        }
+        if let Some(started) = sweep_started {
+            let gone: Vec<String> = self
+                .entries
+                .iter()
+                .filter(|(code, e)| !present.contains(*code) && e.recorded < started)
+                .map(|(code, _)| code.clone())
+                .collect();
+            for code in gone {
+                self.remove(&code);
+                if filled {
+                    changed.push(code);
+                }
+            }
+            self.doubts.retain(|_, raised| *raised >= started);
+            self.swept = Some(started);
+        }
+        changed
+    }
+}
+
+/// Whether the first sweep of a view is still to come, done, or failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    Pending,
+    Done,
+    Failed,
+}
+
+/// Reconciles wait at most this long for a view's first sweep; after that they read Medplum.
+const FIRST_SWEEP_WAIT: Duration = Duration::from_secs(30);
+
+/// The view of one connection's project.
+pub struct MedplumView {
+    /// The operator's ownership system, `urn:medplum-operator:<cluster id>`.
+    system: String,
+    project_id: String,
+    /// How long after a sweep the view vouches for what it holds.
+    trust: Duration,
+    clients: Mutex<Table<ClientApplicationResource>>,
+    memberships: Mutex<Table<MembershipResource>>,
+    policies: Mutex<Table<AccessPolicyResource>>,
+    fill: tokio::sync::watch::Sender<Fill>,
+}
+
+fn locked<T>(table: &Mutex<Table<T>>) -> std::sync::MutexGuard<'_, Table<T>> {
+    table.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MedplumView {
+    pub fn new(system: String, project_id: String, trust: Duration) -> Self {
+        Self {
+            system,
+            project_id,
+            trust,
+            clients: Mutex::default(),
+            memberships: Mutex::default(),
+            policies: Mutex::default(),
+            fill: tokio::sync::watch::channel(Fill::Pending).0,
+        }
+    }
+
+    pub fn system(&self) -> &str {
+        &self.system
+    }
+
+    pub fn project_id(&self) -> &str {
+        &self.project_id
+    }
+
+    /// What the view knows of the object owned by `code`. Before the first sweep of the project
+    /// ended, waits for it (a backlog of reconciles then costs one search per type, not one per
+    /// object).
+    pub async fn seen<T: Owned>(&self, code: &str) -> Seen<T> {
+        let mut fill = self.fill.subscribe();
+        let _ = tokio::time::timeout(FIRST_SWEEP_WAIT, fill.wait_for(|f| *f != Fill::Pending)).await;
+        locked(T::table(self)).seen(code, self.trust, Instant::now())
+    }
+
+    /// Records a version of an object the operator just read or wrote.
+    pub fn record<T: Owned>(&self, resource: &T) {
+        locked(T::table(self)).record(&self.system, resource, Instant::now());
+    }
+
+    /// Forgets an object the operator deleted.
+    pub fn forget<T: Owned>(&self, code: &str) {
+        locked(T::table(self)).remove(code);
+    }
+
+    /// Marks an object as unknown until it is read again: a write to it may or may not have
+    /// happened, or happened on a version the view did not hold.
+    pub fn doubt<T: Owned>(&self, code: &str) {
+        locked(T::table(self)).doubts.insert(code.to_string(), Instant::now());
+    }
+
+    /// Searches every managed object of each type; returns the codes of those that changed or went.
+    pub async fn sweep(&self, medplum: &MedplumClient) -> Result<Vec<String>, MedplumError> {
+        let result = async {
+            let mut changed = self.sweep_type::<ClientApplicationResource>(medplum).await?;
+            changed.extend(self.sweep_type::<MembershipResource>(medplum).await?);
+            changed.extend(self.sweep_type::<AccessPolicyResource>(medplum).await?);
+            Ok(changed)
+        }
+        .await;
+        let fill = if result.is_ok() { Fill::Done } else { Fill::Failed };
+        self.fill.send_if_modified(|f| {
+            let first = *f == Fill::Pending || (*f == Fill::Failed && fill == Fill::Done);
+            if first {
+                *f = fill;
+            }
+            first
+        });
+        result
+    }
+
+    async fn sweep_type<T: Owned>(&self, medplum: &MedplumClient) -> Result<Vec<String>, MedplumError> {
+        let started = Instant::now();
+        let system = format!("{}|", self.system);
+        let params = [(T::BY_SYSTEM, system.as_str()), ("_project", self.project_id.as_str())];
+        let found = medplum.search_all::<T>(&params).await?;
+        Ok(locked(T::table(self)).merge(&self.system, found, Some(started)))
+    }
+
+    /// Takes in objects found changed (of any of the three types); returns the codes of those that
+    /// differ from what the view held.
+    pub fn merge_changes(&self, found: Vec<serde_json::Value>) -> Vec<String> {
+        fn of<T: Owned>(view: &MedplumView, found: &[serde_json::Value]) -> Vec<String> {
+            let typed: Vec<T> = found
+                .iter()
+                .filter(|r| r["resourceType"] == T::TYPE)
+                .filter_map(|r| serde_json::from_value(r.clone()).ok())
+                .collect();
+            if typed.is_empty() {
+                return Vec::new();
+            }
+            locked(T::table(view)).merge(&view.system, typed, None)
+        }
+        let mut changed = of::<ClientApplicationResource>(self, &found);
+        changed.extend(of::<MembershipResource>(self, &found));
+        changed.extend(of::<AccessPolicyResource>(self, &found));
+        changed
+    }
+
+    /// The newest `meta.lastUpdated` among the objects the view holds, where a search for changes
+    /// starts (none: there is nothing that could have drifted).
+    fn newest(&self) -> Option<String> {
+        let newest = [
+            locked(&self.clients).newest().map(str::to_string),
+            locked(&self.memberships).newest().map(str::to_string),
+            locked(&self.policies).newest().map(str::to_string),
+        ];
+        newest.into_iter().flatten().max()
+    }
+
+    /// Searches the project for what changed since shortly before the newest version the view
+    /// holds (one system-level search over the three types, whatever their tags: a console edit may
+    /// have removed them); returns the codes of the managed objects that changed.
+    pub async fn changes(&self, medplum: &MedplumClient) -> Result<Vec<String>, MedplumError> {
+        let Some(newest) = self.newest() else { return Ok(Vec::new()) };
+        let since = jiff::Timestamp::from_str(&newest)
+            .ok()
+            .and_then(|t| t.checked_sub(CHANGE_OVERLAP).ok())
+            .map(|t| format!("ge{}", t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")))
+            .unwrap_or_else(|| format!("ge{newest}"));
+        let params = [("_project", self.project_id.as_str()), ("_lastUpdated", since.as_str())];
+        let found = medplum.search_types(&TYPES, &params).await?;
+        Ok(self.merge_changes(found))
+    }
+}
+
+/// Medplum stamps `lastUpdated` before its transaction commits, so commits can land out of that
+/// order: a search for changes looks this far behind the newest version seen.
+const CHANGE_OVERLAP: jiff::SignedDuration = jiff::SignedDuration::from_secs(2);
+
+/// Keeps `view` current until aborted: a sweep every `resync`, and in between, every `poll` (zero:
+/// never), a search for what changed. The owners of what changed or went go to `changed`.
+pub async fn keep_current(
+    view: std::sync::Arc<MedplumView>,
+    medplum: std::sync::Arc<MedplumClient>,
+    changed: tokio::sync::broadcast::Sender<Owner>,
+    resync: Duration,
+    poll: Duration,
+) {
+    let tell = |codes: Vec<String>| {
+        for owner in codes.iter().filter_map(|c| Owner::of(c)) {
+            let _ = changed.send(owner);
+        }
+    };
+    loop {
+        let started = Instant::now();
+        match view.sweep(&medplum).await {
+            Ok(codes) => tell(codes),
+            Err(e) => {
+                tracing::warn!(error = %e, "sweeping the managed objects in Medplum failed; reconciles read Medplum meanwhile")
+            }
+        }
+        while !poll.is_zero() && started.elapsed() + poll < resync {
+            tokio::time::sleep(poll).await;
+            match view.changes(&medplum).await {
+                Ok(codes) => tell(codes),
+                Err(e) => tracing::debug!(error = %e, "looking for changes in Medplum failed"),
+            }
+        }
+        tokio::time::sleep(resync.saturating_sub(started.elapsed())).await;
+    }
+}
+
+/// The types a view holds, for searches that look at all of them at once.
+pub const TYPES: [&str; 3] = ["ClientApplication", "ProjectMembership", "AccessPolicy"];
+
+/// The resource a code names: `<Kind>/<namespace>/<name>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Owner {
+    pub fn of(code: &str) -> Option<Self> {
+        let mut parts = code.splitn(3, '/');
+        let (kind, namespace, name) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(Self { kind: kind.into(), namespace: namespace.into(), name: name.into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::medplum::{Coding, Meta};
+
+    const SYSTEM: &str = "urn:medplum-operator:default";
+
+    fn client(code: &str, version: &str) -> ClientApplicationResource {
+        ClientApplicationResource {
+            id: Some(format!("id-{code}")),
+            meta: Meta {
+                version_id: Some(version.into()),
+                tag: vec![
+                    Coding { system: SYSTEM.into(), code: code.into() },
+                    Coding { system: format!("{SYSTEM}:adopted"), code: code.into() },
+                ],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nothing_is_vouched_for_before_a_sweep_or_long_after_one() {
+        let mut table = Table::default();
+        let now = Instant::now();
+        table.record(SYSTEM, &client("ClientApplication/a/x", "1"), now);
+        assert!(matches!(table.seen("ClientApplication/a/x", Duration::from_secs(60), now), Seen::Unknown));
+        table.merge(SYSTEM, vec![], Some(now));
+        assert!(matches!(table.seen("ClientApplication/a/x", Duration::from_secs(60), now), Seen::Known(_)));
+        assert!(matches!(table.seen("ClientApplication/a/y", Duration::from_secs(60), now), Seen::Absent));
+        let later = now + Duration::from_secs(61);
+        assert!(matches!(table.seen("ClientApplication/a/x", Duration::from_secs(60), later), Seen::Unknown));
+    }
+
+    #[test]
+    fn sweeps_and_change_searches_report_what_changed_or_went() {
+        let mut table = Table::default();
+        let t0 = Instant::now();
+        let first = vec![client("C/a/x", "1"), client("C/a/y", "1")];
+        assert!(table.merge(SYSTEM, first, Some(t0)).is_empty(), "the first sweep fills the table");
+        // Our own write, recorded: a change search finds it again and it is not news.
+        let ours = client("C/a/x", "2");
+        table.record(SYSTEM, &ours, t0 + Duration::from_secs(1));
+        assert!(table.merge(SYSTEM, vec![ours], None).is_empty());
+        // A console edit is.
+        let edited = client("C/a/y", "2");
+        assert_eq!(table.merge(SYSTEM, vec![edited.clone()], None), ["C/a/y"]);
+        // A sweep that no longer finds x reports it gone, but not an object made after it started.
+        let t1 = t0 + Duration::from_secs(10);
+        table.record(SYSTEM, &client("C/a/new", "1"), t1 + Duration::from_millis(5));
+        assert_eq!(table.merge(SYSTEM, vec![edited], Some(t1)), ["C/a/x"]);
+        assert!(table.entries.contains_key("C/a/new"));
+        assert!(!table.entries.contains_key("C/a/x"));
+    }
+
+    #[test]
+    fn a_doubt_lasts_until_the_object_is_read_or_swept_after_it() {
+        let mut table = Table::default();
+        let t0 = Instant::now();
+        let trust = Duration::from_secs(600);
+        table.merge(SYSTEM, vec![client("C/a/x", "1")], Some(t0));
+        table.doubts.insert("C/a/x".into(), t0 + Duration::from_secs(1));
+        table.doubts.insert("C/a/y".into(), t0 + Duration::from_secs(1));
+        assert!(matches!(table.seen("C/a/x", trust, t0 + Duration::from_secs(2)), Seen::Unknown));
+        // A sweep that started before the doubt settles nothing.
+        table.merge(SYSTEM, vec![client("C/a/x", "1")], Some(t0 + Duration::from_millis(500)));
+        assert!(matches!(table.seen("C/a/y", trust, t0 + Duration::from_secs(2)), Seen::Unknown));
+        // Reading it settles its doubt; a later sweep settles the rest.
+        table.record(SYSTEM, &client("C/a/x", "2"), t0 + Duration::from_secs(2));
+        assert!(matches!(table.seen("C/a/x", trust, t0 + Duration::from_secs(2)), Seen::Known(_)));
+        table.merge(SYSTEM, vec![client("C/a/x", "2")], Some(t0 + Duration::from_secs(3)));
+        assert!(matches!(table.seen("C/a/y", trust, t0 + Duration::from_secs(4)), Seen::Absent));
+    }
+
+    #[test]
+    fn owners_are_read_from_codes() {
+        let owner = Owner::of("ProjectUser/team-a/dr-lee").unwrap();
+        assert_eq!(
+            (owner.kind.as_str(), owner.namespace.as_str(), owner.name.as_str()),
+            ("ProjectUser", "team-a", "dr-lee")
+        );
+        assert_eq!(Owner::of("nonsense"), None);
+    }
+}
