@@ -4,6 +4,7 @@
 mod support;
 
 mod access_policy;
+mod bench;
 mod chart;
 mod client_application;
 mod connection;
@@ -13,5 +14,4 @@ mod hostile;
 mod least_privilege;
 mod operations;
 mod project_user;
-mod scale;
 mod tenancy;

@@ -1,0 +1,412 @@
+//! Benchmarks, not pass/fail tests: they print figures and assert nothing about time. Run them with
+//! `hack/bench.sh` (every target), or one at a time:
+//! `OPERATOR_RUST_LOG=info cargo test --release --test e2e -- --ignored --nocapture bench_`.
+//!
+//! `bench_converge_against_the_floor` declares `BENCH_CLIENTS` (default 1,000) ClientApplications, each
+//! with an AccessPolicy of its own, in one namespace, then starts the operator with
+//! `--client-concurrency 4`. In the same run, against the same Medplum, the floor is a minimal client
+//! making the same Medplum calls at the same concurrency: POST AccessPolicy, POST ClientApplication
+//! (caller-chosen secret, tag), POST ProjectMembership, and one token request with the new
+//! credentials. Then: steady state over one resync, drift-detection latency, and an operator
+//! restarted on a backlog of as many new clients. With `BENCH_RATE_LIMITS=on` (a Medplum started with
+//! its production limits) it also prints the minimum time those limits impose.
+//!
+//! `bench_memory_at_ten_thousand_objects` measures the operator's RSS with `BENCH_OBJECTS` (default
+//! 10,000) ClientApplications, a tenth as many AccessPolicies and a tenth as many ProjectUsers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::{ListParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::support::fixtures::{Setup, TAG_SYSTEM};
+use crate::support::medplum::Http;
+use crate::support::{MedplumTarget, Operator, ProjectAdmin, eventually};
+use medplum_operator::crd::{AccessPolicy, ProjectUser};
+
+/// Medplum's limits with `rateLimitsEnabled`: 160 auth requests a minute per IP, 50,000 FHIR units a
+/// minute per membership (write 100, search 20, read 1).
+const AUTH_PER_MINUTE: f64 = 160.0;
+const FHIR_UNITS_PER_MINUTE: f64 = 50_000.0;
+const CONCURRENCY: usize = 4;
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn rate_limits_on() -> bool {
+    std::env::var("BENCH_RATE_LIMITS").is_ok_and(|v| v == "on")
+}
+
+/// Test-server flags: no limits unless the run is about limits (then Medplum's own).
+fn test_server_args() -> Vec<&'static str> {
+    if rate_limits_on() {
+        vec!["--auth-rate-limit", "160", "--fhir-quota", "50000"]
+    } else {
+        vec!["--auth-rate-limit", "100000000", "--fhir-quota", "1000000000000", "--default-rate-limit", "100000000"]
+    }
+}
+
+fn target_name(medplum: &MedplumTarget) -> String {
+    let server = if medplum.is_test_server() { "Medplum test server" } else { "real Medplum 5.1.29" };
+    format!("{server}, rate limits {}", if rate_limits_on() { "on" } else { "off" })
+}
+
+/// What one kind of run did.
+#[derive(Default)]
+struct Tally {
+    requests: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// The floor: the Medplum calls that `n` clients need, made directly at `CONCURRENCY`, with one
+/// token request per new client. A 429 ends that client's calls (it is counted, not retried).
+async fn floor(http: &Http, admin: &ProjectAdmin, n: usize, prefix: &str) -> (Duration, Tally) {
+    let token = http.token(&admin.client_id, &admin.client_secret).await;
+    let tally = Tally::default();
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(CONCURRENCY, |i| {
+            let (token, tally) = (&token, &tally);
+            async move {
+                let code = format!("ClientApplication/{prefix}/client-{i:05}");
+                let tag = json!([{"system": TAG_SYSTEM, "code": code}]);
+                let count = |answer: &crate::support::medplum::Answer| {
+                    tally.requests.fetch_add(1, Ordering::Relaxed);
+                    match answer.status.as_u16() {
+                        200 | 201 => true,
+                        429 => {
+                            tally.refused.fetch_add(1, Ordering::Relaxed);
+                            false
+                        }
+                        _ => {
+                            tally.failed.fetch_add(1, Ordering::Relaxed);
+                            false
+                        }
+                    }
+                };
+                let policy = json!({"resourceType": "AccessPolicy", "name": format!("{prefix}/policy-{i:05}"),
+                    "meta": {"tag": [{"system": TAG_SYSTEM, "code": format!("AccessPolicy/{prefix}/policy-{i:05}")}]},
+                    "resource": [{"resourceType": "Patient", "readonly": true}]});
+                let answer = http.post("fhir/R4/AccessPolicy", token, &policy).await;
+                if !count(&answer) {
+                    return;
+                }
+                let policy_id = answer.json()["id"].as_str().unwrap().to_string();
+                let secret = format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
+                let client = json!({"resourceType": "ClientApplication", "name": code, "secret": secret,
+                    "meta": {"tag": tag}});
+                let answer = http.post("fhir/R4/ClientApplication", token, &client).await;
+                if !count(&answer) {
+                    return;
+                }
+                let client_id = answer.json()["id"].as_str().unwrap().to_string();
+                let reference = format!("ClientApplication/{client_id}");
+                let membership = json!({"resourceType": "ProjectMembership",
+                    "project": {"reference": format!("Project/{}", admin.project_id)},
+                    "user": {"reference": reference}, "profile": {"reference": reference},
+                    "access": [{"policy": {"reference": format!("AccessPolicy/{policy_id}")}}],
+                    "identifier": [{"system": TAG_SYSTEM, "value": code}]});
+                if !count(&http.post("fhir/R4/ProjectMembership", token, &membership).await) {
+                    return;
+                }
+                count(&http.token_request(&client_id, &secret).await);
+            }
+        })
+        .await;
+    (started.elapsed(), tally)
+}
+
+/// Sum of every sample of the metric families starting with `prefix` whose labels contain all of `with`.
+fn sum(metrics: &str, prefix: &str, with: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix) && with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Request counts from the operator's metrics.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    medplum: f64,
+    medplum_429: f64,
+    medplum_writes: f64,
+    auth: f64,
+    fhir_units: f64,
+    kube: f64,
+    kube_writes: f64,
+}
+
+impl Counts {
+    fn of(metrics: &str) -> Self {
+        let family = "medplum_operator_medplum_requests_total{";
+        let by_operation =
+            |ops: &[&str]| -> f64 { ops.iter().map(|op| sum(metrics, family, &[&format!("operation=\"{op}")])).sum() };
+        let writes = by_operation(&["create ", "update ", "delete ", "invite", "delete membership"]);
+        let searches = by_operation(&["search "]);
+        let reads = by_operation(&["read "]);
+        let kube = "medplum_operator_kubernetes_requests_total{";
+        Self {
+            medplum: sum(metrics, family, &[]),
+            medplum_429: sum(metrics, family, &["status=\"429\""]),
+            medplum_writes: writes,
+            auth: by_operation(&["token", "check credentials"]),
+            fhir_units: writes * 100.0 + searches * 20.0 + reads,
+            kube: sum(metrics, kube, &[]),
+            kube_writes: ["create", "patch", "update", "delete"]
+                .iter()
+                .map(|v| sum(metrics, kube, &[&format!("verb=\"{v}\"")]))
+                .sum(),
+        }
+    }
+
+    fn minus(self, before: Self) -> Self {
+        Self {
+            medplum: self.medplum - before.medplum,
+            medplum_429: self.medplum_429 - before.medplum_429,
+            medplum_writes: self.medplum_writes - before.medplum_writes,
+            auth: self.auth - before.auth,
+            fhir_units: self.fhir_units - before.fhir_units,
+            kube: self.kube - before.kube,
+            kube_writes: self.kube_writes - before.kube_writes,
+        }
+    }
+}
+
+/// The least time in which Medplum's limits let `demand` units through at `per_minute` a window of
+/// 60 s (fixed windows from the first request): every full window but the last is waited out. A
+/// lower bound: the last window's requests take some time too.
+fn minimum_under_limit(demand: f64, per_minute: f64) -> Duration {
+    let windows = (demand / per_minute).ceil().max(1.0);
+    Duration::from_secs_f64((windows - 1.0) * 60.0)
+}
+
+fn print_limits_minimum(what: &str, auth: f64, fhir_units: f64) -> Duration {
+    let by_auth = minimum_under_limit(auth, AUTH_PER_MINUTE);
+    let by_fhir = minimum_under_limit(fhir_units, FHIR_UNITS_PER_MINUTE);
+    let minimum = by_auth.max(by_fhir);
+    println!(
+        "figure: minimum the limits impose for {what}: {:.0} s ({auth:.0} auth requests at 160/min: {:.0} s; \
+         {fhir_units:.0} FHIR units at 50,000/min: {:.0} s)",
+        minimum.as_secs_f64(),
+        by_auth.as_secs_f64(),
+        by_fhir.as_secs_f64()
+    );
+    minimum
+}
+
+/// Declares `n` AccessPolicies and `n` ClientApplications granting them, named from `first`.
+async fn declare(s: &Setup, first: usize, n: usize) {
+    futures::stream::iter(first..first + n)
+        .for_each_concurrent(16, |i| async move {
+            let policy: AccessPolicy = serde_json::from_value(json!({"apiVersion": "medplum.com/v1alpha1",
+                "kind": "AccessPolicy", "metadata": {"name": format!("policy-{i:05}")},
+                "spec": {"resources": [{"resourceType": "Patient", "readonly": true}]}}))
+            .unwrap();
+            s.policies().create(&PostParams::default(), &policy).await.unwrap();
+            s.create_client(
+                &format!("client-{i:05}"),
+                json!({"access": [{"policyRef": {"name": format!("policy-{i:05}")}}]}),
+            )
+            .await;
+        })
+        .await;
+}
+
+fn is_ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// Waits until `count` ClientApplications of the namespace are Ready.
+async fn all_clients_ready(s: &Setup, count: usize) {
+    let api = s.clients();
+    eventually(Duration::from_secs(3600), &format!("{count} ClientApplications Ready"), || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        let ready = list.items.iter().filter(|c| c.status.as_ref().is_some_and(|s| is_ready(&s.conditions))).count();
+        (ready >= count).then_some(())
+    })
+    .await;
+}
+
+async fn medplum_client(s: &Setup, name: &str) -> Value {
+    let id = s.clients().get(name).await.unwrap().status.unwrap().client_id.unwrap();
+    s.read_client(&id).await.1
+}
+
+#[tokio::test]
+#[ignore = "benchmark: run explicitly (hack/bench.sh)"]
+async fn bench_converge_against_the_floor() {
+    let n = env_number("BENCH_CLIENTS", 1000);
+    let args = test_server_args();
+    let resync = Duration::from_secs(env_number("BENCH_RESYNC_SECONDS", 60) as u64);
+    let s = Setup::new("bench", &args, json!({})).await;
+    let target = target_name(&s.medplum);
+    println!("figure: target {target}; {n} clients, concurrency {CONCURRENCY}");
+
+    // The floor, in a project of its own on the same server.
+    let floor_project = s.medplum.new_project("bench-floor").await;
+    let (floor_time, floor_tally) = floor(s.http(), &floor_project, n, "floor").await;
+    let floor_requests = floor_tally.requests.load(Ordering::Relaxed);
+    println!(
+        "figure: floor: {n} clients in {:.1} s, {} Medplum requests ({:.2} per client), {} refused with 429, {} failed",
+        floor_time.as_secs_f64(),
+        floor_requests,
+        floor_requests as f64 / n as f64,
+        floor_tally.refused.load(Ordering::Relaxed),
+        floor_tally.failed.load(Ordering::Relaxed),
+    );
+    let floor_minimum = rate_limits_on().then(|| print_limits_minimum("the floor's calls", n as f64, n as f64 * 300.0));
+    if rate_limits_on() {
+        // The floor spent this minute's auth and FHIR budgets: start the operator on fresh windows.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+    }
+
+    // The operator: everything declared first, then it starts.
+    declare(&s, 0, n).await;
+    let started = Instant::now();
+    let operator = Operator::start(
+        &s.ns.name,
+        &["--client-concurrency", &CONCURRENCY.to_string(), "--resync-interval", &format!("{}s", resync.as_secs())],
+    )
+    .await;
+    all_clients_ready(&s, n).await;
+    let converged = started.elapsed();
+    let first = Counts::of(&operator.metrics().await);
+    println!(
+        "figure: operator: {n} clients Ready in {:.1} s = {:.2}x the floor; {:.2} Medplum requests per client \
+         ({:.0} answered 429), {:.2} Kubernetes requests per client ({:.2} writes)",
+        converged.as_secs_f64(),
+        converged.as_secs_f64() / floor_time.as_secs_f64(),
+        first.medplum / n as f64,
+        first.medplum_429,
+        first.kube / n as f64,
+        first.kube_writes / n as f64,
+    );
+    if rate_limits_on() {
+        let minimum = print_limits_minimum("the operator's calls", first.auth, first.fhir_units);
+        println!(
+            "figure: operator with rate limits on: {:.1} s = {:.2}x its minimum ({:.2}x the floor's minimum), {:.0} answered 429",
+            converged.as_secs_f64(),
+            converged.as_secs_f64() / minimum.as_secs_f64().max(1.0),
+            converged.as_secs_f64() / floor_minimum.unwrap().as_secs_f64().max(1.0),
+            first.medplum_429
+        );
+    }
+    println!("figure: operator RSS with {n} clients and {n} policies: {} MiB", operator.rss_kib() / 1024);
+
+    // Steady state: one whole resync interval.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = Counts::of(&operator.metrics().await);
+    tokio::time::sleep(resync).await;
+    let steady = Counts::of(&operator.metrics().await).minus(before);
+    let objects = 2 * n;
+    println!(
+        "figure: steady state over one {}s resync with {objects} objects: {:.0} Medplum requests ({:.4} per object, \
+         {:.0} writes), {:.0} Kubernetes requests ({:.0} writes)",
+        resync.as_secs(),
+        steady.medplum,
+        steady.medplum / objects as f64,
+        steady.medplum_writes,
+        steady.kube,
+        steady.kube_writes
+    );
+
+    // Drift: a console edit to a managed client is put back.
+    let mut latencies = Vec::new();
+    for i in [1, n / 2, n - 1] {
+        let name = format!("client-{i:05}");
+        let mut client = medplum_client(&s, &name).await;
+        let id = client["id"].as_str().unwrap().to_string();
+        let expected = client["name"].clone();
+        client["name"] = json!("edited in the console");
+        s.http().put(&format!("fhir/R4/ClientApplication/{id}"), &s.token, &client).await.expect(200);
+        let edited = Instant::now();
+        eventually(resync * 3, &format!("{name} put back"), || async {
+            (s.read_client(&id).await.1["name"] == expected).then_some(())
+        })
+        .await;
+        latencies.push(edited.elapsed());
+    }
+    println!("figure: drift put back after a console edit in {latencies:?}");
+
+    // A restart on a backlog: as many new clients declared while the operator is down.
+    drop(operator);
+    declare(&s, n, n).await;
+    let started = Instant::now();
+    let operator = Operator::start(
+        &s.ns.name,
+        &["--client-concurrency", &CONCURRENCY.to_string(), "--resync-interval", &format!("{}s", resync.as_secs())],
+    )
+    .await;
+    all_clients_ready(&s, 2 * n).await;
+    let converged = started.elapsed();
+    let backlog = Counts::of(&operator.metrics().await);
+    println!(
+        "figure: operator restarted on a backlog of {n} new clients (and {n} Ready): all Ready in {:.1} s = {:.2}x the \
+         floor; {:.2} Medplum requests per new client ({:.0} answered 429), {:.2} Kubernetes requests per new client",
+        converged.as_secs_f64(),
+        converged.as_secs_f64() / floor_time.as_secs_f64(),
+        backlog.medplum / n as f64,
+        backlog.medplum_429,
+        backlog.kube / n as f64,
+    );
+    println!("figure: operator RSS with {} clients and {} policies: {} MiB", 2 * n, 2 * n, operator.rss_kib() / 1024);
+}
+
+#[tokio::test]
+#[ignore = "benchmark: run explicitly (hack/bench.sh)"]
+async fn bench_memory_at_ten_thousand_objects() {
+    let clients = env_number("BENCH_OBJECTS", 10_000);
+    let (policies, users) = ((clients / 10).max(1), (clients / 10).max(1));
+    let s = Setup::new("memory", &test_server_args(), json!({})).await;
+    let operator = Operator::start(&s.ns.name, &["--resync-interval", "60s"]).await;
+    println!("figure: target {}", target_name(&s.medplum));
+    println!("figure: operator RSS at idle: {} MiB", operator.rss_kib() / 1024);
+    let s = &s;
+    futures::stream::iter(0..policies)
+        .for_each_concurrent(16, |i| async move {
+            let policy: AccessPolicy = serde_json::from_value(json!({"apiVersion": "medplum.com/v1alpha1",
+                "kind": "AccessPolicy", "metadata": {"name": format!("policy-{i:05}")},
+                "spec": {"resources": [{"resourceType": "Patient", "readonly": true}]}}))
+            .unwrap();
+            s.policies().create(&PostParams::default(), &policy).await.unwrap();
+        })
+        .await;
+    let started = Instant::now();
+    futures::stream::iter(0..clients)
+        .for_each_concurrent(16, |i| async move {
+            let policy = format!("policy-{:05}", i % policies);
+            s.create_client(&format!("client-{i:05}"), json!({"access": [{"policyRef": {"name": policy}}]})).await;
+        })
+        .await;
+    futures::stream::iter(0..users)
+        .for_each_concurrent(16, |i| async move {
+            let user: ProjectUser = serde_json::from_value(json!({"apiVersion": "medplum.com/v1alpha1",
+                "kind": "ProjectUser", "metadata": {"name": format!("user-{i:05}")},
+                "spec": {"email": format!("user-{i:05}@example.org"), "firstName": "Bench", "lastName": format!("User{i}"),
+                         "access": [{"policyRef": {"name": format!("policy-{:05}", i % policies)}}]}}))
+            .unwrap();
+            s.users().create(&PostParams::default(), &user).await.unwrap();
+        })
+        .await;
+    all_clients_ready(s, clients).await;
+    let api = s.users();
+    eventually(Duration::from_secs(3600), "all users Ready", || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        let ready = list.items.iter().filter(|u| u.status.as_ref().is_some_and(|s| is_ready(&s.conditions))).count();
+        (ready == users).then_some(())
+    })
+    .await;
+    let total = clients + policies + users;
+    println!(
+        "figure: {clients} ClientApplications, {policies} AccessPolicies, {users} ProjectUsers Ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!("figure: operator RSS with {total} objects: {} MiB", operator.rss_kib() / 1024);
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    println!("figure: operator RSS with {total} objects after a resync: {} MiB", operator.rss_kib() / 1024);
+}
