@@ -387,21 +387,35 @@ pub async fn resolve_grants(
         if let Some(p) = grant.parameters.iter().find(|p| p.value_string.as_deref().is_some_and(breaks_json_text)) {
             return Err(GrantError::InvalidParameter { name, parameter: p.name.clone() });
         }
-        let policy = match ctx.policies.get(kind, namespace, &name) {
-            Some(policy) => policy,
-            None => Arc::new(api.get_opt(&name).await?.ok_or_else(|| GrantError::NotFound { name: name.clone() })?),
+        let mut changes = ctx.policies.changes();
+        let deadline = tokio::time::Instant::now() + NEW_POLICY_WAIT;
+        let id = loop {
+            let policy = match ctx.policies.get(kind, namespace, &name) {
+                Some(policy) => policy,
+                None => Arc::new(api.get_opt(&name).await?.ok_or_else(|| GrantError::NotFound { name: name.clone() })?),
+            };
+            if policy.spec.connection_ref != *connection {
+                return Err(GrantError::ConnectionMismatch { name });
+            }
+            // A policy with an id exists in Medplum; whether its latest spec was applied is its own status.
+            if let Some(id) = policy.status.as_ref().and_then(|s| s.policy_id.clone()) {
+                break id;
+            }
+            // A policy declared with its grantees (a first sync) is being made: wait for it here,
+            // rather than report it missing and be reconciled again once it is there.
+            let new = policy.status.as_ref().is_none_or(|s| s.conditions.is_empty());
+            let woken = tokio::time::timeout_at(deadline, changes.changed()).await;
+            if !new || !matches!(woken, Ok(Ok(()))) {
+                return Err(GrantError::NotReady { name });
+            }
         };
-        if policy.spec.connection_ref != *connection {
-            return Err(GrantError::ConnectionMismatch { name });
-        }
-        // A policy with an id exists in Medplum; whether its latest spec was applied is its own status.
-        match policy.status.as_ref().and_then(|s| s.policy_id.clone()) {
-            Some(id) => resolved.push((id, grant)),
-            None => return Err(GrantError::NotReady { name }),
-        }
+        resolved.push((id, grant));
     }
     Ok(membership_access(&resolved))
 }
+
+/// How long a grantee waits, within its reconcile, for a policy that has never been reconciled yet.
+const NEW_POLICY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
@@ -414,7 +428,6 @@ async fn find_policy(
 ) -> Result<Option<AccessPolicyResource>, MedplumError> {
     match usable.view.seen::<AccessPolicyResource>(&tag.code).await {
         Seen::Known(policy) => Ok(Some(policy)),
-        // Creating it is idempotent (conditional on the tag).
         Seen::Absent => Ok(None),
         Seen::Unknown => read_policy(usable, ap, tag).await,
     }
@@ -461,8 +474,7 @@ async fn converge_policy(
     let medplum = &usable.client;
     let Some(actual) = find_policy(usable, ap, tag).await? else {
         let condition = format!("_tag={}|{}", tag.system, tag.code);
-        let created = usable.create(&desired, Some(&condition)).await?;
-        usable.view.record(&created);
+        let created = usable.create_owned(&desired, &tag.code, &condition).await?;
         let note = format!("created Medplum AccessPolicy/{}", created.id.as_deref().unwrap_or_default());
         return Ok((created, vec![event(EventType::Normal, "Created", "Create", note)]));
     };

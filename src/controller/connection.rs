@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use super::secret::{CaSource, SourceError, read_ca_bundle, read_secret_strings};
 use super::status::{ConditionState, READY, apply_status, is_ready, set_condition};
-use super::view::MedplumView;
+use super::view::{MedplumView, Owned};
 use super::{Context, Error, ReconcileStream};
 use crate::crd::{
     AllowedNamespaces, ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, MedplumConnection,
@@ -329,6 +329,27 @@ impl UsableConnection {
         let mut scoped = resource.clone();
         scoped.meta_mut().project = Some(self.project_id.clone());
         self.client.create(&scoped, if_none_exist).await
+    }
+
+    /// Creates an object the operator manages for the resource of `code`, and records it in the view.
+    /// When the view vouches that no such object exists, a plain create does; otherwise the create is
+    /// conditional on `condition` (which finds an existing one instead). Medplum runs a conditional
+    /// create as a serializable transaction: it takes about twice as long, and under concurrent load
+    /// some fail with 409 "could not serialize access".
+    pub async fn create_owned<T: Owned>(&self, resource: &T, code: &str, condition: &str) -> Result<T, MedplumError> {
+        let condition = (!self.view.vouches_absent::<T>(code)).then_some(condition);
+        match self.create(resource, condition).await {
+            Ok(created) => {
+                self.view.record(&created);
+                Ok(created)
+            }
+            Err(e) => {
+                if e.leaves_object_uncertain() {
+                    self.view.doubt::<T>(code);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Removes a membership (its live tokens end at once).

@@ -423,8 +423,17 @@ impl GrantsPolicies for ProjectUser {
 /// The AccessPolicies each granting controller watches, by the kind of that controller and its scope
 /// (`None`: all namespaces). A policy's watch event reconciles its grantees only after the store took
 /// it in, so a grantee never reads an older version than the one that triggered it.
-#[derive(Default)]
-pub struct PolicyStores(Mutex<HashMap<StoreKey, Store<AccessPolicy>>>);
+pub struct PolicyStores {
+    stores: Mutex<HashMap<StoreKey, Store<AccessPolicy>>>,
+    /// Counts the policy events taken in, to wake grantees waiting for a policy.
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for PolicyStores {
+    fn default() -> Self {
+        Self { stores: Mutex::default(), changed: Arc::new(tokio::sync::watch::channel(0).0) }
+    }
+}
 
 /// A controller's kind and scope.
 type StoreKey = (String, Option<String>);
@@ -432,13 +441,18 @@ type StoreKey = (String, Option<String>);
 impl PolicyStores {
     fn register(&self, kind: &str, scope: Option<&str>, store: Store<AccessPolicy>) {
         let key = (kind.to_string(), scope.map(str::to_string));
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(key, store);
+        self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(key, store);
+    }
+
+    /// A receiver that wakes after the next policy event any store took in.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The policy as the watch of `kind`'s controller last saw it; `None` when that watch does not
     /// hold it (yet): then ask the API server.
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Arc<AccessPolicy>> {
-        let stores = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
         let store = stores
             .get(&(kind.to_string(), Some(namespace.to_string())))
             .or_else(|| stores.get(&(kind.to_string(), None)))?;
@@ -462,7 +476,9 @@ fn watch_policies<K: GrantsPolicies>(
         .modify(|p| p.managed_fields_mut().clear())
         .reflect(writer)
         .touched_objects();
+    let taken_in = ctx.policies.changed.clone();
     controller.watches_stream(changes, move |policy| {
+        taken_in.send_modify(|n| *n = n.wrapping_add(1));
         let (name, namespace) = (policy.name_any(), policy.namespace());
         store
             .state()

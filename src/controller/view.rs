@@ -244,6 +244,11 @@ impl MedplumView {
         locked(T::table(self)).seen(code, self.trust, Instant::now())
     }
 
+    /// Whether the view is sure that no object of `code` exists (now, without waiting).
+    pub fn vouches_absent<T: Owned>(&self, code: &str) -> bool {
+        matches!(locked(T::table(self)).seen(code, self.trust, Instant::now()), Seen::Absent)
+    }
+
     /// Records a version of an object the operator just read or wrote.
     pub fn record<T: Owned>(&self, resource: &T) {
         locked(T::table(self)).record(&self.system, resource, Instant::now());

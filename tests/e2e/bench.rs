@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{ListParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::PostParams;
 use serde_json::{Value, json};
 
 use crate::support::fixtures::{Setup, TAG_SYSTEM};
@@ -45,7 +46,7 @@ fn test_server_args() -> Vec<&'static str> {
     if rate_limits_on() {
         vec!["--auth-rate-limit", "160", "--fhir-quota", "50000"]
     } else {
-        vec!["--auth-rate-limit", "100000000", "--fhir-quota", "1000000000000", "--default-rate-limit", "100000000"]
+        vec!["--rate-limits-enabled", "false"]
     }
 }
 
@@ -126,7 +127,82 @@ fn sum(metrics: &str, prefix: &str, with: &[&str]) -> f64 {
         .lines()
         .filter(|l| l.starts_with(prefix) && with.iter().all(|w| l.contains(w)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |total, v| total + v)
+}
+
+/// Waits (at most two minutes) until the machine's cores are mostly idle, so that one measurement
+/// does not pay for the cleanup of the one before it (a deleted namespace of thousands of objects).
+async fn wait_until_quiet() {
+    fn busy_and_total() -> (f64, f64) {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cpu: Vec<f64> =
+            stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        let idle = cpu.get(3).copied().unwrap_or(0.0) + cpu.get(4).copied().unwrap_or(0.0);
+        let total: f64 = cpu.iter().sum();
+        (total - idle, total)
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let (busy, total) = busy_and_total();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (busy_after, total_after) = busy_and_total();
+        if (busy_after - busy) / (total_after - total).max(1.0) < 0.15 {
+            return;
+        }
+    }
+}
+
+/// The samples of a counter family, `labels=value` per line, largest first: where requests went.
+fn breakdown(metrics: &str, family: &str) -> String {
+    let mut samples: Vec<(f64, String)> = metrics
+        .lines()
+        .filter(|l| l.starts_with(family))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once(' ')?;
+            let labels = labels.split_once('{')?.1.trim_end_matches('}');
+            Some((value.parse().ok()?, labels.to_string()))
+        })
+        .filter(|(v, _)| *v > 0.0)
+        .collect();
+    samples.sort_by(|a, b| b.0.total_cmp(&a.0));
+    samples.iter().map(|(v, l)| format!("{l}={v}")).collect::<Vec<_>>().join(", ")
+}
+
+/// CPU seconds each command on this machine has used so far (from `/proc`), to show where a run's
+/// time went when the machine's cores are shared by Medplum, the API server and the operator.
+fn cpu_seconds_by_command() -> std::collections::BTreeMap<String, f64> {
+    let ticks_per_second = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    let mut by_command = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // "pid (comm) state ppid ... utime stime ...": comm may hold spaces, so split at its ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let command = head.split_once('(').map(|(_, c)| c.to_string()).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are the 14th and 15th fields of the line, the 12th and 13th after comm.
+        *by_command.entry(command).or_insert(0.0) += (ticks(11) + ticks(12)) / ticks_per_second;
+    }
+    by_command
+}
+
+/// The commands that used the most CPU between two [`cpu_seconds_by_command`] readings.
+fn cpu_used(before: &std::collections::BTreeMap<String, f64>) -> String {
+    let mut used: Vec<(String, f64)> = cpu_seconds_by_command()
+        .into_iter()
+        .map(|(command, seconds)| {
+            let spent = seconds - before.get(&command).copied().unwrap_or(0.0);
+            (command, spent)
+        })
+        .filter(|(_, spent)| *spent >= 0.5)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    used.iter().take(6).map(|(c, s)| format!("{c} {s:.1} s")).collect::<Vec<_>>().join(", ")
 }
 
 /// Request counts from the operator's metrics.
@@ -217,19 +293,38 @@ async fn declare(s: &Setup, first: usize, n: usize) {
         .await;
 }
 
-fn is_ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+fn is_ready(conditions: &[Condition]) -> bool {
     conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
-/// Waits until `count` ClientApplications of the namespace are Ready.
+/// Waits until `count` objects of `api` are Ready, from a watch: polling a list of thousands would
+/// load the API server, which shares the machine's cores with Medplum, and skew what is measured.
+async fn all_ready<K>(api: kube::Api<K>, count: usize, conditions: fn(&K) -> Option<&[Condition]>)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    use kube::runtime::{WatchStreamExt, watcher};
+    let mut ready = std::collections::HashSet::new();
+    let changes = watcher(api, watcher::Config::default()).default_backoff().applied_objects();
+    let mut changes = std::pin::pin!(changes);
+    let wait = async {
+        while ready.len() < count {
+            let Some(object) = changes.next().await else { break };
+            let Ok(object) = object else { continue };
+            let name = object.meta().name.clone().unwrap_or_default();
+            if conditions(&object).is_some_and(is_ready) {
+                ready.insert(name);
+            } else {
+                ready.remove(&name);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3600), wait).await.expect("all Ready within an hour");
+    assert!(ready.len() >= count, "the watch ended");
+}
+
 async fn all_clients_ready(s: &Setup, count: usize) {
-    let api = s.clients();
-    eventually(Duration::from_secs(3600), &format!("{count} ClientApplications Ready"), || async {
-        let list = api.list(&ListParams::default()).await.ok()?;
-        let ready = list.items.iter().filter(|c| c.status.as_ref().is_some_and(|s| is_ready(&s.conditions))).count();
-        (ready >= count).then_some(())
-    })
-    .await;
+    all_ready(s.clients(), count, |c| c.status.as_ref().map(|s| s.conditions.as_slice())).await;
 }
 
 async fn medplum_client(s: &Setup, name: &str) -> Value {
@@ -249,7 +344,10 @@ async fn bench_converge_against_the_floor() {
 
     // The floor, in a project of its own on the same server.
     let floor_project = s.medplum.new_project("bench-floor").await;
+    wait_until_quiet().await;
+    let cpu = cpu_seconds_by_command();
     let (floor_time, floor_tally) = floor(s.http(), &floor_project, n, "floor").await;
+    println!("figure: floor: CPU used on this machine: {}", cpu_used(&cpu));
     let floor_requests = floor_tally.requests.load(Ordering::Relaxed);
     println!(
         "figure: floor: {n} clients in {:.1} s, {} Medplum requests ({:.2} per client), {} refused with 429, {} failed",
@@ -267,6 +365,8 @@ async fn bench_converge_against_the_floor() {
 
     // The operator: everything declared first, then it starts.
     declare(&s, 0, n).await;
+    wait_until_quiet().await;
+    let cpu = cpu_seconds_by_command();
     let started = Instant::now();
     let operator = Operator::start(
         &s.ns.name,
@@ -296,6 +396,11 @@ async fn bench_converge_against_the_floor() {
             first.medplum_429
         );
     }
+    println!("figure: operator: CPU used on this machine: {}", cpu_used(&cpu));
+    let metrics = operator.metrics().await;
+    println!("figure: reconciles: {}", breakdown(&metrics, "medplum_operator_reconciliations_total{"));
+    println!("figure: Kubernetes requests: {}", breakdown(&metrics, "medplum_operator_kubernetes_requests_total{"));
+    println!("figure: Medplum requests: {}", breakdown(&metrics, "medplum_operator_medplum_requests_total{"));
     println!("figure: operator RSS with {n} clients and {n} policies: {} MiB", operator.rss_kib() / 1024);
 
     // Steady state: one whole resync interval.
@@ -336,6 +441,7 @@ async fn bench_converge_against_the_floor() {
     // A restart on a backlog: as many new clients declared while the operator is down.
     drop(operator);
     declare(&s, n, n).await;
+    wait_until_quiet().await;
     let started = Instant::now();
     let operator = Operator::start(
         &s.ns.name,
@@ -394,13 +500,7 @@ async fn bench_memory_at_ten_thousand_objects() {
         })
         .await;
     all_clients_ready(s, clients).await;
-    let api = s.users();
-    eventually(Duration::from_secs(3600), "all users Ready", || async {
-        let list = api.list(&ListParams::default()).await.ok()?;
-        let ready = list.items.iter().filter(|u| u.status.as_ref().is_some_and(|s| is_ready(&s.conditions))).count();
-        (ready == users).then_some(())
-    })
-    .await;
+    all_ready(s.users(), users, |u| u.status.as_ref().map(|s| s.conditions.as_slice())).await;
     let total = clients + policies + users;
     println!(
         "figure: {clients} ClientApplications, {policies} AccessPolicies, {users} ProjectUsers Ready in {:.1} s",

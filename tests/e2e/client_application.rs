@@ -351,7 +351,7 @@ async fn rotation_keeps_every_token_request_working() {
     }
 }
 
-const CREATE_STEPS: [&str; 4] = ["store-new-secret", "create-client", "create-membership", "write-secret"];
+const CREATE_STEPS: [&str; 3] = ["create-client", "create-membership", "write-secret"];
 const ROTATION_STEPS: [&str; 5] =
     ["store-new-secret", "push-secret", "write-secret", "restart-targets", "retire-secret"];
 

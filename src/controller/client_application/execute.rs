@@ -26,6 +26,11 @@ impl Reconciler<'_> {
         ));
     }
 
+    /// Whether a Secret with credentials was written for this resource before (status records it).
+    fn had_secret_written(&self) -> bool {
+        self.ca.status.as_ref().is_some_and(|s| s.secret_fingerprint.is_some())
+    }
+
     /// Writes the operator's part of the Secret; `o` then holds the Secret as the API server returned it.
     async fn write_secret(&self, content: &SecretContent, o: &mut Observed) -> Result<(), ClientError> {
         let (d, client) = (&self.d, &self.ctx.client);
@@ -59,16 +64,16 @@ impl Reconciler<'_> {
                 crash_point("store-new-secret");
             }
             Step::CreateClient => {
-                let body = client_body(&d.client, None, o.pending(), None);
+                let secret = o.pending().cloned().unwrap_or_else(generate_secret);
+                let body = client_body(&d.client, None, Some(&secret), None);
                 let condition = format!("_tag={}|{}", d.tag.system, d.tag.code);
-                let created = self.usable.create(&body, Some(&condition)).await?;
+                let created = self.usable.create_owned(&body, &d.tag.code, &condition).await?;
                 crash_point("create-client");
                 self.normal(
                     "Created",
                     "Create",
                     format!("created Medplum ClientApplication/{}", created.id.as_deref().unwrap_or_default()),
                 );
-                self.usable.view.record(&created);
                 o.client = Some(created);
             }
             Step::UpdateClient { fields } => {
@@ -101,7 +106,7 @@ impl Reconciler<'_> {
                     identifier: vec![identifier_of(&d.tag)],
                     ..Default::default()
                 };
-                let created = self.usable.create(&body, Some(&format!("user={client_ref}"))).await?;
+                let created = self.usable.create_owned(&body, &d.tag.code, &format!("user={client_ref}")).await?;
                 crash_point("create-membership");
                 let membership = format!("ProjectMembership/{}", created.id.as_deref().unwrap_or_default());
                 // One Event for a client made whole in this reconcile.
@@ -110,7 +115,6 @@ impl Reconciler<'_> {
                     Some(event) => event.note = Some(format!("{client_created} and its {membership}")),
                     None => self.normal("Created", "Create", format!("created Medplum {membership} for {client_ref}")),
                 }
-                self.usable.view.record(&created);
                 o.membership = Some(created);
             }
             Step::UpdateMembership { fields } => {
@@ -174,7 +178,7 @@ impl Reconciler<'_> {
                         "Update",
                         format!("Secret {} did not hold the client's credentials; restored them", d.secret_name),
                     ));
-                } else if !existed && !*switched {
+                } else if !existed && !*switched && self.had_secret_written() {
                     self.events.push(event(
                         EventType::Warning,
                         "SecretRestored",

@@ -15,7 +15,7 @@ pub(super) async fn find_client(
     let medplum = &usable.client;
     match usable.view.seen::<ClientApplicationResource>(&d.tag.code).await {
         Seen::Known(client) => return Ok(Some(client)),
-        // Creating it is idempotent (conditional on the tag), so no search is needed first.
+        // None of ours: it is to be created (or adopted, which looks for the one to adopt).
         Seen::Absent if d.adopt.is_none() => return Ok(None),
         Seen::Absent | Seen::Unknown => {}
     }
@@ -104,8 +104,8 @@ async fn owned_membership(
         {
             Ok(Some(membership))
         }
-        // Creating it is idempotent (conditional on its user).
-        Seen::Absent => Ok(None),
+        // None of ours; an adopted client may still have a membership of its own, found by its user.
+        Seen::Absent if d.adopt.is_none() => Ok(None),
         _ => {
             let found = find_membership(&usable.client, client).await?;
             if let Some(m) = &found {

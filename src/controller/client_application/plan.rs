@@ -149,7 +149,8 @@ pub(super) enum Step {
     StoreNewSecret {
         handled: Option<String>,
     },
-    /// Create the Medplum client with the pending secret (idempotent through the ownership tag).
+    /// Create the Medplum client with a new secret (or the pending one a previous operator left),
+    /// idempotent through the ownership tag.
     CreateClient,
     /// Write the managed fields (and the tag, when adopting) to Medplum.
     UpdateClient {
@@ -260,9 +261,9 @@ pub(super) fn rotation_due(d: &Desired, o: &Observed, now: Timestamp) -> Option<
 /// The next step towards what `d` says should exist, given what `o` observed.
 pub(super) fn plan(d: &Desired, o: &Observed, now: Timestamp) -> Step {
     let pending = o.pending();
-    let Some(client) = &o.client else {
-        return if pending.is_some() { Step::CreateClient } else { Step::StoreNewSecret { handled: None } };
-    };
+    // A new client gets its secret in Medplum first: once created, Medplum holds it (and a restart
+    // finds the client by its tag and writes the Secret from it), so no pending copy is needed.
+    let Some(client) = &o.client else { return Step::CreateClient };
     let drift = client_drift(&d.client, client);
     if !drift.is_empty() {
         return Step::UpdateClient { fields: drift };

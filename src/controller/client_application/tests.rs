@@ -113,18 +113,22 @@ fn observed(
 }
 
 #[test]
-fn creation_stores_the_secret_in_kubernetes_before_medplum_sees_it() {
+fn creation_makes_the_client_first_and_writes_the_secret_medplum_holds() {
     let d = desired();
     let nothing =
         Observed { secret: WrittenSecret::default(), client: None, membership: None, targets: vec![], verified: None };
-    assert_eq!(plan(&d, &nothing, at(0)), Step::StoreNewSecret { handled: None });
+    assert_eq!(plan(&d, &nothing, at(0)), Step::CreateClient);
+    // A pending secret left by an older operator is used, not replaced.
     let stored = observed(secret(&d, None, Some("new"), None), None, None);
     assert_eq!(plan(&d, &stored, at(0)), Step::CreateClient);
-    let created = observed(secret(&d, None, Some("new"), None), Some(client(&d, Some("new"), None)), None);
+    // Killed after the create: the client is found by its tag, and the Secret is written from it.
+    let created = observed(WrittenSecret::default(), Some(client(&d, Some("new"), None)), None);
     assert_eq!(plan(&d, &created, at(0)), Step::CreateMembership);
-    let member =
+    let member = observed(WrittenSecret::default(), Some(client(&d, Some("new"), None)), Some(membership(&d)));
+    assert_eq!(plan(&d, &member, at(0)), Step::WriteSecret { switched: false });
+    let left_pending =
         observed(secret(&d, None, Some("new"), None), Some(client(&d, Some("new"), None)), Some(membership(&d)));
-    assert_eq!(plan(&d, &member, at(0)), Step::WriteSecret { switched: true });
+    assert_eq!(plan(&d, &left_pending, at(0)), Step::WriteSecret { switched: true });
 }
 
 #[test]
