@@ -136,3 +136,16 @@ impl Operator {
             .expect("VmRSS")
     }
 }
+
+/// A test that fails shows the end of its operators' logs (debug level, secret-free: the tests check
+/// that), so that a failure in CI says what the operator was doing.
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("OPERATOR_LOGS").is_none() {
+            let logs = self.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!("the last {} lines of the operator's log:\n{}", tail.len(), tail.join("\n"));
+        }
+    }
+}
