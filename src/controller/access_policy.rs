@@ -403,9 +403,9 @@ pub async fn resolve_grants(
             }
             // A policy declared with its grantees (a first sync) is being made: wait for it here,
             // rather than report it missing and be reconciled again once it is there.
+            // A policy that was reconciled and has no id is failing: its status says why, no wait.
             let new = policy.status.as_ref().is_none_or(|s| s.conditions.is_empty());
-            let woken = tokio::time::timeout_at(deadline, changes.changed()).await;
-            if !new || !matches!(woken, Ok(Ok(()))) {
+            if !new || !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
                 return Err(GrantError::NotReady { name });
             }
         };

@@ -4,7 +4,9 @@
 //! Every reconcile observes the Secret, the Medplum client and membership and the restart targets, then
 //! repeatedly asks [`plan`] (pure) for the one next step and carries it out, until nothing is left to do.
 //! Progress lives only in what is observed, so a reconcile killed at any line resumes where it stopped:
-//! - a new secret is written to the Secret (key [`PENDING_KEY`]) before Medplum sees it;
+//! - a new client is created in Medplum with its secret, then the Secret is written from what Medplum
+//!   holds (a restart finds the client by its tag);
+//! - to rotate, a new secret is written to the Secret (key [`PENDING_KEY`]) before Medplum sees it;
 //! - Medplum then holds it as `secret` and the old one as `retiringSecret`, both working;
 //! - the Secret switches to it (annotation [`ISSUED_AT`]) and the restart targets are restarted;
 //! - once they rolled out and the grace period passed, the old secret is retired.

@@ -144,8 +144,8 @@ impl Observed {
 /// The one next thing to do.
 #[derive(Clone, Debug, PartialEq)]
 pub(super) enum Step {
-    /// Write a new secret under [`PENDING_KEY`] (for a new client, or to rotate); `handled` records a
-    /// rotation request.
+    /// Write a new secret under [`PENDING_KEY`] before Medplum sees it (to rotate, or to replace an
+    /// adopted client's secret); `handled` records a rotation request.
     StoreNewSecret {
         handled: Option<String>,
     },
