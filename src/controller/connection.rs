@@ -11,7 +11,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
@@ -679,14 +678,15 @@ pub const FINALIZER: &str = "medplum.com/connection-in-use";
 
 async fn reconcile<K: ConnectionObject>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     let api = K::api(ctx.client.clone(), obj.namespace().as_deref());
-    finalizer(&api, FINALIZER, obj, |event| async {
-        match event {
-            FinalizerEvent::Apply(obj) => apply(&*obj, &ctx, &api).await,
-            FinalizerEvent::Cleanup(obj) => release(&*obj, &ctx, &api).await,
-        }
-    })
+    super::finalized(
+        &ctx,
+        &api,
+        FINALIZER,
+        obj,
+        async |o| apply(&*o, &ctx, &api).await,
+        async |o| release(&*o, &ctx, &api).await,
+    )
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
 async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Result<Action, Error> {

@@ -45,8 +45,6 @@ pub enum Error {
     Status(#[source] kube::Error),
     #[error("Kubernetes API: {0}")]
     Kube(#[source] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("still used by {count} resource(s)")]
     InUse { count: usize },
     #[error("cleanup blocked: {0}")]
@@ -105,24 +103,25 @@ impl FailureBackoff {
     }
 }
 
-/// The resource versions the operator's own writes of Secrets produced, so that the watch event of
-/// such a write does not reconcile once more the resource that made it. An entry goes when its event
-/// arrives; a different version (someone else's change, a deletion) reconciles as usual.
+/// The resource versions the operator's own writes produced (of Secrets, and of finalizers it adds),
+/// so that the watch event of such a write does not reconcile once more the resource that made it. An
+/// entry goes when its event arrives; a different version (someone else's change, a deletion)
+/// reconciles as usual.
 #[derive(Default)]
-pub struct OwnWrites(Mutex<HashMap<(String, String), String>>);
+pub struct OwnWrites(Mutex<HashMap<(String, String, String), String>>);
 
 impl OwnWrites {
-    pub fn wrote(&self, namespace: &str, name: &str, resource_version: Option<&str>) {
+    pub fn wrote(&self, kind: &str, namespace: &str, name: &str, resource_version: Option<&str>) {
         if let Some(version) = resource_version {
             let mut writes = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            writes.insert((namespace.to_string(), name.to_string()), version.to_string());
+            writes.insert((kind.to_string(), namespace.to_string(), name.to_string()), version.to_string());
         }
     }
 
     /// Whether this event shows the operator's own last write (then it is forgotten).
-    pub fn is_own(&self, namespace: &str, name: &str, resource_version: Option<&str>) -> bool {
+    pub fn is_own(&self, kind: &str, namespace: &str, name: &str, resource_version: Option<&str>) -> bool {
         let mut writes = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (namespace.to_string(), name.to_string());
+        let key = (kind.to_string(), namespace.to_string(), name.to_string());
         let own = resource_version.is_some() && writes.get(&key).map(String::as_str) == resource_version;
         if own {
             writes.remove(&key);
@@ -143,7 +142,7 @@ pub struct Context {
     pub users_gone: tokio::sync::broadcast::Sender<connection::ConnectionKey>,
     /// Resources whose objects changed or went in Medplum (found by a connection's view).
     pub medplum_changed: tokio::sync::broadcast::Sender<view::Owner>,
-    pub own_writes: OwnWrites,
+    pub own_writes: Arc<OwnWrites>,
     pub policies: PolicyStores,
     /// What Medplum's rate limits allow, per server and per credential, shared by all connections.
     pub pacing: crate::medplum::Pacing,
@@ -162,7 +161,7 @@ impl Context {
             backoff: FailureBackoff::default(),
             users_gone: tokio::sync::broadcast::channel(1024).0,
             medplum_changed: tokio::sync::broadcast::channel(4096).0,
-            own_writes: OwnWrites::default(),
+            own_writes: Arc::default(),
             policies: PolicyStores::default(),
             pacing: Default::default(),
         }
@@ -266,8 +265,10 @@ pub const CLEANUP_FINALIZER: &str = "medplum.com/cleanup";
 /// all), and on changes in Medplum of the objects a resource owns. Its cache keeps objects without
 /// `managedFields`, which the operator never reads.
 fn new_controller<K: UsesConnection>(ctx: &Context, namespace: Option<&str>, concurrency: u16) -> Controller<K> {
+    use futures::TryStreamExt;
     use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
     let (reader, writer) = reflector::store();
+    let own = ctx.own_writes.clone();
     let changes = watcher(scoped::<K>(&ctx.client, namespace), watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(|o| o.managed_fields_mut().clear())
@@ -276,7 +277,12 @@ fn new_controller<K: UsesConnection>(ctx: &Context, namespace: Option<&str>, con
         .predicate_filter(
             predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
             Default::default(),
-        );
+        )
+        // After the predicates, so that they take in the finalizer the operator's own patch added.
+        .try_filter(move |o| {
+            let (namespace, name) = (o.namespace().unwrap_or_default(), o.name_any());
+            std::future::ready(!own.is_own(&K::kind(&()), &namespace, &name, o.resource_version().as_deref()))
+        });
     Controller::for_stream(changes, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .reconcile_on(owners_changed::<K>(ctx, namespace.map(str::to_string)))
@@ -331,19 +337,82 @@ async fn reconcile_with_cleanup<K: UsesConnection>(
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let deleted = obj.meta().deletion_timestamp.is_some();
     let connection = connection::ConnectionKey::of(&namespace, obj.connection_ref());
-    let action = kube::runtime::finalizer(&api, CLEANUP_FINALIZER, obj, |event| async {
-        match event {
-            kube::runtime::finalizer::Event::Apply(obj) => apply(&obj, &ctx).await,
-            kube::runtime::finalizer::Event::Cleanup(obj) => cleanup(&obj, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    let action = finalized(
+        &ctx,
+        &api,
+        CLEANUP_FINALIZER,
+        obj,
+        async |o| apply(&o, &ctx).await,
+        async |o| cleanup(&o, &ctx).await,
+    )
+    .await?;
     if deleted {
         // The finalizer is gone: a connection waiting for its users to go may be released now.
         let _ = ctx.users_gone.send(connection);
     }
     Ok(action)
+}
+
+/// A reconcile under `finalizer`: `apply` while the object exists, `cleanup` once it is being deleted,
+/// and the finalizer removed only after `cleanup` succeeded. A missing finalizer is added first and
+/// the same reconcile goes on to `apply` (kube's `finalizer()` stops there and waits for the patch's
+/// watch event: a second reconcile for every new object, and a first pass over a backlog that writes
+/// nothing but finalizers while Medplum waits). The watch event of that patch is the operator's own
+/// and reconciles nothing.
+pub async fn finalized<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    finalizer: &str,
+    obj: Arc<K>,
+    apply: impl AsyncFnOnce(Arc<K>) -> Result<Action, Error>,
+    cleanup: impl AsyncFnOnce(Arc<K>) -> Result<Action, Error>,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    use json_patch::{AddOperation, PatchOperation, RemoveOperation, TestOperation, jsonptr::PointerBuf};
+    let pointer = |path: &str| PointerBuf::parse(path).expect("finalizer paths are valid JSON pointers");
+    let params = kube::api::PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    let name = obj.name_any();
+    let index = obj.finalizers().iter().position(|f| f == finalizer);
+    let deleting = obj.meta().deletion_timestamp.is_some();
+    match (index, deleting) {
+        (Some(_), false) => apply(obj).await,
+        (None, false) => {
+            // `test` makes the patch fail, rather than duplicate or drop a finalizer, when someone
+            // else changed the list meanwhile (the reconcile is then retried).
+            let current = obj.finalizers();
+            let (test, add_at) = if current.is_empty() {
+                (serde_json::Value::Null, "/metadata/finalizers")
+            } else {
+                (current.into(), "/metadata/finalizers/-")
+            };
+            let value = if current.is_empty() { vec![finalizer].into() } else { finalizer.into() };
+            let patch = json_patch::Patch(vec![
+                PatchOperation::Test(TestOperation { path: pointer("/metadata/finalizers"), value: test }),
+                PatchOperation::Add(AddOperation { path: pointer(add_at), value }),
+            ]);
+            let patched = api.patch(&name, &params, &kube::api::Patch::Json::<()>(patch)).await.map_err(Error::Kube)?;
+            ctx.own_writes.wrote(
+                K::kind(&()).as_ref(),
+                &obj.namespace().unwrap_or_default(),
+                &name,
+                patched.resource_version().as_deref(),
+            );
+            apply(Arc::new(patched)).await
+        }
+        (Some(i), true) => {
+            let action = cleanup(obj).await?;
+            let path = pointer(&format!("/metadata/finalizers/{i}"));
+            let patch = json_patch::Patch(vec![
+                PatchOperation::Test(TestOperation { path: path.clone(), value: finalizer.into() }),
+                PatchOperation::Remove(RemoveOperation { path }),
+            ]);
+            api.patch::<K>(&name, &params, &kube::api::Patch::Json(patch)).await.map_err(Error::Kube)?;
+            Ok(action)
+        }
+        (None, true) => Ok(Action::await_change()),
+    }
 }
 
 /// Set to `true` on a resource being deleted to drop its finalizer without touching Medplum (for when

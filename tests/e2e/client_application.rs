@@ -70,6 +70,8 @@ async fn lifecycle_creates_working_credentials_keeps_them_and_cleans_up() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let medplum_before = if s.medplum.is_test_server() { s.medplum.stats().await } else { Default::default() };
     let kube_before = kube_requests(&operator.metrics().await);
+    let reconciles_before =
+        operator.metric("medplum_operator_reconciliations_total{kind=\"ClientApplication\",outcome=\"success\"}").await;
 
     let started = Instant::now();
     s.create_client(
@@ -103,6 +105,15 @@ async fn lifecycle_creates_working_credentials_keeps_them_and_cleans_up() {
         "figure: Kubernetes requests to create one client: {} {kube_used:?}",
         kube_used.iter().map(|(_, d)| d).sum::<f64>()
     );
+    // One reconcile adds the finalizer and goes on to create; its own writes (finalizer, status,
+    // Secret) trigger no second one.
+    let used = |labels: &str| kube_used.iter().find(|(k, _)| k == labels).map(|(_, d)| *d).unwrap_or(0.0);
+    assert_eq!(used("{verb=\"patch\",resource=\"clientapplications\"}"), 1.0, "one finalizer patch: {kube_used:?}");
+    // Given a moment, so that a second reconcile (none is expected) would show.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reconciles =
+        operator.metric("medplum_operator_reconciliations_total{kind=\"ClientApplication\",outcome=\"success\"}").await;
+    assert_eq!(reconciles, reconciles_before + 1.0, "one reconcile made the client whole");
 
     // Status, Secret and Medplum agree, and the credentials work.
     let status = ready.status.clone().unwrap();

@@ -35,7 +35,7 @@ impl Reconciler<'_> {
     async fn write_secret(&self, content: &SecretContent, o: &mut Observed) -> Result<(), ClientError> {
         let (d, client) = (&self.d, &self.ctx.client);
         o.secret = apply_written(client, &d.namespace, &d.secret_name, content, &secret_keys(d)).await?;
-        self.ctx.own_writes.wrote(&d.namespace, &d.secret_name, o.secret.resource_version.as_deref());
+        self.ctx.own_writes.wrote("Secret", &d.namespace, &d.secret_name, o.secret.resource_version.as_deref());
         Ok(())
     }
 

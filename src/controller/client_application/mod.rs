@@ -420,16 +420,16 @@ pub fn controller(
     let client = ctx.client.clone();
     let controller = super::new_controller::<ClientApplication>(&ctx, namespace, ctx.settings.client_concurrency);
     let ready = super::cache_synced(controller.store());
-    let secrets: Api<PartialObjectMeta<Secret>> = super::scoped(&client, namespace);
     let own = ctx.clone();
     let by_label = move |secret: PartialObjectMeta<Secret>| {
         let namespace = secret.namespace().unwrap_or_default();
-        if own.own_writes.is_own(&namespace, &secret.name_any(), secret.resource_version().as_deref()) {
+        if own.own_writes.is_own("Secret", &namespace, &secret.name_any(), secret.resource_version().as_deref()) {
             return None;
         }
         let name = secret.labels().get(CLIENT_LABEL).cloned();
         name.map(|n| ObjectRef::new(&n).within(&namespace))
     };
+    let secrets: Api<PartialObjectMeta<Secret>> = super::scoped(&client, namespace);
     let controller = controller.watches(secrets, watcher::Config::default().labels(CLIENT_LABEL), by_label);
     let controller = super::watch_connections(super::watch_policies(controller, &ctx, namespace), &ctx, namespace);
     let reconcile = |obj, ctx| super::reconcile_with_cleanup(obj, ctx, apply, cleanup);

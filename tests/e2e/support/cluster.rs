@@ -128,16 +128,58 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         // Drop cannot await; delete from a short-lived runtime on another thread.
-        let name = self.name.clone();
+        let (name, uid) = (self.name.clone(), self.uid.clone());
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             runtime.block_on(async {
                 let kubeconfig = Kubeconfig::read_from(kubeconfig()).ok()?;
                 let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.ok()?;
                 let client = Client::try_from(config).ok()?;
-                Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await.ok()
+                Api::<Namespace>::all(client.clone()).delete(&name, &DeleteParams::background()).await.ok()?;
+                release_finalizers(&client, &name, &uid).await;
+                Some(())
             })
         })
         .join();
     }
+}
+
+/// Drops the finalizers of a deleted test namespace's resources (and of cluster connections it owns).
+/// Its operator has stopped by now, so nothing else would: the namespace would stay Terminating, and
+/// the namespace controller would go on retrying to empty it, loading the API server under every
+/// later test and benchmark.
+async fn release_finalizers(client: &Client, namespace: &str, namespace_uid: &str) {
+    use medplum_operator::crd::{
+        AccessPolicy, ClientApplication, ClusterMedplumConnection, MedplumConnection, ProjectUser,
+    };
+    release(Api::<ClientApplication>::namespaced(client.clone(), namespace), |_| true).await;
+    release(Api::<AccessPolicy>::namespaced(client.clone(), namespace), |_| true).await;
+    release(Api::<ProjectUser>::namespaced(client.clone(), namespace), |_| true).await;
+    release(Api::<MedplumConnection>::namespaced(client.clone(), namespace), |_| true).await;
+    let owned =
+        |c: &ClusterMedplumConnection| c.metadata.owner_references.iter().flatten().any(|o| o.uid == namespace_uid);
+    release(Api::<ClusterMedplumConnection>::all(client.clone()), owned).await;
+}
+
+async fn release<K>(api: Api<K>, pick: impl Fn(&K) -> bool)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use futures::StreamExt;
+    let Ok(list) = api.list(&Default::default()).await else { return };
+    let names: Vec<String> = list
+        .items
+        .iter()
+        .filter(|o| !o.meta().finalizers.as_ref().is_none_or(Vec::is_empty) && pick(o))
+        .filter_map(|o| o.meta().name.clone())
+        .collect();
+    let patch = serde_json::json!({"metadata": {"finalizers": null}});
+    futures::stream::iter(names)
+        .for_each_concurrent(16, |name| {
+            let (api, patch) = (&api, &patch);
+            async move {
+                let _ = api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await;
+            }
+        })
+        .await;
 }
