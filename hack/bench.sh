@@ -33,7 +33,6 @@ started_here=false
 limits_changed=false
 cleanup() {
   if $limits_changed; then
-    bash hack/real-medplum.sh stop >/dev/null 2>&1 || true
     MEDPLUM_RATE_LIMITS=off bash hack/real-medplum.sh start >/dev/null 2>&1 || true
   fi
   if $started_here; then bash hack/controlplane/stop.sh; fi
@@ -43,9 +42,8 @@ KUBECONFIG=$(bash hack/controlplane/start.sh)
 export KUBECONFIG OPERATOR_RUST_LOG=${OPERATOR_RUST_LOG:-info}
 mkdir -p .cache/bench
 
-# Starts the real Medplum with its rate limits on or off (a restart: Medplum reads them at start).
+# Starts the real Medplum with its rate limits on or off (restarted if it runs with the other).
 real_medplum() {
-  bash hack/real-medplum.sh stop >/dev/null 2>&1 || true
   MEDPLUM_RATE_LIMITS=$1 bash hack/real-medplum.sh start 2>/dev/null
 }
 

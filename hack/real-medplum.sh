@@ -10,7 +10,8 @@
 # State (database, Node, npm install, logs) lives in $MEDPLUM_STATE_DIR, default
 # /var/tmp/medplum-operator-medplum: outside the checkout, so a fresh clone reuses a warm install
 # (about 20 s) instead of a cold one (about 3 minutes), and short enough for PostgreSQL's socket path.
-# MEDPLUM_RATE_LIMITS=on starts it with Medplum's production rate limits (see the kit's README).
+# MEDPLUM_RATE_LIMITS=on starts it with Medplum's production rate limits (see the kit's README); a
+# server running with the other setting is restarted.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -32,8 +33,25 @@ export MEDPLUM_STATE_DIR=${MEDPLUM_STATE_DIR:-/var/tmp/medplum-operator-medplum}
 # does not download everything again.
 export npm_config_cache=${npm_config_cache:-${MEDPLUM_STATE_DIR}-npm-cache}
 
+# Whether the server in the state folder was configured with rate limits (the kit applies
+# MEDPLUM_RATE_LIMITS only when it starts the server).
+limits_configured() {
+  python3 -c 'import json, sys; print("on" if json.load(open(sys.argv[1])).get("rateLimitsEnabled") else "off")' \
+    "$MEDPLUM_STATE_DIR/medplum.config.json" 2>/dev/null || echo none
+}
+
 case ${1:-} in
-  start) exec bash "$kit/start.sh" ;;
+  start)
+    # A server running with the other rate limit setting is restarted with the one asked for.
+    wanted=off
+    [[ ${MEDPLUM_RATE_LIMITS:-off} =~ ^(on|true|1|yes)$ ]] && wanted=on
+    configured=$(limits_configured)
+    if [[ $configured != none && $configured != "$wanted" ]]; then
+      echo "real-medplum.sh: restarting Medplum with its rate limits $wanted" >&2
+      bash "$kit/stop.sh" >/dev/null 2>&1 || true
+    fi
+    MEDPLUM_RATE_LIMITS=$wanted exec bash "$kit/start.sh"
+    ;;
   stop) exec bash "$kit/stop.sh" ;;
   status)
     base=$(sed -n 's/^MEDPLUM_TEST_BASE_URL=//p' "$MEDPLUM_STATE_DIR/env" 2>/dev/null)

@@ -343,7 +343,7 @@ impl MedplumClient {
     async fn send(&self, operation: &str, request: RequestBuilder) -> Result<Response, MedplumError> {
         let request = request.build().map_err(|e| transport_error(&self.base_url, &e))?;
         let path = request.url().path().strip_prefix(self.base_url.path()).unwrap_or_default().to_string();
-        let cost = Cost::of(request.method(), &path);
+        let cost = Cost::of(request.method(), &path, request.headers().contains_key("if-none-exist"));
         let units = u64::from(cost.fhir_units);
         self.paced(cost.category, 1).await;
         if units > 0 {

@@ -5,10 +5,10 @@
 //! window ends: `"requests";r=<left>;t=<seconds>` for the limit of the caller's IP in the request's
 //! category (`auth`: `/oauth2/*` and `/auth/*` but `/auth/me`, 160 a minute; `default`: the rest,
 //! 60,000), and `"fhirInteractions";r=..;t=..` for the FHIR quota of the calling membership (read 1,
-//! history 10, search 20, write 100 units; 50,000 a minute). The IP budgets of one server are shared
-//! by every connection to it (the operator has one address); the FHIR budget belongs to one
-//! credential. A request waits while what is left, less what requests in flight may spend, would not
-//! cover it, until the window ends.
+//! history 10, search 20, write 100 units, a conditional create 120; 50,000 a minute). The IP budgets
+//! of one server are shared by every connection to it (the operator has one address); the FHIR budget
+//! belongs to one credential. A request waits while what is left, less what requests in flight may
+//! spend, would not cover it, until the window ends.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,8 +47,9 @@ pub struct Cost {
 }
 
 impl Cost {
-    /// The cost of `method path` (relative to the base URL), as Medplum charges it.
-    pub fn of(method: &reqwest::Method, path: &str) -> Self {
+    /// The cost of `method path` (relative to the base URL), as Medplum charges it; a `conditional`
+    /// create (`If-None-Exist`) is charged its search too.
+    pub fn of(method: &reqwest::Method, path: &str, conditional: bool) -> Self {
         let category = if path != "auth/me" && (path.starts_with("oauth2/") || path.starts_with("auth/")) {
             Limit::Auth
         } else {
@@ -61,6 +62,7 @@ impl Cost {
                     reqwest::Method::GET if rest.contains("/_history") => 10,
                     reqwest::Method::GET if segments >= 2 => 1,
                     reqwest::Method::GET => 20,
+                    _ if conditional => 120,
                     _ => 100,
                 }
             }
@@ -110,20 +112,27 @@ impl Budget {
 #[derive(Debug, Default)]
 pub struct Budgets(Mutex<HashMap<Limit, Budget>>);
 
+/// Two answers whose windows end this close together speak of the same window (Medplum rounds the
+/// seconds left up, so one window's end can be read up to a second apart).
+const SAME_WINDOW: Duration = Duration::from_secs(2);
+
 /// Medplum answers a window's end in whole seconds, rounded up; this much more is waited so that
 /// the next request does not land in the last moment of the old window.
 const WINDOW_MARGIN: Duration = Duration::from_millis(250);
 
 impl Budgets {
-    /// Reserves `cost` of `limit` once the budget allows it; returns how long that took.
+    /// Reserves `cost` of `limit` once the budget allows it; returns how long it waited for that
+    /// (zero when it did not have to).
     pub async fn acquire(&self, limit: Limit, cost: u64) -> Duration {
         let started = Instant::now();
+        let mut waited = false;
         loop {
             let wait = {
                 let mut budgets = self.0.lock().unwrap_or_else(|p| p.into_inner());
                 let now = Instant::now();
+                let took = if waited { started.elapsed() } else { Duration::ZERO };
                 match budgets.get_mut(&limit) {
-                    None => return started.elapsed(),
+                    None => return took,
                     Some(budget) => {
                         let wait = budget.wait(cost, now);
                         if wait.is_zero() {
@@ -133,13 +142,14 @@ impl Budgets {
                             } else {
                                 budget.in_flight += cost;
                             }
-                            return started.elapsed();
+                            return took;
                         }
                         wait
                     }
                 }
             };
             tokio::time::sleep(wait + WINDOW_MARGIN).await;
+            waited = true;
         }
     }
 
@@ -151,6 +161,14 @@ impl Budgets {
         match said {
             Some((remaining, reset)) => {
                 let ends = now + Duration::from_secs(reset);
+                // Answers to concurrent requests can arrive in another order than Medplum counted
+                // them: within one window, what is left is the least that any answer said.
+                let remaining = match budgets.get(&limit) {
+                    Some(known) if now < known.ends && ends <= known.ends + SAME_WINDOW => {
+                        remaining.min(known.remaining)
+                    }
+                    _ => remaining,
+                };
                 budgets.insert(limit, Budget { remaining, ends, in_flight });
             }
             None => {
@@ -189,7 +207,7 @@ mod tests {
 
     #[test]
     fn costs_follow_medplum_s_categories_and_quota_units() {
-        let cost = |m: Method, p: &str| Cost::of(&m, p);
+        let cost = |m: Method, p: &str| Cost::of(&m, p, false);
         assert_eq!(cost(Method::POST, "oauth2/token"), Cost { category: Limit::Auth, fhir_units: 0 });
         assert_eq!(cost(Method::GET, "auth/me"), Cost { category: Limit::Default, fhir_units: 0 });
         assert_eq!(cost(Method::GET, "fhir/R4/ClientApplication"), Cost { category: Limit::Default, fhir_units: 20 });
@@ -197,6 +215,7 @@ mod tests {
         assert_eq!(cost(Method::GET, "fhir/R4/ClientApplication/x").fhir_units, 1);
         assert_eq!(cost(Method::GET, "fhir/R4/ClientApplication/x/_history").fhir_units, 10);
         assert_eq!(cost(Method::PUT, "fhir/R4/ClientApplication/x").fhir_units, 100);
+        assert_eq!(Cost::of(&Method::POST, "fhir/R4/ClientApplication", true).fhir_units, 120);
         assert_eq!(cost(Method::POST, "admin/projects/p/invite"), Cost { category: Limit::Default, fhir_units: 0 });
     }
 
@@ -221,6 +240,36 @@ mod tests {
         assert!(waited >= Duration::from_secs(30) && waited < Duration::from_secs(31), "{waited:?}");
         // After the window the budget is unknown again until an answer says it.
         assert_eq!(budgets.acquire(Limit::FhirQuota, 100).await, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_arrives_late_does_not_raise_what_is_left() {
+        let budgets = Budgets::default();
+        budgets.update(Limit::FhirQuota, 0, Some((1000, 30)));
+        for _ in 0..3 {
+            budgets.acquire(Limit::FhirQuota, 100).await;
+        }
+        // Medplum counted them in this order: 900, 800, 700 left; the answers come 700, 900, 800.
+        budgets.update(Limit::FhirQuota, 100, Some((700, 30)));
+        budgets.update(Limit::FhirQuota, 100, Some((900, 30)));
+        budgets.update(Limit::FhirQuota, 100, Some((800, 29)));
+        let left = budgets.0.lock().unwrap()[&Limit::FhirQuota].remaining;
+        assert_eq!(left, 700);
+        // A new window's first answer is taken as it is.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        budgets.update(Limit::FhirQuota, 0, Some((49_900, 60)));
+        assert_eq!(budgets.0.lock().unwrap()[&Limit::FhirQuota].remaining, 49_900);
+    }
+
+    /// On a real clock, too: a request that did not wait does not count as a wait in the metrics.
+    #[tokio::test]
+    async fn a_request_that_fits_reports_no_wait() {
+        let budgets = Budgets::default();
+        assert_eq!(budgets.acquire(Limit::Default, 1).await, Duration::ZERO);
+        budgets.update(Limit::Default, 1, Some((100, 60)));
+        for _ in 0..10 {
+            assert_eq!(budgets.acquire(Limit::Default, 1).await, Duration::ZERO);
+        }
     }
 
     #[tokio::test(start_paused = true)]

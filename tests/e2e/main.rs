@@ -12,6 +12,7 @@ mod contract;
 mod crds;
 mod hostile;
 mod least_privilege;
+mod limits;
 mod operations;
 mod project_user;
 mod tenancy;

@@ -82,20 +82,22 @@ fn category(path: &str) -> &'static str {
     }
 }
 
-/// Quota units of a FHIR interaction.
-fn fhir_cost(method: &Method, path: &str) -> u32 {
-    let segments = path.trim_start_matches("/fhir/R4/").split('/').filter(|s| !s.is_empty()).count();
+/// Quota units of a FHIR interaction; a conditional create (`If-None-Exist`) is charged its search too.
+fn fhir_cost(method: &Method, path: &str, conditional: bool) -> u32 {
+    let segments = path.trim_start_matches("/fhir/R4").split('/').filter(|s| !s.is_empty()).count();
     match *method {
         Method::GET if path.contains("/_history") => 10,
         Method::GET if segments >= 2 => 1,
         Method::GET => 20,
+        _ if conditional => 120,
         _ => 100,
     }
 }
 
+/// `t` is the seconds to the window's end rounded up, as Medplum writes it.
 fn header_value(name: &str, c: &Consumption) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{name}\";r={};t={}", c.remaining, c.reset.as_secs().max(1)))
-        .expect("rate limit header is ASCII")
+    let seconds = c.reset.as_millis().div_ceil(1000).max(1);
+    HeaderValue::from_str(&format!("\"{name}\";r={};t={seconds}", c.remaining)).expect("rate limit header is ASCII")
 }
 
 fn too_many(c: &Consumption, limit: u32) -> Response {
@@ -124,31 +126,47 @@ pub async fn rate_limit(
     }
 
     // The FHIR quota is charged to the calling membership; super admins are not charged.
-    let quota = if path.starts_with("/fhir/R4/") && path != "/fhir/R4/metadata" {
-        let membership = bearer_membership(&app, &request);
-        membership.map(|m| limits.counters.consume("fhir", m, fhir_cost(request.method(), &path), limits.fhir_quota))
+    // `/fhir/R4` itself is the system-level search.
+    let fhir = path == "/fhir/R4" || path.starts_with("/fhir/R4/");
+    let quota = if fhir && path != "/fhir/R4/metadata" {
+        let conditional = request.headers().contains_key("if-none-exist");
+        let cost = fhir_cost(request.method(), &path, conditional);
+        bearer_member(&app, &request).map(|(membership, quota)| {
+            let quota = quota.unwrap_or(limits.fhir_quota);
+            (limits.counters.consume("fhir", membership, cost, quota), quota)
+        })
     } else {
         None
     };
-    if let Some(q) = quota.as_ref().filter(|q| !q.allowed) {
-        let mut response = too_many(q, limits.fhir_quota);
+    if let Some((q, limit)) = quota.as_ref().filter(|(q, _)| !q.allowed) {
+        let mut response = too_many(q, *limit);
         response.headers_mut().append("ratelimit", header_value("requests", &requests));
         response.headers_mut().append("ratelimit", header_value("fhirInteractions", q));
         return response;
     }
     let mut response = next.run(request).await;
     response.headers_mut().append("ratelimit", header_value("requests", &requests));
-    if let Some(q) = &quota {
+    if let Some((q, _)) = &quota {
         response.headers_mut().append("ratelimit", header_value("fhirInteractions", q));
     }
     response
 }
 
-/// The membership behind a bearer token, unless it is a super admin's.
-fn bearer_membership(app: &App, request: &Request) -> Option<String> {
+/// The membership behind a bearer token, unless it is a super admin's, and its project's quota per
+/// member when the project sets one (`Project.systemSetting` `userFhirQuota`, as in Medplum).
+fn bearer_member(app: &App, request: &Request) -> Option<(String, Option<u32>)> {
     let token = request.headers().get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")?;
     let store = app.store();
     let login = store.tokens.get(token.trim())?;
-    let super_admin = login.project_id == store.super_admin_project;
-    (!super_admin).then(|| login.membership_id.clone())
+    if login.project_id == store.super_admin_project {
+        return None;
+    }
+    let settings = store.find("Project", &login.project_id).and_then(|p| p["systemSetting"].as_array().cloned());
+    let quota = settings
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == "userFhirQuota")
+        .and_then(|s| s["valueInteger"].as_u64())
+        .and_then(|q| u32::try_from(q).ok());
+    Some((login.membership_id.clone(), quota))
 }

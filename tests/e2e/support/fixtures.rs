@@ -212,7 +212,6 @@ impl Setup {
         self.http().token_request(client_id, secret).await.status == 200
     }
 
-    /// The reasons of the Events about `name`, oldest first.
     /// Waits until the Events about `name` include each of `reasons`. An Event is published after
     /// the change it reports, so it can trail what a test saw by a moment.
     pub async fn expect_events(&self, name: &str, reasons: &[&str]) {
@@ -227,6 +226,7 @@ impl Setup {
         }
     }
 
+    /// The reasons of the Events about `name`, oldest first.
     async fn event_reasons(&self, name: &str) -> Vec<String> {
         let events =
             Api::<Event>::namespaced(self.client.clone(), &self.ns.name).list(&ListParams::default()).await.unwrap();
