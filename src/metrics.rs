@@ -252,14 +252,15 @@ impl Metrics {
     pub fn set_object_ready(&self, kind: &'static str, namespace: &str, name: &str, ready: Option<bool>) {
         let mut census = self.census.lock().unwrap_or_else(|p| p.into_inner());
         let key = (kind, format!("{namespace}/{name}"));
-        match ready {
+        let before = match ready {
             Some(ready) => census.insert(key, ready),
             None => census.remove(&key),
         };
-        let of_kind = census.iter().filter(|((k, _), _)| *k == kind);
-        let (managed, ready) = of_kind.fold((0i64, 0i64), |(m, r), (_, ready)| (m + 1, r + i64::from(*ready)));
-        self.managed_objects.get_or_create(&KindLabels { kind }).set(managed);
-        self.ready_objects.get_or_create(&KindLabels { kind }).set(ready);
+        // Counted from the change alone: recounting every object on each reconcile costs O(objects).
+        let count = |state: Option<bool>| (i64::from(state.is_some()), i64::from(state == Some(true)));
+        let ((managed_after, ready_after), (managed_before, ready_before)) = (count(ready), count(before));
+        self.managed_objects.get_or_create(&KindLabels { kind }).inc_by(managed_after - managed_before);
+        self.ready_objects.get_or_create(&KindLabels { kind }).inc_by(ready_after - ready_before);
     }
 
     /// The OpenMetrics text exposition.
@@ -313,6 +314,29 @@ mod tests {
 
     fn kind(method: http::Method, uri: &str) -> (&'static str, String) {
         kube_request_kind(&method, &uri.parse().unwrap())
+    }
+
+    #[test]
+    fn managed_and_ready_counts_follow_each_object_s_changes() {
+        let metrics = Metrics::default();
+        let counts = |m: &Metrics| {
+            let text = m.encode();
+            let value = |family: &str| {
+                text.lines()
+                    .find(|l| l.starts_with(&format!("medplum_operator_{family}{{kind=\"ClientApplication\"}}")))
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+            };
+            (value("managed_objects"), value("ready_objects"))
+        };
+        metrics.set_object_ready("ClientApplication", "a", "x", Some(false));
+        metrics.set_object_ready("ClientApplication", "a", "y", Some(true));
+        metrics.set_object_ready("ClientApplication", "a", "y", Some(true));
+        assert_eq!(counts(&metrics), (Some(2), Some(1)));
+        metrics.set_object_ready("ClientApplication", "a", "x", Some(true));
+        assert_eq!(counts(&metrics), (Some(2), Some(2)));
+        metrics.set_object_ready("ClientApplication", "a", "y", None);
+        metrics.set_object_ready("ClientApplication", "a", "never-seen", None);
+        assert_eq!(counts(&metrics), (Some(1), Some(1)));
     }
 
     #[test]

@@ -10,13 +10,12 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use super::connection::{UsableConnection, UseError, usable_connection};
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::view::Seen;
-use super::{CleanupVia, Context, Error, GrantsPolicies, ReconcileStream, cleanup_via, event};
+use super::{CleanupVia, Context, Error, ReconcileStream, UsesConnection, cleanup_via, event};
 use crate::crd::{
     AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, ConnectionLimits, Interaction, IpAction,
     PolicyDeletionPolicy, PolicyResource, ProjectUser,
@@ -373,7 +372,6 @@ pub fn breaks_json_text(value: &str) -> bool {
 /// are read from the watch of `kind`'s controller, or from the API server when it does not hold them.
 pub async fn resolve_grants(
     ctx: &Context,
-    kind: &str,
     namespace: &str,
     connection: &crate::crd::ConnectionRef,
     grants: &[AccessGrant],
@@ -390,7 +388,7 @@ pub async fn resolve_grants(
         let mut changes = ctx.policies.changes();
         let deadline = tokio::time::Instant::now() + NEW_POLICY_WAIT;
         let id = loop {
-            let policy = match ctx.policies.get(kind, namespace, &name) {
+            let policy = match ctx.policies.get(namespace, &name) {
                 Some(policy) => policy,
                 None => Arc::new(api.get_opt(&name).await?.ok_or_else(|| GrantError::NotFound { name: name.clone() })?),
             };
@@ -538,7 +536,7 @@ async fn apply(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
 
 /// The resources of the namespace that grant this policy (`Kind/name`).
 async fn referrers(ctx: &Context, namespace: &str, policy: &str) -> Result<Vec<String>, kube::Error> {
-    async fn granting<K: GrantsPolicies>(
+    async fn granting<K: UsesConnection>(
         ctx: &Context,
         namespace: &str,
         policy: &str,
@@ -547,7 +545,7 @@ async fn referrers(ctx: &Context, namespace: &str, policy: &str) -> Result<Vec<S
         Ok(list
             .items
             .iter()
-            .filter(|o| o.access().iter().any(|g| g.policy_ref.name == policy))
+            .filter(|o| o.grants().unwrap_or_default().iter().any(|g| g.policy_ref.name == policy))
             .map(|o| format!("{}/{}", K::kind(&()), o.name_any()))
             .collect())
     }
@@ -623,32 +621,23 @@ pub fn controller(
     ctx: Arc<Context>,
     namespace: Option<&str>,
 ) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
-    let client = ctx.client.clone();
-    let controller = super::new_controller::<AccessPolicy>(&ctx, namespace, ctx.settings.policy_concurrency);
+    let policies = ctx.clone();
+    let controller =
+        super::new_controller::<AccessPolicy>(&ctx, namespace, ctx.settings.policy_concurrency, move |p| {
+            policies.policies.took_in(p)
+        });
     let store = controller.store();
+    ctx.policies.register(namespace, store.clone());
     let ready = super::cache_synced(store.clone());
     // A grant removed or a grantee deleted can only matter to a policy waiting to be deleted.
-    let deleting = store.clone();
-    let grants = move |namespace: Option<String>, access: &[AccessGrant]| {
-        let namespace = namespace.unwrap_or_default();
-        access
+    let controller = controller.reconcile_on(super::triggers(&ctx.grants_changed, move |namespace: String| {
+        store
+            .state()
             .iter()
-            .map(|g| ObjectRef::new(&g.policy_ref.name).within(&namespace))
-            .filter(|r| deleting.get(r).is_some_and(|p| p.metadata.deletion_timestamp.is_some()))
+            .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()) && p.metadata.deletion_timestamp.is_some())
+            .map(|p| ObjectRef::from_obj(&**p))
             .collect::<Vec<_>>()
-    };
-    let by_user = grants.clone();
-    let controller = controller
-        .watches(
-            super::scoped::<ClientApplication>(&client, namespace),
-            watcher::Config::default(),
-            move |c: ClientApplication| grants(c.namespace(), &c.spec.access),
-        )
-        .watches(
-            super::scoped::<ProjectUser>(&client, namespace),
-            watcher::Config::default(),
-            move |u: ProjectUser| by_user(u.namespace(), &u.spec.access),
-        );
+    }));
     let controller = super::watch_connections(controller, &ctx, namespace);
     let reconcile = |obj, ctx| super::reconcile_with_cleanup(obj, ctx, apply, cleanup);
     (super::drive(controller, KIND, ctx, reconcile), ready)

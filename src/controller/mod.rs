@@ -5,6 +5,7 @@ mod access_policy;
 mod adoption;
 mod client_application;
 mod connection;
+mod events;
 mod project_user;
 mod secret;
 mod status;
@@ -20,7 +21,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -144,16 +145,17 @@ pub struct Context {
     pub medplum_changed: tokio::sync::broadcast::Sender<view::Owner>,
     pub own_writes: Arc<OwnWrites>,
     pub policies: PolicyStores,
+    /// Namespaces where a resource granting policies was deleted or changed its spec.
+    pub grants_changed: tokio::sync::broadcast::Sender<String>,
     /// What Medplum's rate limits allow, per server and per credential, shared by all connections.
     pub pacing: crate::medplum::Pacing,
-    recorder: Recorder,
+    recorder: events::EventRecorder,
 }
 
 impl Context {
     pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: events::EventRecorder::new(client.clone(), FIELD_MANAGER, std::env::var("POD_NAME").ok()),
             client,
             settings,
             metrics,
@@ -163,6 +165,7 @@ impl Context {
             medplum_changed: tokio::sync::broadcast::channel(4096).0,
             own_writes: Arc::default(),
             policies: PolicyStores::default(),
+            grants_changed: tokio::sync::broadcast::channel(1024).0,
             pacing: Default::default(),
         }
     }
@@ -262,17 +265,28 @@ pub const CLEANUP_FINALIZER: &str = "medplum.com/cleanup";
 /// The controller of a namespaced kind in one scope (`namespace` None: all), reconciling at most
 /// `concurrency` objects at a time. It reconciles on changes of the spec (generation, which also
 /// moves when a deletion starts), annotations and finalizers, not on status writes (its own, above
-/// all), and on changes in Medplum of the objects a resource owns. Its cache keeps objects without
-/// `managedFields`, which the operator never reads.
-fn new_controller<K: UsesConnection>(ctx: &Context, namespace: Option<&str>, concurrency: u16) -> Controller<K> {
+/// all), and on changes in Medplum of the objects a resource owns. Its cache keeps objects trimmed
+/// ([`trim_cached`]).
+/// `taken_in` learns of each object its cache took in (changed, made or deleted).
+fn new_controller<K: UsesConnection>(
+    ctx: &Context,
+    namespace: Option<&str>,
+    concurrency: u16,
+    taken_in: impl Fn(&K) + Send + 'static,
+) -> Controller<K> {
     use futures::TryStreamExt;
     use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
     let (reader, writer) = reflector::store();
     let own = ctx.own_writes.clone();
     let changes = watcher(scoped::<K>(&ctx.client, namespace), watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(|o| o.managed_fields_mut().clear())
+        .modify(trim_cached)
         .reflect(writer)
+        .inspect_ok(move |event| {
+            if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) = event {
+                taken_in(o);
+            }
+        })
         .applied_objects()
         .predicate_filter(
             predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
@@ -288,6 +302,16 @@ fn new_controller<K: UsesConnection>(ctx: &Context, namespace: Option<&str>, con
         .reconcile_on(owners_changed::<K>(ctx, namespace.map(str::to_string)))
 }
 
+/// What the operator never reads is not kept in its caches: `managedFields`, and the copy of the
+/// whole object that client-side `kubectl apply` (and tools built on it) keep in an annotation.
+fn trim_cached<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// The resources of kind `K` (in `namespace`, if given) whose objects changed or went in Medplum.
 fn owners_changed<K: UsesConnection>(
     ctx: &Context,
@@ -299,30 +323,29 @@ fn owners_changed<K: UsesConnection>(
     })
 }
 
-/// The objects `pick` chooses among what `sender` broadcasts, as reconcile triggers. A receiver that
-/// fell behind skips what it missed: those objects are reconciled at their next resync anyway.
-fn triggers<T, K>(
+/// The objects `pick` chooses for each item `sender` broadcasts, as reconcile triggers. A receiver
+/// that fell behind skips what it missed: those objects are reconciled at their next resync anyway.
+fn triggers<T, K, I>(
     sender: &tokio::sync::broadcast::Sender<T>,
-    pick: impl Fn(T) -> Option<ObjectRef<K>> + Send + 'static,
+    pick: impl Fn(T) -> I + Send + 'static,
 ) -> impl futures::Stream<Item = ObjectRef<K>> + Send + 'static
 where
     T: Clone + Send + 'static,
     K: kube::runtime::reflector::Lookup + Send + 'static,
     K::DynamicType: Send,
+    I: IntoIterator<Item = ObjectRef<K>>,
+    I::IntoIter: Send + 'static,
 {
-    futures::stream::unfold((sender.subscribe(), pick), |(mut received, pick)| async move {
+    let received = futures::stream::unfold(sender.subscribe(), |mut received| async move {
         loop {
             match received.recv().await {
-                Ok(item) => {
-                    if let Some(reference) = pick(item) {
-                        return Some((reference, (received, pick)));
-                    }
-                }
+                Ok(item) => return Some((item, received)),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }
         }
-    })
+    });
+    received.flat_map(move |item| futures::stream::iter(pick(item)))
 }
 
 /// One reconcile behind [`CLEANUP_FINALIZER`]: `apply` while the resource exists, `cleanup` once it
@@ -337,6 +360,9 @@ async fn reconcile_with_cleanup<K: UsesConnection>(
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let deleted = obj.meta().deletion_timestamp.is_some();
     let connection = connection::ConnectionKey::of(&namespace, obj.connection_ref());
+    // A grantee deleted or given another spec may have stopped granting a policy that waits to be
+    // deleted until nothing grants it: such policies look again after this reconcile.
+    let grants_may_change = obj.grants().is_some() && (deleted || obj.meta().generation != obj.observed_generation());
     let action = finalized(
         &ctx,
         &api,
@@ -345,7 +371,11 @@ async fn reconcile_with_cleanup<K: UsesConnection>(
         async |o| apply(&o, &ctx).await,
         async |o| cleanup(&o, &ctx).await,
     )
-    .await?;
+    .await;
+    if grants_may_change {
+        let _ = ctx.grants_changed.send(namespace);
+    }
+    let action = action?;
     if deleted {
         // The finalizer is gone: a connection waiting for its users to go may be released now.
         let _ = ctx.users_gone.send(connection);
@@ -452,11 +482,21 @@ pub trait UsesConnection:
     + 'static
 {
     fn connection_ref(&self) -> &ConnectionRef;
+    /// The AccessPolicies of its namespace the resource grants (`spec.access[].policyRef`); `None` for
+    /// kinds that grant none.
+    fn grants(&self) -> Option<&[AccessGrant]>;
+    fn observed_generation(&self) -> Option<i64>;
 }
 
 impl UsesConnection for ClientApplication {
     fn connection_ref(&self) -> &ConnectionRef {
         &self.spec.connection_ref
+    }
+    fn grants(&self) -> Option<&[AccessGrant]> {
+        Some(&self.spec.access)
+    }
+    fn observed_generation(&self) -> Option<i64> {
+        self.status.as_ref()?.observed_generation
     }
 }
 
@@ -464,98 +504,88 @@ impl UsesConnection for AccessPolicy {
     fn connection_ref(&self) -> &ConnectionRef {
         &self.spec.connection_ref
     }
+    fn grants(&self) -> Option<&[AccessGrant]> {
+        None
+    }
+    fn observed_generation(&self) -> Option<i64> {
+        self.status.as_ref()?.observed_generation
+    }
 }
 
 impl UsesConnection for ProjectUser {
     fn connection_ref(&self) -> &ConnectionRef {
         &self.spec.connection_ref
     }
-}
-
-/// A resource that grants AccessPolicies of its namespace (`spec.access[].policyRef`).
-pub trait GrantsPolicies: UsesConnection {
-    fn access(&self) -> &[AccessGrant];
-}
-
-impl GrantsPolicies for ClientApplication {
-    fn access(&self) -> &[AccessGrant] {
-        &self.spec.access
+    fn grants(&self) -> Option<&[AccessGrant]> {
+        Some(&self.spec.access)
+    }
+    fn observed_generation(&self) -> Option<i64> {
+        self.status.as_ref()?.observed_generation
     }
 }
 
-impl GrantsPolicies for ProjectUser {
-    fn access(&self) -> &[AccessGrant] {
-        &self.spec.access
-    }
-}
-
-/// The AccessPolicies each granting controller watches, by the kind of that controller and its scope
-/// (`None`: all namespaces). A policy's watch event reconciles its grantees only after the store took
-/// it in, so a grantee never reads an older version than the one that triggered it.
+/// The AccessPolicy controller's cache of each scope (`None`: all namespaces), which the resources
+/// granting policies read, and the news of what it took in. A policy's change reconciles its grantees
+/// only after the cache took it in, so a grantee never reads an older version than the one that
+/// triggered it.
 pub struct PolicyStores {
-    stores: Mutex<HashMap<StoreKey, Store<AccessPolicy>>>,
+    stores: Mutex<HashMap<Option<String>, Store<AccessPolicy>>>,
     /// Counts the policy events taken in, to wake grantees waiting for a policy.
-    changed: Arc<tokio::sync::watch::Sender<u64>>,
+    changed: tokio::sync::watch::Sender<u64>,
+    /// Each policy taken in (changed, made or deleted), to reconcile its grantees.
+    taken_in: tokio::sync::broadcast::Sender<ObjectRef<AccessPolicy>>,
 }
 
 impl Default for PolicyStores {
     fn default() -> Self {
-        Self { stores: Mutex::default(), changed: Arc::new(tokio::sync::watch::channel(0).0) }
+        Self {
+            stores: Mutex::default(),
+            changed: tokio::sync::watch::channel(0).0,
+            taken_in: tokio::sync::broadcast::channel(4096).0,
+        }
     }
 }
 
-/// A controller's kind and scope.
-type StoreKey = (String, Option<String>);
-
 impl PolicyStores {
-    fn register(&self, kind: &str, scope: Option<&str>, store: Store<AccessPolicy>) {
-        let key = (kind.to_string(), scope.map(str::to_string));
-        self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(key, store);
+    fn register(&self, scope: Option<&str>, store: Store<AccessPolicy>) {
+        self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(scope.map(str::to_string), store);
     }
 
-    /// A receiver that wakes after the next policy event any store took in.
+    /// Called by the AccessPolicy controller's watch once its cache took in `policy`.
+    fn took_in(&self, policy: &AccessPolicy) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        let _ = self.taken_in.send(ObjectRef::from_obj(policy));
+    }
+
+    /// A receiver that wakes after the next policy event the cache took in.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
-    /// The policy as the watch of `kind`'s controller last saw it; `None` when that watch does not
-    /// hold it (yet): then ask the API server.
-    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Arc<AccessPolicy>> {
+    /// The policy as the AccessPolicy controller's watch last saw it; `None` when it does not hold it
+    /// (yet): then ask the API server.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<AccessPolicy>> {
         let stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
-        let store = stores
-            .get(&(kind.to_string(), Some(namespace.to_string())))
-            .or_else(|| stores.get(&(kind.to_string(), None)))?;
+        let store = stores.get(&Some(namespace.to_string())).or_else(|| stores.get(&None))?;
         store.get(&ObjectRef::new(name).within(namespace))
     }
 }
 
-/// Watches AccessPolicies, so that a policy appearing in Medplum (or changing) reconciles at once the
-/// resources that grant it.
-fn watch_policies<K: GrantsPolicies>(
-    controller: Controller<K>,
-    ctx: &Context,
-    namespace: Option<&str>,
-) -> Controller<K> {
-    use kube::runtime::{WatchStreamExt, reflector, watcher};
+/// Reconciles the resources that grant a policy whenever the AccessPolicy controller's cache took in
+/// a change of it (a policy appearing in Medplum above all).
+fn on_policy_changes<K: UsesConnection>(controller: Controller<K>, ctx: &Context) -> Controller<K> {
     let store = controller.store();
-    let (policies, writer) = reflector::store();
-    ctx.policies.register(&K::kind(&()), namespace, policies);
-    let changes = watcher(scoped::<AccessPolicy>(&ctx.client, namespace), watcher::Config::default())
-        .default_backoff()
-        .modify(|p| p.managed_fields_mut().clear())
-        .reflect(writer)
-        .touched_objects();
-    let taken_in = ctx.policies.changed.clone();
-    controller.watches_stream(changes, move |policy| {
-        taken_in.send_modify(|n| *n = n.wrapping_add(1));
-        let (name, namespace) = (policy.name_any(), policy.namespace());
+    controller.reconcile_on(triggers(&ctx.policies.taken_in, move |policy: ObjectRef<AccessPolicy>| {
         store
             .state()
             .iter()
-            .filter(|o| o.namespace() == namespace && o.access().iter().any(|g| g.policy_ref.name == name))
+            .filter(|o| {
+                o.namespace() == policy.namespace
+                    && o.grants().unwrap_or_default().iter().any(|g| g.policy_ref.name == policy.name)
+            })
             .map(|o| ObjectRef::from_obj(&**o))
             .collect::<Vec<_>>()
-    })
+    }))
 }
 
 /// Watches both connection kinds, so that a connection's change (becoming Ready, above all)

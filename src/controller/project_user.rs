@@ -261,7 +261,7 @@ async fn converge(
     if user.spec.unrestricted_access && !usable.limits.allow_unrestricted_access {
         return Err(UserError::UnrestrictedAccessNotAllowed);
     }
-    let access = resolve_grants(ctx, KIND, &namespace, &user.spec.connection_ref, &user.spec.access).await?;
+    let access = resolve_grants(ctx, &namespace, &user.spec.connection_ref, &user.spec.access).await?;
     let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
     let medplum = &usable.client;
     let mut events = Vec::new();
@@ -450,10 +450,10 @@ pub fn controller(
     namespace: Option<&str>,
 ) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
     let _client = ctx.client.clone();
-    let controller = super::new_controller::<ProjectUser>(&ctx, namespace, ctx.settings.user_concurrency);
+    let controller = super::new_controller::<ProjectUser>(&ctx, namespace, ctx.settings.user_concurrency, |_| {});
     let store = controller.store();
     let ready = super::cache_synced(store.clone());
-    let controller = super::watch_connections(super::watch_policies(controller, &ctx, namespace), &ctx, namespace);
+    let controller = super::watch_connections(super::on_policy_changes(controller, &ctx), &ctx, namespace);
     let reconcile = |obj, ctx| super::reconcile_with_cleanup(obj, ctx, apply, cleanup);
     (super::drive(controller, KIND, ctx, reconcile), ready)
 }

@@ -217,7 +217,7 @@ async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnectio
     }
     let namespace = ca.namespace().unwrap_or_default();
     let name = ca.name_any();
-    let access = resolve_grants(ctx, KIND, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;
+    let access = resolve_grants(ctx, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;
     let idp_secret = match ca.spec.identity_provider.as_ref().and_then(|idp| idp.client_secret_ref.as_ref()) {
         Some(r) => read_secret_strings(&ctx.client, &namespace, &r.name, &[&r.key]).await?.pop(),
         None => None,
@@ -418,7 +418,8 @@ pub fn controller(
     namespace: Option<&str>,
 ) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
     let client = ctx.client.clone();
-    let controller = super::new_controller::<ClientApplication>(&ctx, namespace, ctx.settings.client_concurrency);
+    let controller =
+        super::new_controller::<ClientApplication>(&ctx, namespace, ctx.settings.client_concurrency, |_| {});
     let ready = super::cache_synced(controller.store());
     let own = ctx.clone();
     let by_label = move |secret: PartialObjectMeta<Secret>| {
@@ -431,7 +432,7 @@ pub fn controller(
     };
     let secrets: Api<PartialObjectMeta<Secret>> = super::scoped(&client, namespace);
     let controller = controller.watches(secrets, watcher::Config::default().labels(CLIENT_LABEL), by_label);
-    let controller = super::watch_connections(super::watch_policies(controller, &ctx, namespace), &ctx, namespace);
+    let controller = super::watch_connections(super::on_policy_changes(controller, &ctx), &ctx, namespace);
     let reconcile = |obj, ctx| super::reconcile_with_cleanup(obj, ctx, apply, cleanup);
     (super::drive(controller, KIND, ctx, reconcile), ready)
 }
