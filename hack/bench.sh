@@ -47,7 +47,12 @@ real_medplum() {
   MEDPLUM_RATE_LIMITS=$1 bash hack/real-medplum.sh start 2>/dev/null
 }
 
+# The operator measured is the static musl binary the container image ships (its allocator, above
+# all, differs from glibc's); the harness and the test server are ordinary release builds.
+rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || true
 cargo build --release --tests --bins --quiet
+cargo build --release --quiet --target x86_64-unknown-linux-musl --bin medplum-operator
+export OPERATOR_BINARY=$root/target/x86_64-unknown-linux-musl/release/medplum-operator
 for target in "${targets[@]}"; do
   [[ $target == real-limits ]] && limits_changed=true
   echo "bench.sh: $target (BENCH_CLIENTS=${BENCH_CLIENTS:-1000})" >&2

@@ -43,7 +43,12 @@ impl Operator {
     /// `KUBECONFIG` among them replaces the admin one).
     pub async fn spawn(namespace: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let selector = format!("medplum-operator-test={namespace}");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_medplum-operator"))
+        // `OPERATOR_BINARY` runs another build of the operator (the benchmarks measure the static
+        // release binary the container image ships).
+        let binary = std::env::var_os("OPERATOR_BINARY")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_medplum-operator").into());
+        let mut child = Command::new(binary)
             .args(["run", "--watch-namespaces", namespace, "--cluster-connection-selector", &selector])
             .args(["--http-address", "127.0.0.1:0", "--log-format", "json"])
             .args(extra_args)
