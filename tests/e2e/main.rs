@@ -10,6 +10,7 @@ mod client_application;
 mod connection;
 mod contract;
 mod crds;
+mod dev;
 mod hostile;
 mod least_privilege;
 mod limits;
