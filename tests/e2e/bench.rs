@@ -133,14 +133,6 @@ fn sum(metrics: &str, prefix: &str, with: &[&str]) -> f64 {
 /// Waits (at most two minutes) until the machine's cores are mostly idle, so that one measurement
 /// does not pay for the cleanup of the one before it (a deleted namespace of thousands of objects).
 async fn wait_until_quiet() {
-    fn busy_and_total() -> (f64, f64) {
-        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let cpu: Vec<f64> =
-            stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-        let idle = cpu.get(3).copied().unwrap_or(0.0) + cpu.get(4).copied().unwrap_or(0.0);
-        let total: f64 = cpu.iter().sum();
-        (total - idle, total)
-    }
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         let (busy, total) = busy_and_total();
@@ -168,15 +160,64 @@ fn breakdown(metrics: &str, family: &str) -> String {
     samples.iter().map(|(v, l)| format!("{l}={v}")).collect::<Vec<_>>().join(", ")
 }
 
-/// CPU seconds each command on this machine has used so far (from `/proc`), to show where a run's
-/// time went when the machine's cores are shared by Medplum, the API server and the operator.
-fn cpu_seconds_by_command() -> std::collections::BTreeMap<String, f64> {
-    let ticks_per_second = std::process::Command::new("getconf")
+/// The busy and the total time of all the machine's cores so far, in clock ticks (`/proc/stat`).
+fn busy_and_total() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu: Vec<f64> =
+        stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let idle = cpu.get(3).copied().unwrap_or(0.0) + cpu.get(4).copied().unwrap_or(0.0);
+    let total: f64 = cpu.iter().sum();
+    (total - idle, total)
+}
+
+/// What the machine's cores did during a run: the commands' CPU seconds and the cores' busy time.
+struct CpuReading {
+    by_command: std::collections::BTreeMap<String, f64>,
+    busy_and_total: (f64, f64),
+}
+
+fn cpu_reading() -> CpuReading {
+    CpuReading { by_command: cpu_seconds_by_command(), busy_and_total: busy_and_total() }
+}
+
+/// Since `before`: how busy the cores were (a run that kept them busy all along was bound by CPU: no
+/// client of the same servers could have been faster on this machine than busy time / cores), and
+/// the commands that used the most.
+fn cpu_used(before: &CpuReading) -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+    let (busy, total) = busy_and_total();
+    let (busy, total) = (busy - before.busy_and_total.0, total - before.busy_and_total.1);
+    let busy_core_seconds = busy / clock_ticks_per_second();
+    let mut used: Vec<(String, f64)> = cpu_seconds_by_command()
+        .into_iter()
+        .map(|(command, seconds)| {
+            let spent = seconds - before.by_command.get(&command).copied().unwrap_or(0.0);
+            (command, spent)
+        })
+        .filter(|(_, spent)| *spent >= 0.5)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top = used.iter().take(6).map(|(c, s)| format!("{c} {s:.1} s")).collect::<Vec<_>>().join(", ");
+    format!(
+        "cores busy {:.0}% ({busy_core_seconds:.1} core-seconds: at least {:.1} s on {cores} cores); {top}",
+        100.0 * busy / total.max(1.0),
+        busy_core_seconds / cores
+    )
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse::<f64>().ok())
-        .unwrap_or(100.0);
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds each command on this machine has used so far (from `/proc`), to show where a run's
+/// time went when the machine's cores are shared by Medplum, the API server and the operator.
+fn cpu_seconds_by_command() -> std::collections::BTreeMap<String, f64> {
+    let ticks_per_second = clock_ticks_per_second();
     let mut by_command = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
@@ -189,20 +230,6 @@ fn cpu_seconds_by_command() -> std::collections::BTreeMap<String, f64> {
         *by_command.entry(command).or_insert(0.0) += (ticks(11) + ticks(12)) / ticks_per_second;
     }
     by_command
-}
-
-/// The commands that used the most CPU between two [`cpu_seconds_by_command`] readings.
-fn cpu_used(before: &std::collections::BTreeMap<String, f64>) -> String {
-    let mut used: Vec<(String, f64)> = cpu_seconds_by_command()
-        .into_iter()
-        .map(|(command, seconds)| {
-            let spent = seconds - before.get(&command).copied().unwrap_or(0.0);
-            (command, spent)
-        })
-        .filter(|(_, spent)| *spent >= 0.5)
-        .collect();
-    used.sort_by(|a, b| b.1.total_cmp(&a.1));
-    used.iter().take(6).map(|(c, s)| format!("{c} {s:.1} s")).collect::<Vec<_>>().join(", ")
 }
 
 /// Request counts from the operator's metrics.
@@ -345,7 +372,7 @@ async fn bench_converge_against_the_floor() {
     // The floor, in a project of its own on the same server.
     let floor_project = s.medplum.new_project("bench-floor").await;
     wait_until_quiet().await;
-    let cpu = cpu_seconds_by_command();
+    let cpu = cpu_reading();
     let (floor_time, floor_tally) = floor(s.http(), &floor_project, n, "floor").await;
     println!("figure: floor: CPU used on this machine: {}", cpu_used(&cpu));
     let floor_requests = floor_tally.requests.load(Ordering::Relaxed);
@@ -366,7 +393,7 @@ async fn bench_converge_against_the_floor() {
     // The operator: everything declared first, then it starts.
     declare(&s, 0, n).await;
     wait_until_quiet().await;
-    let cpu = cpu_seconds_by_command();
+    let cpu = cpu_reading();
     let started = Instant::now();
     let operator = Operator::start(
         &s.ns.name,
