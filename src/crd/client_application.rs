@@ -83,6 +83,13 @@ pub struct ClientApplicationSpec {
     /// the connection allows it (`spec.limits.allowUnrestrictedAccess`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unrestricted_access: bool,
+    /// The client may act for the project's users with the `X-Medplum-On-Behalf-Of` header (a
+    /// back-end "proxy API"): each such request then has exactly the rights of the user named.
+    /// Medplum allows it only to a project administrator, so the client's membership gets `admin:
+    /// true` (its own requests keep its `access` policies); only when the connection allows project
+    /// administration (`spec.limits.allowAdmin`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_behalf_of: bool,
     /// The Secret the credentials are written to.
     #[serde(default)]
     pub secret: SecretSpec,

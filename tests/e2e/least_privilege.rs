@@ -267,3 +267,72 @@ async fn a_project_users_membership_grants_exactly_its_policies() {
         .expect(400);
     assert_eq!(refused.json()["issue"][0]["details"]["text"], "Authentication error");
 }
+
+/// A back-end "proxy API": a ClientApplication with `onBehalfOf` acts for a ProjectUser, both made by
+/// the operator, and each request on the user's behalf has exactly the user's policy, while the
+/// client's own requests keep the client's. Only where the connection allows project administration.
+#[tokio::test]
+async fn a_proxy_client_acts_with_exactly_the_users_rights() {
+    let s = Setup::new("lp-proxy", &[], json!({"allowAdmin": true})).await;
+    let _operator = Operator::start(&s.ns.name, &[]).await;
+    s.create_policy("patient-reader", json!({"resources": [{"resourceType": "Patient", "readonly": true}]})).await;
+    // The client's own policy. Medplum reads the profile of whom the client acts for with the
+    // client's own rights, so it must allow reading Practitioners (the users' profiles).
+    s.create_policy(
+        "lab-reader",
+        json!({"resources": [{"resourceType": "Observation", "readonly": true},
+                             {"resourceType": "Practitioner", "readonly": true}]}),
+    )
+    .await;
+    let email = format!("lee-{}@example.org", crate::support::suffix());
+    s.create_user(
+        "dr-lee",
+        json!({"firstName": "Ada", "lastName": "Lee", "email": email, "access": [{"policyRef": {"name": "patient-reader"}}]}),
+    )
+    .await;
+    let user = s.wait_user("dr-lee", "True", None).await.status.unwrap();
+    s.create_client("portal-api", json!({"onBehalfOf": true, "access": [{"policyRef": {"name": "lab-reader"}}]})).await;
+    let client_id = s.wait_ready("portal-api").await.status.unwrap().client_id.unwrap();
+    let memberships = s.memberships_of(&client_id).await;
+    assert_eq!(memberships[0]["admin"], true, "Medplum lets only admins act on behalf of others");
+    let secret = s.secret("portal-api").await.unwrap()["MEDPLUM_CLIENT_SECRET"].clone();
+    let token = s.http().token(&client_id, &secret).await;
+    let http = s.http();
+    let user_membership = format!("ProjectMembership/{}", user.membership_id.unwrap());
+    let request = |method: Method, path: &str, on_behalf_of: Option<&str>| {
+        let request = http.request(method, path, Some(&token));
+        let request = match on_behalf_of {
+            Some(target) => request.header("x-medplum-on-behalf-of", target),
+            None => request,
+        };
+        request.header("content-type", "application/fhir+json")
+    };
+    for target in [Some(user_membership.as_str()), None] {
+        let patients = http.send(request(Method::GET, "fhir/R4/Patient?_count=1", target)).await;
+        let create =
+            http.send(request(Method::POST, "fhir/R4/Patient", target).json(&json!({"resourceType": "Patient"}))).await;
+        let labs = http.send(request(Method::GET, "fhir/R4/Observation?_count=1", target)).await;
+        let seen = (code(&patients), code(&create), code(&labs));
+        println!("least privilege: portal-api on behalf of {target:?}: {seen:?}");
+        match target {
+            // The user's policy: Patient read-only, nothing else.
+            Some(_) => assert_eq!(seen, (200, 403, 403), "on behalf of the user"),
+            // The client's own: Observation read-only.
+            None => assert_eq!(seen, (403, 403, 200), "the client itself"),
+        }
+    }
+
+    // Refused by default: a connection that does not allow administration.
+    s.set_limits(json!({"allowAdmin": false})).await;
+    let connections: kube::Api<medplum_operator::crd::MedplumConnection> =
+        kube::Api::namespaced(s.client.clone(), &s.ns.name);
+    crate::support::eventually(crate::support::fixtures::WAIT, "the operator took in the new limits", || async {
+        let connection = connections.get("default").await.ok()?;
+        (connection.status?.observed_generation == connection.metadata.generation).then_some(())
+    })
+    .await;
+    s.create_client("another-proxy", json!({"onBehalfOf": true, "access": [{"policyRef": {"name": "lab-reader"}}]}))
+        .await;
+    let refused = s.wait_condition("another-proxy", "Ready", "False", Some("AdminNotAllowed")).await;
+    assert!(refused.status.unwrap().client_id.is_none(), "nothing was made in Medplum");
+}

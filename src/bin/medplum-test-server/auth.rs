@@ -39,15 +39,20 @@ impl Caller {
     }
 
     /// Whether the caller's access policy lets it do `interaction` (`read`, `vread`, `history`,
-    /// `search`, `create`, `update`, `delete`) on `rtype`. Project admins and super admins may use
-    /// every type; members follow the union of their policies, the way Medplum reads
-    /// `resource[].resourceType`, `readonly` and `interaction` (criteria are not evaluated here).
+    /// `search`, `create`, `update`, `delete`) on `rtype`. Super admins may use every type. The
+    /// project administration types are for project admins only, whatever their policies say;
+    /// everything else follows the union of the membership's policies, for admins too (Medplum's
+    /// applyProjectAdminAccessPolicy), the way Medplum reads `resource[].resourceType`, `readonly`
+    /// and `interaction` (criteria are not evaluated here). No policy at all: full access.
     pub fn may(&self, store: &Store, rtype: &str, interaction: &str) -> bool {
-        if self.admin() {
+        if self.super_admin {
             return true;
         }
-        if matches!(rtype, "Project" | "ProjectMembership" | "User" | "Login") {
+        if rtype == "Login" {
             return false;
+        }
+        if matches!(rtype, "Project" | "ProjectMembership" | "User" | "UserSecurityRequest") {
+            return self.admin();
         }
         let policies = membership_policies(&self.membership);
         if policies.is_empty() {
@@ -140,8 +145,8 @@ impl FromRequestParts<Arc<App>> for Caller {
 }
 
 /// `X-Medplum-On-Behalf-Of: ProjectMembership/<id>` or `<Profile>/<id>`: a project admin (or super
-/// admin) acts with the access of that membership of its project (record i3); anyone else gets 400
-/// "Authentication error" (diagnostics "Forbidden").
+/// admin) whose own rights let it read the member's profile acts with the access of that membership
+/// of its project (record i3); anyone else gets 400 "Authentication error" (diagnostics "Forbidden").
 fn acting_for(store: &Store, caller: Caller, target: &str) -> Result<Caller, Outcome> {
     if !caller.admin() {
         return Err(Outcome::authentication_error("Forbidden"));
@@ -153,6 +158,11 @@ fn acting_for(store: &Store, caller: Caller, target: &str) -> Result<Caller, Out
             .find(|m| m["profile"]["reference"] == target && project_of(m) == Some(caller.project_id.as_str())),
     };
     let membership = membership.ok_or_else(|| Outcome::authentication_error("Forbidden"))?;
+    // Medplum reads the member's profile with the caller's own rights.
+    let profile_type = membership["profile"]["reference"].as_str().and_then(|r| r.split('/').next()).unwrap_or("");
+    if !caller.may(store, profile_type, "read") {
+        return Err(Outcome::authentication_error("Forbidden"));
+    }
     check_policies(store, membership)?;
     let project_id = project_of(membership).unwrap_or_default().to_string();
     Ok(Caller { membership: membership.clone(), project_id, super_admin: false, ..caller })

@@ -103,6 +103,7 @@ impl Reconciler<'_> {
                     user: Ref::to(client_ref.clone()),
                     profile: Ref::to(client_ref.clone()),
                     access: d.access.clone(),
+                    admin: d.admin.then_some(true),
                     identifier: vec![identifier_of(&d.tag)],
                     ..Default::default()
                 };
@@ -122,7 +123,7 @@ impl Reconciler<'_> {
                 let mut body = actual.clone();
                 body.access = d.access.clone();
                 body.access_policy = None;
-                body.admin = None;
+                body.admin = d.admin.then_some(true);
                 body.active = None;
                 let identifier = identifier_of(&d.tag);
                 if !body.identifier.contains(&identifier) {

@@ -83,6 +83,10 @@ pub enum ClientError {
         "spec.unrestrictedAccess asks for a membership without any policy (full access), which the connection does not allow (spec.limits.allowUnrestrictedAccess)"
     )]
     UnrestrictedAccessNotAllowed,
+    #[error(
+        "spec.onBehalfOf makes the client's membership a project administrator (Medplum allows X-Medplum-On-Behalf-Of only to them), which the connection does not allow (spec.limits.allowAdmin)"
+    )]
+    AdminNotAllowed,
     #[error(transparent)]
     Grant(#[from] GrantError),
     #[error("Secret {name} {why}; refusing to write into it")]
@@ -112,6 +116,7 @@ impl ClientError {
         match self {
             Self::Connection(e) => e.reason(),
             Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
+            Self::AdminNotAllowed => "AdminNotAllowed",
             Self::Grant(e) => e.reason(),
             Self::SecretConflict { .. } => "SecretConflict",
             Self::Adoption(e) => e.reason(),
@@ -150,6 +155,8 @@ pub struct Desired {
     /// The managed fields of the Medplum ClientApplication (no id, no secrets).
     pub client: ClientApplicationResource,
     pub access: Vec<MembershipAccess>,
+    /// The membership is a project administrator (for on-behalf-of).
+    pub admin: bool,
     pub project_id: String,
     pub base_url: String,
     pub secret_name: String,
@@ -215,6 +222,9 @@ async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnectio
     if ca.spec.unrestricted_access && !usable.limits.allow_unrestricted_access {
         return Err(ClientError::UnrestrictedAccessNotAllowed);
     }
+    if ca.spec.on_behalf_of && !usable.limits.allow_admin {
+        return Err(ClientError::AdminNotAllowed);
+    }
     let namespace = ca.namespace().unwrap_or_default();
     let name = ca.name_any();
     let access = resolve_grants(ctx, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;
@@ -228,6 +238,7 @@ async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnectio
         client: desired_client(ca, &tag, idp_secret),
         tag,
         access,
+        admin: ca.spec.on_behalf_of,
         project_id: usable.project_id.clone(),
         base_url: usable.client.base_url().to_string(),
         secret_name: ca.spec.secret.name.clone().unwrap_or_else(|| name.clone()),

@@ -79,6 +79,7 @@ pub(super) fn client_body(
 /// The names of membership fields that differ from what the spec grants.
 pub(super) fn membership_drift(
     desired_access: &[MembershipAccess],
+    desired_admin: bool,
     identifier: &Identifier,
     actual: &MembershipResource,
 ) -> Vec<&'static str> {
@@ -89,7 +90,7 @@ pub(super) fn membership_drift(
     if actual.access_policy.is_some() {
         fields.push("accessPolicy");
     }
-    if actual.admin == Some(true) {
+    if actual.admin.unwrap_or(false) != desired_admin {
         fields.push("admin");
     }
     if actual.active == Some(false) {
@@ -272,7 +273,7 @@ pub(super) fn plan(d: &Desired, o: &Observed, now: Timestamp) -> Step {
     match &o.membership {
         None => return Step::CreateMembership,
         Some(m) => {
-            let fields = membership_drift(&d.access, &identifier, m);
+            let fields = membership_drift(&d.access, d.admin, &identifier, m);
             if !fields.is_empty() {
                 return Step::UpdateMembership { fields };
             }

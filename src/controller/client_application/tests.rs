@@ -28,6 +28,7 @@ fn desired() -> Desired {
         },
         tag,
         access: Vec::new(),
+        admin: false,
         project_id: "p1".into(),
         base_url: "https://medplum.example.org/".into(),
         secret_name: "lab-sync".into(),
@@ -83,6 +84,7 @@ fn membership(d: &Desired) -> MembershipResource {
         user: Ref::to("ClientApplication/c1"),
         profile: Ref::to("ClientApplication/c1"),
         access: d.access.clone(),
+        admin: d.admin.then_some(true),
         identifier: vec![identifier_of(&d.tag)],
         ..Default::default()
     }
@@ -217,6 +219,21 @@ fn drift_in_medplum_and_in_the_secret_is_put_back() {
     widened.admin = Some(true);
     let o = observed(secret(&d, Some("cur"), None, Some(0)), Some(client(&d, Some("cur"), None)), Some(widened));
     assert_eq!(plan(&d, &o, at(1)), Step::UpdateMembership { fields: vec!["admin"] });
+
+    // A client acting on behalf of users needs its membership to be an admin, and keeps it so.
+    let proxy = Desired { admin: true, ..desired() };
+    let o = observed(
+        secret(&proxy, Some("cur"), None, Some(0)),
+        Some(client(&proxy, Some("cur"), None)),
+        Some(membership(&d)),
+    );
+    assert_eq!(plan(&proxy, &o, at(1)), Step::UpdateMembership { fields: vec!["admin"] });
+    let o = observed(
+        secret(&proxy, Some("cur"), None, Some(0)),
+        Some(client(&proxy, Some("cur"), None)),
+        Some(membership(&proxy)),
+    );
+    assert_eq!(plan(&proxy, &o, at(1)), Step::Done);
 
     let tampered =
         observed(secret(&d, Some("typo"), None, Some(0)), Some(client(&d, Some("cur"), None)), Some(membership(&d)));
