@@ -25,7 +25,7 @@ fail() { echo "hack/dev.sh: $*" >&2; exit 1; }
 stop_pid() {
   local file=$1 program=$2 pid
   pid=$(cat "$file" 2>/dev/null) || return 0
-  if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$program"; then
+  if [[ $pid =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q -- "$program"; then
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
@@ -148,26 +148,38 @@ call PATCH "fhir/R4/ProjectMembership/$membership" '[{"op":"add","path":"/admin"
 echo "==> CRDs, the credentials Secret and examples/ (pointed at $medplum)"
 kubectl apply --server-side -f crds/ >/dev/null
 kubectl wait --for condition=Established crd --all --timeout 30s >/dev/null
-# A demo from an earlier run is removed first: its project is gone with its Medplum.
-if kubectl get namespace medplum-demo >/dev/null 2>&1; then
-  kubectl delete clustermedplumconnection shared --ignore-not-found --wait=false >/dev/null
-  for kind in clientapplications accesspolicies projectusers medplumconnections; do
-    kubectl -n medplum-demo get "$kind" -o name | xargs -r kubectl -n medplum-demo patch --type merge \
-      -p '{"metadata":{"finalizers":null}}' >/dev/null
+# A demo from an earlier run is removed first. Its operator is stopped and its project is gone with
+# its Medplum (or left behind), so its objects are deleted without their cleanup finalizers.
+forget() { # namespace ('' for cluster-scoped) kind [name...]
+  local scope=() name
+  [[ -n $1 ]] && scope=(-n "$1")
+  shift
+  for name in $(kubectl "${scope[@]}" get "$@" -o name --ignore-not-found 2>/dev/null || true); do
+    kubectl "${scope[@]}" patch "$name" --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+    kubectl "${scope[@]}" delete "$name" --ignore-not-found --wait=false >/dev/null 2>&1 || true
   done
-  kubectl get clustermedplumconnection shared -o name 2>/dev/null | xargs -r kubectl patch --type merge \
-    -p '{"metadata":{"finalizers":null}}' >/dev/null
+}
+forget '' domainconfigurations acme
+forget '' clustermedplumconnections shared medplum-super-admin
+if kubectl get namespace medplum-demo >/dev/null 2>&1; then
+  forget medplum-demo clientapplications,accesspolicies,projectusers,medplumconnections
   kubectl delete namespace medplum-demo --timeout 60s >/dev/null
 fi
 manifests="$state/manifests"
 rm -rf "$manifests" && mkdir -p "$manifests"
 for file in examples/*.yaml; do
-  sed "s|http://127.0.0.1:8103/|$medplum/|" "$file" >"$manifests/$(basename "$file")"
+  sed "s|http://127.0.0.1:8103/|$medplum/|; s|your-project-id|$project|" "$file" >"$manifests/$(basename "$file")"
 done
 kubectl apply -f "$manifests/namespace.yaml" >/dev/null
-kubectl -n medplum-demo create secret generic medplum-admin --dry-run=client -o yaml \
-  --from-literal "MEDPLUM_CLIENT_ID=$client_id" --from-literal "MEDPLUM_CLIENT_SECRET=$client_secret" |
-  kubectl label --local -f - medplum.com/connection-credentials=true -o yaml | kubectl apply -f - >/dev/null
+secret() { # name key=value...: a labelled credentials Secret of the demo namespace
+  local name=$1; shift
+  kubectl -n medplum-demo create secret generic "$name" --dry-run=client -o yaml "${@/#/--from-literal=}" |
+    kubectl label --local -f - medplum.com/connection-credentials=true -o yaml | kubectl apply -f - >/dev/null
+}
+secret medplum-admin "MEDPLUM_CLIENT_ID=$client_id" "MEDPLUM_CLIENT_SECRET=$client_secret"
+# The domain example needs a super admin (Medplum's rule), and its identity provider a client secret.
+secret medplum-super-admin "MEDPLUM_CLIENT_ID=$sa_id" "MEDPLUM_CLIENT_SECRET=$sa_secret"
+secret acme-idp "client-secret=$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 kubectl apply -f "$manifests/" >/dev/null
 
 echo "==> operator (HTTP on $operator_address)"
@@ -180,6 +192,8 @@ wait_ready() { # kind/name...
 }
 wait_ready medplumconnection/default
 wait_ready accesspolicy/lab-reader clientapplication/lab-sync projectuser/dr-lee
+kubectl wait --for condition=Ready domainconfiguration/acme --timeout 90s >/dev/null ||
+  fail "DomainConfiguration acme is not Ready; kubectl describe domainconfiguration acme"
 
 echo "==> the example client's credentials, from its Secret, against its policy"
 secret() { kubectl -n medplum-demo get secret lab-sync-medplum -o "jsonpath={.data.$1}" | base64 -d; }
@@ -193,6 +207,9 @@ written=$(as_lab_sync -X POST -H 'content-type: application/fhir+json' "$medplum
 patients=$(as_lab_sync "$medplum/fhir/R4/Patient")
 [[ $searched == 200 && $written == 403 && $patients == 403 ]] ||
   fail "lab-reader does not hold as declared: search Observation $searched, create Observation $written, search Patient $patients"
+signin=$(curl -s "$medplum/auth/method" -H 'content-type: application/json' -d '{"email":"ada@acme.example"}' |
+  json '.get("authorizeUrl", "password sign-in")')
+[[ $signin == https://login.acme.example/* ]] || fail "Medplum does not send @acme.example to its identity provider: $signin"
 seconds=$(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')
 
 cat <<MSG
@@ -202,12 +219,15 @@ and its policy lab-reader holds in Medplum:
   allowed: GET  /fhir/R4/Observation  -> $searched (lab-reader grants read and search)
   refused: POST /fhir/R4/Observation  -> $written (lab-reader is read-only)
   refused: GET  /fhir/R4/Patient      -> $patients (lab-reader grants no Patient access)
+and Medplum sends ada@acme.example to the identity provider of DomainConfiguration acme:
+  ${signin%%\?*}
 
 Look at:
   export KUBECONFIG=$KUBECONFIG PATH=$bin:\$PATH
   kubectl get medplumconnections -A          # Ready, project and Medplum version
   kubectl get clustermedplumconnections
   kubectl get -n medplum-demo accesspolicies,clientapplications,projectusers
+  kubectl get domainconfigurations
   kubectl get -n medplum-demo secret lab-sync-medplum -o yaml   # the client's working credentials
   kubectl annotate -n medplum-demo clientapplication lab-sync medplum.com/rotate=\$(date +%s)   # rotate now
   kubectl -n medplum-demo describe medplumconnection default

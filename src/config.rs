@@ -52,7 +52,8 @@ pub struct Settings {
     /// Namespaces to watch (comma separated). Empty: all namespaces.
     #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
     pub watch_namespaces: Vec<String>,
-    /// Label selector choosing the ClusterMedplumConnections this instance serves. Empty: all.
+    /// Label selector choosing the ClusterMedplumConnections and DomainConfigurations this instance
+    /// serves. Empty: all.
     #[arg(long, env = "CLUSTER_CONNECTION_SELECTOR", default_value = "")]
     pub cluster_connection_selector: String,
     /// How often connections are verified again when nothing changed.

@@ -22,11 +22,10 @@ use crate::crd::{
 };
 use crate::medplum::{
     AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumError, MembershipAccess, MembershipParameter,
-    MembershipResource, PolicyResourceEntry, Ref,
+    MembershipResource, PolicyResourceEntry, Ref, SUBSETTED,
 };
 
 pub const KIND: &str = "AccessPolicy";
-const SUBSETTED: &str = "http://hl7.org/fhir/v3/ObservationValue";
 
 /// Why an AccessPolicy is not (yet) as specified in Medplum.
 #[derive(Debug, thiserror::Error)]
@@ -297,13 +296,7 @@ pub fn policy_drift(desired: &AccessPolicyResource, actual: &AccessPolicyResourc
 fn policy_body(desired: &AccessPolicyResource, actual: &AccessPolicyResource) -> AccessPolicyResource {
     let mut body = desired.clone();
     body.id = actual.id.clone();
-    let mut tags: Vec<Coding> = actual.meta.tag.iter().filter(|t| t.system != SUBSETTED).cloned().collect();
-    for tag in &desired.meta.tag {
-        if !tags.contains(tag) {
-            tags.push(tag.clone());
-        }
-    }
-    body.meta.tag = tags;
+    body.meta.tag = actual.meta.tags_with(&desired.meta.tag);
     body
 }
 

@@ -98,6 +98,27 @@ pub async fn usable_connection(
     reference: &crate::crd::ConnectionRef,
 ) -> Result<UsableConnection, UseError> {
     let key = ConnectionKey::of(namespace, reference);
+    let usable = registered(ctx, key.clone(), namespace).await?;
+    let admitted = match usable.admission.admits_by_name(namespace) {
+        Some(admitted) => admitted,
+        None => usable.admission.admits(namespace, &namespace_labels(ctx, namespace).await?.0),
+    };
+    if !admitted {
+        return Err(UseError::NotAllowed { name: key.name, namespace: namespace.to_string() });
+    }
+    Ok(usable)
+}
+
+/// The ClusterMedplumConnection `name` a cluster-scoped resource refers to, if it exists and is Ready
+/// (namespaces are not admitted or refused: only cluster administrators make cluster-scoped resources).
+pub async fn usable_cluster_connection(ctx: &Context, name: &str) -> Result<UsableConnection, UseError> {
+    let key = ConnectionKey { kind: ConnectionKind::ClusterMedplumConnection, namespace: None, name: name.to_string() };
+    registered(ctx, key, "").await
+}
+
+/// The connection of `key` as last verified, if it exists and is Ready (`namespace`: where a
+/// MedplumConnection of that key lives).
+async fn registered(ctx: &Context, key: ConnectionKey, namespace: &str) -> Result<UsableConnection, UseError> {
     let kind = key.kind_name();
     // A connection the registry holds exists: it leaves the registry when its deletion completes.
     let usable = match ctx.connections.state(&key) {
@@ -122,13 +143,6 @@ pub async fn usable_connection(
             });
         }
     };
-    let admitted = match usable.admission.admits_by_name(namespace) {
-        Some(admitted) => admitted,
-        None => usable.admission.admits(namespace, &namespace_labels(ctx, namespace).await?.0),
-    };
-    if !admitted {
-        return Err(UseError::NotAllowed { name: key.name, namespace: namespace.to_string() });
-    }
     Ok(usable)
 }
 

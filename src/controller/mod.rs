@@ -5,6 +5,7 @@ mod access_policy;
 mod adoption;
 mod client_application;
 mod connection;
+mod domain_configuration;
 mod events;
 mod project_user;
 mod secret;
@@ -60,6 +61,25 @@ pub fn ownership_tag(cluster_id: &str, kind: &str, namespace: &str, name: &str) 
     crate::medplum::Coding {
         system: format!("urn:medplum-operator:{cluster_id}"),
         code: format!("{kind}/{namespace}/{name}"),
+    }
+}
+
+/// Medplum's IdentityProvider for one declared in a resource, with its client secret as read.
+pub fn identity_provider<R>(
+    idp: &crate::crd::IdentityProvider<R>,
+    client_secret: secrecy::SecretString,
+) -> crate::medplum::IdentityProviderResource {
+    crate::medplum::IdentityProviderResource {
+        authorize_url: idp.authorize_url.clone(),
+        token_url: idp.token_url.clone(),
+        user_info_url: idp.user_info_url.clone(),
+        client_id: idp.client_id.clone(),
+        client_secret: Some(client_secret),
+        token_auth_method: idp
+            .token_auth_method
+            .map(|m| serde_json::to_value(m).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()),
+        use_pkce: idp.use_pkce,
+        use_subject: idp.use_subject,
     }
 }
 
@@ -688,6 +708,16 @@ async fn connection_users(ctx: &Context, key: &connection::ConnectionKey) -> Res
         users.extend(users_of::<AccessPolicy>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
         users.extend(users_of::<ProjectUser>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
     }
+    if key.kind == ConnectionKind::ClusterMedplumConnection {
+        let domains = Api::<crate::crd::DomainConfiguration>::all(ctx.client.clone()).list(&Default::default()).await?;
+        users.extend(
+            domains
+                .items
+                .iter()
+                .filter(|d| d.spec.connection_ref.name == key.name)
+                .map(|d| format!("DomainConfiguration {}", d.name_any())),
+        );
+    }
     Ok(users)
 }
 
@@ -790,6 +820,9 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
     // Credentials of cluster connections live in namespaces of the platform team's choosing, which a
     // namespace-restricted install cannot watch; there they are re-read at every resync.
     let cluster_secrets = (!namespaced).then(|| Api::all(client.clone()));
+    let (stream, synced) = domain_configuration::controller(ctx.clone());
+    streams.push(stream);
+    ready.push(futures::FutureExt::boxed(synced));
     let (stream, synced) = connection::controller(
         ctx.clone(),
         Api::<ClusterMedplumConnection>::all(client.clone()),

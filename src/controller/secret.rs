@@ -87,6 +87,17 @@ pub async fn read_secret_strings(
         .collect()
 }
 
+/// One text value of a Secret, as [`read_secret_strings`] reads it.
+pub async fn read_secret_string(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    key: &str,
+) -> Result<SecretString, SourceError> {
+    let mut values = read_secret_strings(client, namespace, name, &[key]).await?;
+    Ok(values.pop().expect("one value for the one key asked for"))
+}
+
 /// Where a PEM CA bundle lives.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum CaSource {
@@ -98,8 +109,8 @@ pub enum CaSource {
 pub async fn read_ca_bundle(client: &Client, source: &CaSource) -> Result<Vec<u8>, SourceError> {
     match source {
         CaSource::Secret { namespace, name, key } => {
-            let values = read_secret_strings(client, namespace, name, &[key]).await?;
-            Ok(values[0].expose_secret().as_bytes().to_vec())
+            let value = read_secret_string(client, namespace, name, key).await?;
+            Ok(value.expose_secret().as_bytes().to_vec())
         }
         CaSource::ConfigMap { namespace, name, key } => {
             let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);

@@ -144,17 +144,17 @@ pub struct PolicyParameter {
     pub value_reference: Option<String>,
 }
 
-/// Medplum's IdentityProvider; the client secret comes from a Secret in this namespace.
+/// Medplum's IdentityProvider; the client secret comes from a Secret (`R`: in this namespace, or,
+/// for cluster-scoped kinds, in a namespace it names).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct IdentityProvider {
+pub struct IdentityProvider<R = SecretKeyRef> {
     pub authorize_url: String,
     pub token_url: String,
     pub user_info_url: String,
     pub client_id: String,
-    /// Where the identity provider's client secret is.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_secret_ref: Option<SecretKeyRef>,
+    /// Where the identity provider's client secret is (Medplum requires one).
+    pub client_secret_ref: R,
     /// `client_secret_basic` or `client_secret_post`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_auth_method: Option<TokenAuthMethod>,

@@ -6,6 +6,7 @@
 mod access_policy;
 mod client_application;
 mod cluster_medplum_connection;
+mod domain_configuration;
 mod medplum_connection;
 mod project_user;
 
@@ -27,6 +28,10 @@ pub use cluster_medplum_connection::{
     AllowedNamespaces, ClusterCaBundleRef, ClusterCredentialsSecretRef, ClusterMedplumConnection,
     ClusterMedplumConnectionSpec,
 };
+pub use domain_configuration::{
+    ClusterConnectionRef, DomainConfiguration, DomainConfigurationSpec, DomainConfigurationStatus,
+    DomainDeletionPolicy, NamespacedSecretKeyRef,
+};
 pub use medplum_connection::{
     AdoptionLimits, CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialsSecretRef, MedplumConnection,
     MedplumConnectionSpec, ResourceCeiling,
@@ -44,6 +49,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         ClientApplication::crd(),
         AccessPolicy::crd(),
         ProjectUser::crd(),
+        DomainConfiguration::crd(),
     ]
 }
 

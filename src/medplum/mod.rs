@@ -10,8 +10,9 @@ mod token;
 pub use client::{ClientCredentials, CredentialProof, MedplumClient};
 pub use error::MedplumError;
 pub use model::{
-    AccessPolicyResource, ClientApplicationResource, Coding, Expression, FhirResource, Health, HumanName, Identifier,
-    IdentityProviderResource, InviteMembership, InviteRequest, IpAccessRuleEntry, Me, MembershipAccess,
-    MembershipParameter, MembershipResource, Meta, PolicyResourceEntry, ProfileResource, ProjectSummary, Ref,
+    AccessPolicyResource, ClientApplicationResource, Coding, DomainConfigurationResource, Expression, FhirResource,
+    Health, HumanName, Identifier, IdentityProviderResource, InviteMembership, InviteRequest, IpAccessRuleEntry, Me,
+    MembershipAccess, MembershipParameter, MembershipResource, Meta, PolicyResourceEntry, ProfileResource,
+    ProjectSummary, Ref, SUBSETTED,
 };
 pub use pacing::Pacing;

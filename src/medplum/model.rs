@@ -116,9 +116,24 @@ pub struct Meta {
     pub tag: Vec<Coding>,
 }
 
+/// The system of the tag Medplum adds to the results of `_elements` searches; never written back.
+pub const SUBSETTED: &str = "http://hl7.org/fhir/v3/ObservationValue";
+
 impl Meta {
     pub fn has_tag(&self, tag: &Coding) -> bool {
         self.tag.contains(tag)
+    }
+
+    /// The tags to write back over this version: those it has (others' included, Medplum's
+    /// [`SUBSETTED`] marker not), with `ours` added.
+    pub fn tags_with(&self, ours: &[Coding]) -> Vec<Coding> {
+        let mut tags: Vec<Coding> = self.tag.iter().filter(|t| t.system != SUBSETTED).cloned().collect();
+        for tag in ours {
+            if !tags.contains(tag) {
+                tags.push(tag.clone());
+            }
+        }
+        tags
     }
 }
 
@@ -212,6 +227,56 @@ pub struct IdentityProviderResource {
     pub use_pkce: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_subject: Option<bool>,
+}
+
+impl IdentityProviderResource {
+    /// Whether Medplum holds what `self` says, the client secret included.
+    pub fn same_as(&self, actual: &Self) -> bool {
+        use secrecy::ExposeSecret;
+        let secret = |s: &Option<SecretString>| s.as_ref().map(|s| s.expose_secret().to_string());
+        self.authorize_url == actual.authorize_url
+            && self.token_url == actual.token_url
+            && self.user_info_url == actual.user_info_url
+            && self.client_id == actual.client_id
+            && secret(&self.client_secret) == secret(&actual.client_secret)
+            && self.token_auth_method == actual.token_auth_method
+            && self.use_pkce == actual.use_pkce
+            && self.use_subject == actual.use_subject
+    }
+}
+
+fn domain_configuration_type() -> String {
+    "DomainConfiguration".into()
+}
+
+/// Medplum's DomainConfiguration: the identity provider of an email domain. The client secret stays
+/// redacted in Debug.
+#[derive(Clone, Debug, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainConfigurationResource {
+    #[serde(default = "domain_configuration_type")]
+    pub resource_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub meta: Meta,
+    #[serde(default)]
+    pub domain: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_provider: Option<IdentityProviderResource>,
+}
+
+impl FhirResource for DomainConfigurationResource {
+    const TYPE: &'static str = "DomainConfiguration";
+    fn meta_mut(&mut self) -> &mut Meta {
+        &mut self.meta
+    }
+    fn meta(&self) -> &Meta {
+        &self.meta
+    }
+    fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
 }
 
 /// A FHIR Reference with an optional display (which the operator never compares).

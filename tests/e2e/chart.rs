@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 use crate::support::cluster::kubeconfig;
 use crate::support::tools::{self, chart};
 use crate::support::{MedplumTarget, Operator, TestNamespace, cluster_client, eventually, suffix};
-use medplum_operator::crd::{self, AccessPolicy, ClientApplication, ClusterMedplumConnection, MedplumConnection};
+use medplum_operator::crd::{
+    self, AccessPolicy, ClientApplication, ClusterMedplumConnection, DomainConfiguration, MedplumConnection,
+};
 
 fn helm_template(release: &str, namespace: &str, sets: &[&str], only: Option<&str>) -> String {
     let chart = chart();
@@ -213,9 +215,10 @@ async fn service_account_kubeconfig(
     path
 }
 
-const CHECKS: [&str; 7] = [
+const CHECKS: [&str; 8] = [
     "connection Ready",
     "cluster connection Ready",
+    "DomainConfiguration Ready",
     "policies Ready",
     "ClientApplication Ready",
     "restart target restarted",
@@ -238,6 +241,10 @@ async fn happened(client: &Client, namespace: &str, cluster_name: &str, what: &s
             .get(cluster_name)
             .await
             .is_ok_and(|c| is_ready(c.status.as_ref().map(|s| &s.conditions))),
+        "DomainConfiguration Ready" => Api::<DomainConfiguration>::all(client.clone())
+            .get(cluster_name)
+            .await
+            .is_ok_and(|d| is_ready(d.status.as_ref().map(|s| &s.conditions))),
         "policies Ready" => {
             Api::<AccessPolicy>::namespaced(client.clone(), namespace).list(&ListParams::default()).await.is_ok_and(
                 |l| l.items.len() == 2 && l.items.iter().all(|p| is_ready(p.status.as_ref().map(|s| &s.conditions))),
@@ -331,6 +338,50 @@ async fn scenario(
         .create(&PostParams::default(), &serde_json::from_value(cluster).unwrap())
         .await
         .unwrap();
+    // A domain's identity provider, through a super admin's cluster connection; both are named like
+    // the shared connection and go with the namespace.
+    let (sa_id, sa_secret) = medplum.super_admin_credentials();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "medplum-super-admin", "labels": {"medplum.com/connection-credentials": "true"}},
+        "stringData": {"MEDPLUM_CLIENT_ID": sa_id, "MEDPLUM_CLIENT_SECRET": sa_secret, "idp-secret": "idp"}}))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), credentials).create(&PostParams::default(), &secret).await.unwrap();
+    let super_admin = format!("super-{cluster_name}");
+    let mut cluster = apply(
+        "medplum.com/v1alpha1",
+        "ClusterMedplumConnection",
+        None,
+        &super_admin,
+        json!({
+        "baseUrl": medplum.base_url(), "superAdminCredential": true, "projectId": admin.project_id,
+        "credentialsSecretRef": {"namespace": credentials, "name": "medplum-super-admin"},
+        "caBundle": {"namespace": credentials, "configMapRef": {"name": "medplum-ca", "key": "ca.crt"}}}),
+    );
+    cluster["metadata"]["labels"] = json!({"medplum-operator-test": namespace});
+    cluster["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "v1", "kind": "Namespace", "name": namespace, "uid": owner.uid()}]);
+    Api::<ClusterMedplumConnection>::all(client.clone())
+        .create(&PostParams::default(), &serde_json::from_value(cluster).unwrap())
+        .await
+        .unwrap();
+    let mut domain = apply(
+        "medplum.com/v1alpha1",
+        "DomainConfiguration",
+        None,
+        &cluster_name,
+        json!({
+        "connectionRef": {"name": super_admin}, "domain": format!("{cluster_name}.example.org"),
+        "identityProvider": {"authorizeUrl": "https://idp.example.org/authorize", "tokenUrl": "https://idp.example.org/token",
+                             "userInfoUrl": "https://idp.example.org/userinfo", "clientId": "medplum",
+                             "clientSecretRef": {"namespace": credentials, "name": "medplum-super-admin", "key": "idp-secret"}}}),
+    );
+    domain["metadata"]["labels"] = json!({"medplum-operator-test": namespace});
+    domain["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "v1", "kind": "Namespace", "name": namespace, "uid": owner.uid()}]);
+    Api::<DomainConfiguration>::all(client.clone())
+        .create(&PostParams::default(), &serde_json::from_value(domain).unwrap())
+        .await
+        .unwrap();
     let policies: Api<AccessPolicy> = Api::namespaced(client.clone(), namespace);
     for (name, connection_ref) in [
         ("reader", json!({"name": "default"})),
@@ -391,6 +442,18 @@ async fn scenario(
     if gone.is_err() {
         return Err("ClientApplication deletion (finalizer)".into());
     }
+    let domains: Api<DomainConfiguration> = Api::all(client.clone());
+    domains.delete(&cluster_name, &Default::default()).await.unwrap();
+    let remaining = deadline.saturating_sub(started.elapsed()).max(Duration::from_secs(10));
+    let gone = tokio::time::timeout(remaining, async {
+        while domains.get_opt(&cluster_name).await.ok().flatten().is_some() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    if gone.is_err() {
+        return Err("DomainConfiguration deletion (finalizer)".into());
+    }
     Ok(started.elapsed())
 }
 
@@ -421,6 +484,19 @@ async fn run_with_rbac(removed: Option<&Rule>) -> Result<Duration, String> {
             None,
         );
     }
+    let _ = tools::run(
+        "kubectl",
+        &[
+            "patch",
+            "domainconfiguration",
+            &format!("shared-{}", ns.name),
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+        None,
+    );
     let _ = tools::run(
         "kubectl",
         &["delete", "clusterrole,clusterrolebinding", "-l", &format!("app.kubernetes.io/instance={release}")],

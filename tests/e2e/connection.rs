@@ -10,19 +10,11 @@ use kube::{Client, ResourceExt};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::support::fixtures::apply_secret;
 use crate::support::{MedplumTarget, Operator, ProjectAdmin, TestNamespace, cluster_client, eventually};
 use medplum_operator::crd::{ClusterMedplumConnection, ConnectionStatus, MedplumConnection};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn create_secret(client: &Client, namespace: &str, name: &str, data: &[(&str, &str)], labels: Value) {
-    let string_data: serde_json::Map<String, Value> = data.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect();
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": labels}, "stringData": string_data
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), namespace).create(&PostParams::default(), &secret).await.unwrap();
-}
 
 async fn create_connection(client: &Client, namespace: &str, name: &str, spec: Value) {
     let object: MedplumConnection = serde_json::from_value(json!({
@@ -72,7 +64,7 @@ async fn assert_no_secret_leaks(client: &Client, namespace: &str, operator: &Ope
 
 async fn creds_secret(client: &Client, ns: &str, name: &str, admin: &ProjectAdmin, labelled: bool) {
     let labels = if labelled { json!({"medplum.com/connection-credentials": "true"}) } else { json!({}) };
-    create_secret(
+    apply_secret(
         client,
         ns,
         name,
@@ -167,7 +159,7 @@ async fn connection_says_why_it_is_not_ready_without_printing_secrets() {
     let wrong_secret = format!("wrong-{}", uuid::Uuid::new_v4().simple());
 
     creds_secret(&client, &ns.name, "good", &admin, false).await;
-    create_secret(
+    apply_secret(
         &client,
         &ns.name,
         "wrong-secret",
@@ -175,8 +167,8 @@ async fn connection_says_why_it_is_not_ready_without_printing_secrets() {
         json!({"medplum.com/connection-credentials": "true"}),
     )
     .await;
-    create_secret(&client, &ns.name, "no-secret-key", &[("MEDPLUM_CLIENT_ID", &admin.client_id)], json!({})).await;
-    create_secret(
+    apply_secret(&client, &ns.name, "no-secret-key", &[("MEDPLUM_CLIENT_ID", &admin.client_id)], json!({})).await;
+    apply_secret(
         &client,
         &ns.name,
         "member",
@@ -250,14 +242,8 @@ async fn super_admin_credentials_are_refused() {
     let ns = TestNamespace::create(&client, "conn-sa").await;
     let medplum = MedplumTarget::start().await;
     let (id, secret) = medplum.super_admin_credentials();
-    create_secret(
-        &client,
-        &ns.name,
-        "sa",
-        &[("MEDPLUM_CLIENT_ID", &id), ("MEDPLUM_CLIENT_SECRET", &secret)],
-        json!({}),
-    )
-    .await;
+    apply_secret(&client, &ns.name, "sa", &[("MEDPLUM_CLIENT_ID", &id), ("MEDPLUM_CLIENT_SECRET", &secret)], json!({}))
+        .await;
     create_connection(
         &client,
         &ns.name,
@@ -283,7 +269,7 @@ async fn connection_trusts_a_custom_ca_bundle() {
     let ns = TestNamespace::create(&client, "conn-ca").await;
     let admin = medplum.new_project("conn-ca").await;
     creds_secret(&client, &ns.name, "admin", &admin, false).await;
-    create_secret(&client, &ns.name, "ca", &[("ca.crt", &ca)], json!({})).await;
+    apply_secret(&client, &ns.name, "ca", &[("ca.crt", &ca)], json!({})).await;
     let map: k8s_openapi::api::core::v1::ConfigMap =
         serde_json::from_value(json!({"metadata": {"name": "ca"}, "data": {"bundle.pem": ca}})).unwrap();
     Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), &ns.name)
@@ -405,14 +391,8 @@ async fn a_super_admin_credential_manages_the_named_project_when_meant_to() {
     let medplum = MedplumTarget::start().await;
     let admin = medplum.new_project("conn-sa-ok").await;
     let (id, secret) = medplum.super_admin_credentials();
-    create_secret(
-        &client,
-        &ns.name,
-        "sa",
-        &[("MEDPLUM_CLIENT_ID", &id), ("MEDPLUM_CLIENT_SECRET", &secret)],
-        json!({}),
-    )
-    .await;
+    apply_secret(&client, &ns.name, "sa", &[("MEDPLUM_CLIENT_ID", &id), ("MEDPLUM_CLIENT_SECRET", &secret)], json!({}))
+        .await;
     let connections: Api<MedplumConnection> = Api::namespaced(client.clone(), &ns.name);
     let without_project: MedplumConnection = serde_json::from_value(json!({
         "apiVersion": "medplum.com/v1alpha1", "kind": "MedplumConnection", "metadata": {"name": "no-project"},

@@ -66,6 +66,7 @@ async fn the_dev_script_just_works_beside_another_medplum() {
         "allowed: GET  /fhir/R4/Observation  -> 200",
         "refused: POST /fhir/R4/Observation  -> 403",
         "refused: GET  /fhir/R4/Patient      -> 403",
+        "and Medplum sends ada@acme.example to the identity provider of DomainConfiguration acme:\n  https://login.acme.example/oauth2/authorize",
     ] {
         assert!(said.contains(line), "the summary shows {line:?}:\n{said}");
     }
@@ -86,8 +87,13 @@ async fn the_dev_script_just_works_beside_another_medplum() {
         let last = said.lines().last().unwrap_or_default();
         assert!(last.contains("port 8103 is in use") && last.contains("MEDPLUM_PORT"), "{said}");
     }
-    // A rerun after a failed one just works, whatever PID files the failure left: one naming a
-    // process long gone, one naming a live process that is not the script's (this test's own).
+    // A rerun after a run that died just works, whatever PID files it left: one naming a process
+    // long gone, one naming a live process that is not the script's (this test's own).
+    for file in ["operator.pid", "medplum.pid"] {
+        if let Ok(pid) = std::fs::read_to_string(state.join("dev").join(file)) {
+            let _ = std::process::Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+    }
     std::fs::write(state.join("dev/medplum.pid"), "4194303").unwrap();
     std::fs::write(state.join("dev/operator.pid"), std::process::id().to_string()).unwrap();
     let (again, again_took) = script(&state, demo, &[]);

@@ -11,6 +11,7 @@ mod connection;
 mod contract;
 mod crds;
 mod dev;
+mod domain;
 mod hostile;
 mod least_privilege;
 mod limits;

@@ -59,6 +59,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [medplum.com]
   resources: [clustermedplumconnections/status]
   verbs: [patch]
+- apiGroups: [medplum.com]
+  resources: [domainconfigurations]
+  verbs: [get, list, watch, patch]
+- apiGroups: [medplum.com]
+  resources: [domainconfigurations/status]
+  verbs: [patch]
 # allowedNamespaces selectors match namespace labels; deletions check whether a namespace is terminating.
 - apiGroups: [""]
   resources: [namespaces]

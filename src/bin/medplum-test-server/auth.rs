@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
@@ -48,7 +49,8 @@ impl Caller {
         if self.super_admin {
             return true;
         }
-        if rtype == "Login" {
+        // Medplum's protected types: super admins only.
+        if matches!(rtype, "Login" | "DomainConfiguration" | "JsonWebKey") {
             return false;
         }
         if matches!(rtype, "Project" | "ProjectMembership" | "User" | "UserSecurityRequest") {
@@ -432,6 +434,31 @@ pub async fn me(State(app): State<Arc<App>>, caller: Caller) -> Response {
 }
 
 /// `GET /healthcheck` (no auth).
+/// `POST /auth/method` `{email}`: where a person of that email's domain signs in. With a
+/// DomainConfiguration for the domain that names an identity provider, its authorize URL (with the
+/// client id, Medplum's own callback, `response_type=code` and `scope=openid profile email`);
+/// otherwise `{}` (password sign-in).
+pub async fn method(State(app): State<Arc<App>>, Json(body): Json<Value>) -> Response {
+    let email = body["email"].as_str().unwrap_or_default();
+    let domain = email.rsplit_once('@').map(|(_, d)| d.to_lowercase()).unwrap_or_default();
+    let store = app.store();
+    let provider = store
+        .all("DomainConfiguration")
+        .find(|c| c["domain"].as_str().is_some_and(|d| d.eq_ignore_ascii_case(&domain)))
+        .map(|c| c["identityProvider"].clone())
+        .filter(|idp| idp.is_object());
+    let Some(idp) = provider else { return outcome::json(StatusCode::OK, &json!({})) };
+    let Ok(mut url) = url::Url::parse(idp["authorizeUrl"].as_str().unwrap_or_default()) else {
+        return Outcome::invalid("Failed to construct URL for the domain").into_response();
+    };
+    url.query_pairs_mut()
+        .append_pair("client_id", idp["clientId"].as_str().unwrap_or_default())
+        .append_pair("redirect_uri", &format!("{}auth/external", app.base_url))
+        .append_pair("response_type", "code")
+        .append_pair("scope", "openid profile email");
+    outcome::json(StatusCode::OK, &json!({"domain": domain, "authorizeUrl": url.to_string()}))
+}
+
 pub async fn healthcheck(State(app): State<Arc<App>>) -> Response {
     outcome::json(
         StatusCode::OK,

@@ -112,6 +112,17 @@ pub fn validate(rtype: &str, resource: &Value) -> Result<()> {
                 }
             }
         }
+        "ClientApplication" | "DomainConfiguration" if resource["identityProvider"].is_object() => {
+            let idp = &resource["identityProvider"];
+            for field in ["authorizeUrl", "tokenUrl", "userInfoUrl", "clientId", "clientSecret"] {
+                if idp[field].as_str().is_none_or(str::is_empty) {
+                    return Err(Outcome::structure(
+                        "Missing required property",
+                        format!("{rtype}.identityProvider.{field}"),
+                    ));
+                }
+            }
+        }
         "ProjectMembership" => {
             for field in ["project", "user", "profile"] {
                 if resource[field]["reference"].as_str().is_none() {

@@ -122,6 +122,7 @@ fn routes(app: Arc<App>) -> axum::Router {
         .route("/oauth2/token", post(auth::token))
         .route("/oauth2/introspect", post(auth::introspect))
         .route("/auth/me", get(auth::me))
+        .route("/auth/method", post(auth::method))
         .route("/.well-known/openid-configuration", get(auth::openid_configuration))
         .route("/admin/projects/{pid}", get(admin::get_project))
         .route("/admin/projects/{pid}/client", post(admin::create_client))

@@ -61,6 +61,7 @@ fn known(rtype: &str, name: &str) -> bool {
         ),
         "User" => matches!(name, "email" | "identifier" | "external-id" | "project"),
         "Practitioner" | "Patient" | "RelatedPerson" => matches!(name, "identifier" | "name" | "email"),
+        "DomainConfiguration" => name == "domain",
         _ => false,
     }
 }
@@ -146,6 +147,7 @@ fn matches_one(resource: &Value, p: &Param, resolve: &dyn Fn(&str) -> Option<Val
             any_of(&|v| resource["profile"]["reference"].as_str().is_some_and(|r| r.starts_with(&format!("{v}/"))))
         }
         "external-id" => any_of(&|v| resource["externalId"] == v),
+        "domain" => any_of(&|v| resource["domain"].as_str().is_some_and(|d| d.eq_ignore_ascii_case(v))),
         "user-name" => any_of(&|v| resource["userName"] == v),
         "admin" => bool_param(&resource["admin"], value),
         "active" => {

@@ -33,7 +33,7 @@ use super::access_policy::{GrantError, resolve_grants};
 use super::adoption::{self, AdoptionError};
 use super::connection::{CREDENTIALS_LABEL, UsableConnection, UseError, usable_connection};
 use super::secret::{
-    CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, read_secret_strings, read_written,
+    CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, read_secret_string, read_written,
 };
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::view::Seen;
@@ -43,8 +43,8 @@ use crate::crd::{
     AdoptSecret, ClientApplication, ClientApplicationStatus, DeletionPolicy, MedplumConnection, RestartTarget,
 };
 use crate::medplum::{
-    ClientApplicationResource, ClientCredentials, Coding, CredentialProof, Identifier, IdentityProviderResource,
-    MedplumClient, MedplumError, MembershipAccess, MembershipResource, Ref,
+    ClientApplicationResource, ClientCredentials, Coding, CredentialProof, Identifier, MedplumClient, MedplumError,
+    MembershipAccess, MembershipResource, Ref,
 };
 
 mod cleanup;
@@ -199,18 +199,11 @@ pub fn desired_client(
         launch_uri: spec.launch_uri.clone(),
         allowed_origin: spec.allowed_origins.clone(),
         default_scope: spec.default_scopes.clone(),
-        identity_provider: spec.identity_provider.as_ref().map(|idp| IdentityProviderResource {
-            authorize_url: idp.authorize_url.clone(),
-            token_url: idp.token_url.clone(),
-            user_info_url: idp.user_info_url.clone(),
-            client_id: idp.client_id.clone(),
-            client_secret: identity_provider_secret,
-            token_auth_method: idp
-                .token_auth_method
-                .map(|m| serde_json::to_value(m).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()),
-            use_pkce: idp.use_pkce,
-            use_subject: idp.use_subject,
-        }),
+        identity_provider: spec
+            .identity_provider
+            .as_ref()
+            .zip(identity_provider_secret)
+            .map(|(idp, secret)| super::identity_provider(idp, secret)),
         ..Default::default()
     }
 }
@@ -228,8 +221,8 @@ async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnectio
     let namespace = ca.namespace().unwrap_or_default();
     let name = ca.name_any();
     let access = resolve_grants(ctx, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;
-    let idp_secret = match ca.spec.identity_provider.as_ref().and_then(|idp| idp.client_secret_ref.as_ref()) {
-        Some(r) => read_secret_strings(&ctx.client, &namespace, &r.name, &[&r.key]).await?.pop(),
+    let idp_secret = match ca.spec.identity_provider.as_ref().map(|idp| &idp.client_secret_ref) {
+        Some(r) => Some(read_secret_string(&ctx.client, &namespace, &r.name, &r.key).await?),
         None => None,
     };
     let tag = crate::controller::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &name);

@@ -35,16 +35,7 @@ pub(super) fn client_drift(
     check("defaultScope", desired.default_scope == actual.default_scope);
     let idp_same = match (&desired.identity_provider, &actual.identity_provider) {
         (None, None) => true,
-        (Some(d), Some(a)) => {
-            d.authorize_url == a.authorize_url
-                && d.token_url == a.token_url
-                && d.user_info_url == a.user_info_url
-                && d.client_id == a.client_id
-                && secret_eq(d.client_secret.as_ref(), a.client_secret.as_ref())
-                && d.token_auth_method == a.token_auth_method
-                && d.use_pkce == a.use_pkce
-                && d.use_subject == a.use_subject
-        }
+        (Some(d), Some(a)) => d.same_as(a),
         _ => false,
     };
     check("identityProvider", idp_same);
@@ -62,14 +53,7 @@ pub(super) fn client_body(
     let mut body = desired.clone();
     if let Some(actual) = actual {
         body.id = actual.id.clone();
-        let mut tags = actual.meta.tag.clone();
-        tags.retain(|t| t.system != "http://hl7.org/fhir/v3/ObservationValue");
-        for tag in &desired.meta.tag {
-            if !tags.contains(tag) {
-                tags.push(tag.clone());
-            }
-        }
-        body.meta.tag = tags;
+        body.meta.tag = actual.meta.tags_with(&desired.meta.tag);
     }
     body.secret = secret.cloned();
     body.retiring_secret = retiring.cloned();

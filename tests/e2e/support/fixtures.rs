@@ -19,6 +19,17 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// The ownership tag system the operator writes with the default cluster id.
 pub const TAG_SYSTEM: &str = "urn:medplum-operator:default";
 
+/// Creates or updates (server-side apply) the Secret `name` with `data` and `labels`.
+pub async fn apply_secret(client: &Client, namespace: &str, name: &str, data: &[(&str, &str)], labels: Value) {
+    let string_data: serde_json::Map<String, Value> = data.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect();
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "labels": labels},
+                        "stringData": string_data});
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .patch(name, &PatchParams::apply("medplum-operator-tests").force(), &Patch::Apply(&secret))
+        .await
+        .unwrap();
+}
+
 pub struct Setup {
     pub client: Client,
     pub ns: TestNamespace,
@@ -74,6 +85,11 @@ impl Setup {
             .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .unwrap();
+    }
+
+    /// Creates or updates the Secret `name` of the test's namespace.
+    pub async fn create_secret(&self, name: &str, data: &[(&str, &str)]) {
+        apply_secret(&self.client, &self.ns.name, name, data, json!({})).await;
     }
 
     pub fn http(&self) -> &Http {
