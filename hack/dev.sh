@@ -162,7 +162,7 @@ forget() { # namespace ('' for cluster-scoped) kind [name...]
 forget '' domainconfigurations acme
 forget '' clustermedplumconnections shared medplum-super-admin
 if kubectl get namespace medplum-demo >/dev/null 2>&1; then
-  forget medplum-demo clientapplications,accesspolicies,projectusers,medplumconnections
+  forget medplum-demo clientapplications,accesspolicies,projectusers,medplumprojects,medplumconnections
   kubectl delete namespace medplum-demo --timeout 60s >/dev/null
 fi
 manifests="$state/manifests"
@@ -180,6 +180,10 @@ secret medplum-admin "MEDPLUM_CLIENT_ID=$client_id" "MEDPLUM_CLIENT_SECRET=$clie
 # The domain example needs a super admin (Medplum's rule), and its identity provider a client secret.
 secret medplum-super-admin "MEDPLUM_CLIENT_ID=$sa_id" "MEDPLUM_CLIENT_SECRET=$sa_secret"
 secret acme-idp "client-secret=$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+# The project's reCAPTCHA secret key (Google's published test key) and a secret for its Bots.
+secret portal-recaptcha "secret-key=6LeIxAcTAAAAAGG-vFI1TnRWxMZNFuojJ4WifJWe"
+secret bot-secrets "lab-api-key=$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+kubectl -n medplum-demo label secret portal-recaptcha bot-secrets medplum.com/project-secret=true --overwrite >/dev/null
 kubectl apply -f "$manifests/" >/dev/null
 
 echo "==> operator (HTTP on $operator_address)"
@@ -191,7 +195,7 @@ wait_ready() { # kind/name...
   fail "not Ready within 90 s; the operator's log: $state/operator.log"
 }
 wait_ready medplumconnection/default
-wait_ready accesspolicy/lab-reader clientapplication/lab-sync projectuser/dr-lee
+wait_ready accesspolicy/lab-reader clientapplication/lab-sync projectuser/dr-lee medplumproject/project
 kubectl wait --for condition=Ready domainconfiguration/acme --timeout 90s >/dev/null ||
   fail "DomainConfiguration acme is not Ready; kubectl describe domainconfiguration acme"
 
@@ -226,7 +230,7 @@ Look at:
   export KUBECONFIG=$KUBECONFIG PATH=$bin:\$PATH
   kubectl get medplumconnections -A          # Ready, project and Medplum version
   kubectl get clustermedplumconnections
-  kubectl get -n medplum-demo accesspolicies,clientapplications,projectusers
+  kubectl get -n medplum-demo accesspolicies,clientapplications,projectusers,medplumprojects
   kubectl get domainconfigurations
   kubectl get -n medplum-demo secret lab-sync-medplum -o yaml   # the client's working credentials
   kubectl annotate -n medplum-demo clientapplication lab-sync medplum.com/rotate=\$(date +%s)   # rotate now

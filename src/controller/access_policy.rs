@@ -538,7 +538,7 @@ async fn referrers(ctx: &Context, namespace: &str, policy: &str) -> Result<Vec<S
         Ok(list
             .items
             .iter()
-            .filter(|o| o.grants().unwrap_or_default().iter().any(|g| g.policy_ref.name == policy))
+            .filter(|o| o.granted().is_some_and(|names| names.contains(&policy)))
             .map(|o| format!("{}/{}", K::kind(&()), o.name_any()))
             .collect())
     }

@@ -7,6 +7,7 @@ mod client_application;
 mod connection;
 mod domain_configuration;
 mod events;
+mod medplum_project;
 mod project_user;
 mod secret;
 mod status;
@@ -34,8 +35,8 @@ pub use status::FIELD_MANAGER;
 
 use crate::config::Settings;
 use crate::crd::{
-    AccessGrant, AccessPolicy, ClientApplication, ClusterMedplumConnection, ConnectionKind, ConnectionRef,
-    MedplumConnection, ProjectUser,
+    AccessPolicy, ClientApplication, ClusterMedplumConnection, ConnectionKind, ConnectionRef, MedplumConnection,
+    MedplumProject, ProjectUser,
 };
 use crate::metrics::Metrics;
 use crate::server::Readiness;
@@ -169,6 +170,8 @@ pub struct Context {
     pub grants_changed: tokio::sync::broadcast::Sender<String>,
     /// What Medplum's rate limits allow, per server and per credential, shared by all connections.
     pub pacing: crate::medplum::Pacing,
+    /// Which MedplumProject declares each project.
+    pub project_claims: medplum_project::ProjectClaims,
     recorder: events::EventRecorder,
 }
 
@@ -187,6 +190,7 @@ impl Context {
             policies: PolicyStores::default(),
             grants_changed: tokio::sync::broadcast::channel(1024).0,
             pacing: Default::default(),
+            project_claims: Default::default(),
         }
     }
 
@@ -382,7 +386,7 @@ async fn reconcile_with_cleanup<K: UsesConnection>(
     let connection = connection::ConnectionKey::of(&namespace, obj.connection_ref());
     // A grantee deleted or given another spec may have stopped granting a policy that waits to be
     // deleted until nothing grants it: such policies look again after this reconcile.
-    let grants_may_change = obj.grants().is_some() && (deleted || obj.meta().generation != obj.observed_generation());
+    let grants_may_change = obj.granted().is_some() && (deleted || obj.meta().generation != obj.observed_generation());
     let action = finalized(
         &ctx,
         &api,
@@ -502,9 +506,9 @@ pub trait UsesConnection:
     + 'static
 {
     fn connection_ref(&self) -> &ConnectionRef;
-    /// The AccessPolicies of its namespace the resource grants (`spec.access[].policyRef`); `None` for
-    /// kinds that grant none.
-    fn grants(&self) -> Option<&[AccessGrant]>;
+    /// The names of the AccessPolicies of its namespace the resource grants (`spec.access[].policyRef`,
+    /// a project's registration policy); `None` for kinds that grant none.
+    fn granted(&self) -> Option<Vec<&str>>;
     fn observed_generation(&self) -> Option<i64>;
 }
 
@@ -512,8 +516,8 @@ impl UsesConnection for ClientApplication {
     fn connection_ref(&self) -> &ConnectionRef {
         &self.spec.connection_ref
     }
-    fn grants(&self) -> Option<&[AccessGrant]> {
-        Some(&self.spec.access)
+    fn granted(&self) -> Option<Vec<&str>> {
+        Some(self.spec.access.iter().map(|g| g.policy_ref.name.as_str()).collect())
     }
     fn observed_generation(&self) -> Option<i64> {
         self.status.as_ref()?.observed_generation
@@ -524,8 +528,21 @@ impl UsesConnection for AccessPolicy {
     fn connection_ref(&self) -> &ConnectionRef {
         &self.spec.connection_ref
     }
-    fn grants(&self) -> Option<&[AccessGrant]> {
+    fn granted(&self) -> Option<Vec<&str>> {
         None
+    }
+    fn observed_generation(&self) -> Option<i64> {
+        self.status.as_ref()?.observed_generation
+    }
+}
+
+impl UsesConnection for MedplumProject {
+    fn connection_ref(&self) -> &ConnectionRef {
+        &self.spec.connection_ref
+    }
+    fn granted(&self) -> Option<Vec<&str>> {
+        let registration = self.spec.patient_registration.as_ref();
+        Some(registration.and_then(|r| r.access_policy_ref.as_ref()).map(|p| p.name.as_str()).into_iter().collect())
     }
     fn observed_generation(&self) -> Option<i64> {
         self.status.as_ref()?.observed_generation
@@ -536,8 +553,8 @@ impl UsesConnection for ProjectUser {
     fn connection_ref(&self) -> &ConnectionRef {
         &self.spec.connection_ref
     }
-    fn grants(&self) -> Option<&[AccessGrant]> {
-        Some(&self.spec.access)
+    fn granted(&self) -> Option<Vec<&str>> {
+        Some(self.spec.access.iter().map(|g| g.policy_ref.name.as_str()).collect())
     }
     fn observed_generation(&self) -> Option<i64> {
         self.status.as_ref()?.observed_generation
@@ -601,7 +618,7 @@ fn on_policy_changes<K: UsesConnection>(controller: Controller<K>, ctx: &Context
             .iter()
             .filter(|o| {
                 o.namespace() == policy.namespace
-                    && o.grants().unwrap_or_default().iter().any(|g| g.policy_ref.name == policy.name)
+                    && o.granted().is_some_and(|names| names.contains(&policy.name.as_str()))
             })
             .map(|o| ObjectRef::from_obj(&**o))
             .collect::<Vec<_>>()
@@ -707,6 +724,7 @@ async fn connection_users(ctx: &Context, key: &connection::ConnectionKey) -> Res
         users.extend(users_of::<ClientApplication>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
         users.extend(users_of::<AccessPolicy>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
         users.extend(users_of::<ProjectUser>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
+        users.extend(users_of::<MedplumProject>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
     }
     if key.kind == ConnectionKind::ClusterMedplumConnection {
         let domains = Api::<crate::crd::DomainConfiguration>::all(ctx.client.clone()).list(&Default::default()).await?;
@@ -814,6 +832,9 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
         streams.push(stream);
         ready.push(futures::FutureExt::boxed(synced));
         let (stream, synced) = project_user::controller(ctx.clone(), scope);
+        streams.push(stream);
+        ready.push(futures::FutureExt::boxed(synced));
+        let (stream, synced) = medplum_project::controller(ctx.clone(), scope);
         streams.push(stream);
         ready.push(futures::FutureExt::boxed(synced));
     }

@@ -71,6 +71,11 @@ pub struct ConnectionLimits {
     /// memberships' rights. Default: not allowed.
     #[serde(default)]
     pub allow_admin: bool,
+    /// Project-level settings through a MedplumProject: open patient registration and its policy,
+    /// sites with reCAPTCHA keys, and project secrets (which every Bot of the project reads). They
+    /// concern the whole project, beyond any namespace. Default: not allowed.
+    #[serde(default)]
+    pub allow_project_settings: bool,
     /// The resource types and interactions that AccessPolicies made through this connection may grant.
     /// Unset: any but the project administration types above. A policy granting anything else is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]

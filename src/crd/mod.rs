@@ -8,6 +8,7 @@ mod client_application;
 mod cluster_medplum_connection;
 mod domain_configuration;
 mod medplum_connection;
+mod medplum_project;
 mod project_user;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -21,8 +22,8 @@ pub use access_policy::{
 };
 pub use client_application::{
     AccessGrant, Adopt, AdoptSecret, ClientApplication, ClientApplicationSpec, ClientApplicationStatus, DeletionPolicy,
-    IdentityProvider, PolicyParameter, RestartTarget, RotationSpec, SecretKeys, SecretSpec, TokenAuthMethod,
-    WorkloadKind,
+    IdentityProvider, LocalObjectRef, PolicyParameter, RestartTarget, RotationSpec, SecretKeys, SecretSpec,
+    TokenAuthMethod, WorkloadKind,
 };
 pub use cluster_medplum_connection::{
     AllowedNamespaces, ClusterCaBundleRef, ClusterCredentialsSecretRef, ClusterMedplumConnection,
@@ -35,6 +36,10 @@ pub use domain_configuration::{
 pub use medplum_connection::{
     AdoptionLimits, CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialsSecretRef, MedplumConnection,
     MedplumConnectionSpec, ResourceCeiling,
+};
+pub use medplum_project::{
+    MedplumProject, MedplumProjectSpec, MedplumProjectStatus, OriginalRegistration, PatientRegistration,
+    ProjectDeletionPolicy, ProjectSecret, ProjectSecretType, Site,
 };
 pub use project_user::{ProfileType, ProjectUser, ProjectUserSpec, ProjectUserStatus, UserDeletionPolicy, UserScope};
 
@@ -50,6 +55,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         AccessPolicy::crd(),
         ProjectUser::crd(),
         DomainConfiguration::crd(),
+        MedplumProject::crd(),
     ]
 }
 

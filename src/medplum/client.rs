@@ -253,6 +253,21 @@ impl MedplumClient {
         .await
     }
 
+    /// Applies a JSON Patch to the resource a reference points at, only if it is still at `version`.
+    pub async fn patch_reference<T: DeserializeOwned>(
+        &self,
+        reference: &str,
+        operations: &serde_json::Value,
+        version: &str,
+    ) -> Result<T, MedplumError> {
+        let operation = format!("patch {}", reference.split('/').next().unwrap_or_default());
+        let if_match = format!("W/\"{version}\"");
+        self.authed(&operation, Method::PATCH, &format!("fhir/R4/{reference}"), |r| {
+            r.header("content-type", "application/json-patch+json").header("if-match", &if_match).json(operations)
+        })
+        .await
+    }
+
     /// Deletes a membership through the admin API, which ends the member's live tokens at once.
     pub async fn delete_membership(&self, project_id: &str, membership_id: &str) -> Result<(), MedplumError> {
         let path = format!("admin/projects/{project_id}/members/{membership_id}");

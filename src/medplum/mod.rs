@@ -12,7 +12,7 @@ pub use error::MedplumError;
 pub use model::{
     AccessPolicyResource, ClientApplicationResource, Coding, DomainConfigurationResource, Expression, FhirResource,
     Health, HumanName, Identifier, IdentityProviderResource, InviteMembership, InviteRequest, IpAccessRuleEntry, Me,
-    MembershipAccess, MembershipParameter, MembershipResource, Meta, PolicyResourceEntry, ProfileResource,
-    ProjectSummary, Ref, SUBSETTED,
+    MembershipAccess, MembershipParameter, MembershipResource, Meta, NamedEntry, PolicyResourceEntry, ProfileResource,
+    ProjectResource, ProjectSummary, Ref, SUBSETTED,
 };
 pub use pacing::Pacing;

@@ -279,6 +279,52 @@ impl FhirResource for DomainConfigurationResource {
     }
 }
 
+/// Medplum's Project, as far as a MedplumProject manages it. Each `secret` and `site` entry is kept
+/// whole, as its JSON in a redacting string: the operator rewrites these lists, and the entries it does
+/// not manage go back exactly as they were.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectResource {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub meta: Meta,
+    #[serde(default)]
+    pub default_patient_access_policy: Option<Ref>,
+    #[serde(default)]
+    pub secret: Vec<NamedEntry>,
+    #[serde(default)]
+    pub site: Vec<NamedEntry>,
+}
+
+/// One entry of a Project's `secret` or `site` list: its name, and all of it as JSON (redacted in Debug).
+#[derive(Clone, Debug)]
+pub struct NamedEntry {
+    pub name: String,
+    pub json: SecretString,
+}
+
+impl NamedEntry {
+    pub fn new(value: &serde_json::Value) -> Self {
+        Self {
+            name: value["name"].as_str().unwrap_or_default().to_string(),
+            json: SecretString::from(value.to_string()),
+        }
+    }
+
+    /// The entry as JSON, for a comparison or a write.
+    pub fn value(&self) -> serde_json::Value {
+        use secrecy::ExposeSecret;
+        serde_json::from_str(self.json.expose_secret()).unwrap_or_default()
+    }
+}
+
+impl<'de> Deserialize<'de> for NamedEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Self::new(&serde_json::Value::deserialize(deserializer)?))
+    }
+}
+
 /// A FHIR Reference with an optional display (which the operator never compares).
 #[derive(Clone, Debug, Default, serde::Serialize, Deserialize)]
 pub struct Ref {

@@ -60,8 +60,16 @@ async fn api_server_accepts_the_crds_and_enforces_their_schema() {
     let message = both_cas.unwrap_err().to_string();
     assert!(message.contains("set exactly one of secretRef and configMapRef"), "CEL rule enforced: {message}");
 
+    // Open patient registration names the policy patients get.
+    let projects: Api<medplum_operator::crd::MedplumProject> = Api::namespaced(client.clone(), &ns.name);
+    let object = json!({"apiVersion": "medplum.com/v1alpha1", "kind": "MedplumProject", "metadata": {"name": "p"},
+                        "spec": {"patientRegistration": {"open": true}}});
+    let refused = projects.patch("p", &PatchParams::apply("test"), &Patch::Apply(&object)).await;
+    let message = refused.unwrap_err().to_string();
+    assert!(message.contains("open registration needs accessPolicyRef"), "CEL rule enforced: {message}");
+
     let short_names = client_short_names(&client).await;
-    for name in ["mpconn", "cmpconn", "mpclient", "mppolicy", "mpuser"] {
+    for name in ["mpconn", "cmpconn", "mpclient", "mppolicy", "mpuser", "mpproject", "mpdomain"] {
         assert!(short_names.contains(&name.to_string()), "short name {name} served");
     }
 }

@@ -16,5 +16,6 @@ mod hostile;
 mod least_privilege;
 mod limits;
 mod operations;
+mod project;
 mod project_user;
 mod tenancy;

@@ -30,10 +30,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Rules on the namespaced kinds and what they touch; a ClusterRole or one Role per watched namespace. */}}
 {{- define "medplum-operator.namespacedRules" -}}
 - apiGroups: [medplum.com]
-  resources: [medplumconnections, clientapplications, accesspolicies, projectusers]
+  resources: [medplumconnections, clientapplications, accesspolicies, projectusers, medplumprojects]
   verbs: [get, list, watch, patch]
 - apiGroups: [medplum.com]
-  resources: [medplumconnections/status, clientapplications/status, accesspolicies/status, projectusers/status]
+  resources: [medplumconnections/status, clientapplications/status, accesspolicies/status, projectusers/status, medplumprojects/status]
   verbs: [patch]
 # Credentials Secrets: written with server-side apply; watched metadata-only with a label selector.
 - apiGroups: [""]
