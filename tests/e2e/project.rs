@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::support::fixtures::{Setup, WAIT, apply_secret};
-use crate::support::{Operator, eventually, skip};
+use crate::support::{Operator, eventually};
 use medplum_operator::crd::MedplumProject;
 
 fn projects(s: &Setup) -> Api<MedplumProject> {
@@ -115,30 +115,43 @@ async fn a_project_declares_registration_sites_and_secrets() {
     assert_eq!(site["recaptchaSiteKey"], site_key.as_str());
     assert_eq!(site["recaptchaSecretKey"], "recaptcha-secret-1");
 
-    if s.medplum.is_test_server() {
-        skip("patient self-registration and reCAPTCHA checks need the real Medplum");
-    } else {
-        // A patient who signs up gets exactly the declared policy.
-        let patient = register_patient(&s, &format!("pat-{suffix}@example.org")).await;
-        let http = s.http();
-        let status = |method: Method, path: &str, body: Option<Value>| {
-            let mut request = http.request(method, path, Some(&patient));
-            if let Some(body) = body {
-                request = request.header("content-type", "application/fhir+json").json(&body);
-            }
-            async move { http.send(request).await.status }
-        };
-        assert_eq!(status(Method::GET, "fhir/R4/Observation", None).await, 200, "the policy allows reading");
-        let observation = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}});
-        assert_eq!(status(Method::POST, "fhir/R4/Observation", Some(observation)).await, 403, "read-only");
-        assert_eq!(status(Method::GET, "fhir/R4/Practitioner", None).await, 403, "not granted");
-        // Medplum finds the site by its key and checks registrations from it with the secret key.
-        let body = json!({"firstName": "Bo", "lastName": "T", "email": format!("bot-{suffix}@example.org"),
-                          "password": "a-long-patient-password-1", "projectId": s.admin.project_id, "recaptchaSiteKey": site_key});
-        let request = s.http().request(Method::POST, "auth/newuser", None).json(&body);
-        let answer = s.http().send(request).await.expect(400).json();
-        assert_eq!(answer["issue"][0]["details"]["text"], "Recaptcha token is required", "{answer}");
-    }
+    // A patient who signs up gets exactly the declared policy.
+    let patient = register_patient(&s, &format!("pat-{suffix}@example.org")).await;
+    let http = s.http();
+    let status = |method: Method, path: &str, body: Option<Value>| {
+        let mut request = http.request(method, path, Some(&patient));
+        if let Some(body) = body {
+            request = request.header("content-type", "application/fhir+json").json(&body);
+        }
+        async move { http.send(request).await.status }
+    };
+    assert_eq!(status(Method::GET, "fhir/R4/Observation", None).await, 200, "the policy allows reading");
+    let observation = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}});
+    assert_eq!(status(Method::POST, "fhir/R4/Observation", Some(observation)).await, 403, "read-only");
+    assert_eq!(status(Method::GET, "fhir/R4/Practitioner", None).await, 403, "not granted");
+    // Medplum finds the site by its key and checks registrations from it with the secret key.
+    let body = json!({"firstName": "Bo", "lastName": "T", "email": format!("bot-{suffix}@example.org"),
+                      "password": "a-long-patient-password-1", "projectId": s.admin.project_id, "recaptchaSiteKey": site_key});
+    let request = s.http().request(Method::POST, "auth/newuser", None).json(&body);
+    let answer = s.http().send(request).await.expect(400).json();
+    assert_eq!(answer["issue"][0]["details"]["text"], "Recaptcha token is required", "{answer}");
+
+    // Closed registration: Medplum refuses patients.
+    let patch = json!({"spec": {"patientRegistration": {"open": false}}});
+    projects(&s).patch("project", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    wait_project(&s, "project", "True", None).await;
+    assert!(read_project(&s).await.get("defaultPatientAccessPolicy").is_none());
+    let body = json!({"firstName": "Cy", "lastName": "Closed", "email": format!("closed-{suffix}@example.org"),
+                      "password": "a-long-patient-password-1", "projectId": s.admin.project_id,
+                      "codeChallenge": "a-code-challenge", "codeChallengeMethod": "plain"});
+    let request = s.http().request(Method::POST, "auth/newuser", None).json(&body);
+    let login = s.http().send(request).await.expect(200).json()["login"].clone();
+    let request = s
+        .http()
+        .request(Method::POST, "auth/newpatient", None)
+        .json(&json!({"login": login, "projectId": s.admin.project_id}));
+    let answer = s.http().send(request).await.expect(400).json();
+    assert_eq!(answer["issue"][0]["details"]["text"], "Project does not allow open registration", "{answer}");
 
     // A change of the Secret reaches Medplum at once (well within the 20 s resync).
     let changed = Instant::now();

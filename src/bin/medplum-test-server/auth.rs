@@ -30,8 +30,12 @@ impl Caller {
         self.super_admin || self.membership["admin"] == true
     }
 
+    /// The caller's profile: its client, or the person a user's membership is for.
     pub fn profile_ref(&self) -> String {
-        format!("ClientApplication/{}", self.client_id)
+        match self.membership["profile"]["reference"].as_str() {
+            Some(profile) => profile.to_string(),
+            None => format!("ClientApplication/{}", self.client_id),
+        }
     }
 
     /// Whether the caller may see a resource of this project at all.
@@ -188,7 +192,8 @@ fn caller_from_token(store: &Store, token: &str) -> Result<Caller, Response> {
     let membership = store
         .find("ProjectMembership", &login.membership_id)
         .ok_or_else(|| Outcome::authentication_error("Gone").into_response())?;
-    if store.find("ClientApplication", &login.client_id).is_none() {
+    // A user's login (authorization code) has no client.
+    if !login.client_id.is_empty() && store.find("ClientApplication", &login.client_id).is_none() {
         return Err(Outcome::authentication_error("Gone").into_response());
     }
     if membership["active"] == false {
@@ -280,6 +285,9 @@ pub async fn token(
     let Some(grant_type) = form.get("grant_type").filter(|g| !g.is_empty()) else {
         return outcome::token_error("Missing grant_type");
     };
+    if grant_type == "authorization_code" {
+        return crate::register::exchange_code(&app, &form);
+    }
     if grant_type != "client_credentials" {
         return outcome::token_error("Unsupported grant type");
     }
@@ -302,7 +310,7 @@ pub async fn token(
     };
     let scope = form.get("scope").filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| "openid".into());
 
-    let mut store = app.store();
+    let store = app.store();
     let Some(client) = store.find("ClientApplication", &client_id).cloned() else {
         return outcome::token_error("Invalid client");
     };
@@ -327,7 +335,6 @@ pub async fn token(
     // An inactive membership still gets a token, which then cannot be used (records f12, f13).
     let project_ref = membership["project"]["reference"].as_str().unwrap_or_default().to_string();
     let project_id = project_ref.trim_start_matches("Project/").to_string();
-    let project_name = store.find("Project", &project_id).and_then(|p| p["name"].as_str()).map(str::to_string);
     let lifetime = lifetime_seconds(client["accessTokenLifetime"].as_str());
     let issued_at = now().as_second();
     let login = Login {
@@ -339,8 +346,28 @@ pub async fn token(
         issued_at,
         expires_at: issued_at + lifetime,
     };
+    let mut profile = json!({"reference": format!("ClientApplication/{client_id}")});
+    if let Some(name) = client["name"].as_str() {
+        profile["display"] = json!(name);
+    }
+    issue_token(&app, store, login, &project_ref, profile, lifetime)
+}
+
+/// Issues a token for `login` and answers the token request with it.
+pub fn issue_token(
+    app: &App,
+    mut store: std::sync::MutexGuard<'_, Store>,
+    login: Login,
+    project_ref: &str,
+    profile: Value,
+    lifetime: i64,
+) -> Response {
+    let project_id = project_ref.trim_start_matches("Project/");
+    let project_name = store.find("Project", project_id).and_then(|p| p["name"].as_str()).map(str::to_string);
     let access_token = jwt(&app.base_url, &login);
     let id_token = jwt(&app.base_url, &login);
+    let scope = login.scope.clone();
+    let issued_at = login.issued_at;
     store.tokens.retain(|_, l| l.expires_at > issued_at);
     store.tokens.insert(access_token.clone(), login);
     drop(store);
@@ -348,10 +375,6 @@ pub async fn token(
     let mut project = json!({"reference": project_ref});
     if let Some(name) = project_name {
         project["display"] = json!(name);
-    }
-    let mut profile = json!({"reference": format!("ClientApplication/{client_id}")});
-    if let Some(name) = client["name"].as_str() {
-        profile["display"] = json!(name);
     }
     outcome::json(
         StatusCode::OK,

@@ -14,6 +14,7 @@ mod faults;
 mod fhir;
 mod limits;
 mod outcome;
+mod register;
 mod search;
 mod store;
 
@@ -123,6 +124,8 @@ fn routes(app: Arc<App>) -> axum::Router {
         .route("/oauth2/introspect", post(auth::introspect))
         .route("/auth/me", get(auth::me))
         .route("/auth/method", post(auth::method))
+        .route("/auth/newuser", post(register::new_user))
+        .route("/auth/newpatient", post(register::new_patient))
         .route("/.well-known/openid-configuration", get(auth::openid_configuration))
         .route("/admin/projects/{pid}", get(admin::get_project))
         .route("/admin/projects/{pid}/client", post(admin::create_client))

@@ -24,10 +24,23 @@ pub struct Login {
     pub expires_at: i64,
 }
 
+/// A sign-up in progress (`/auth/newuser`, then `/auth/newpatient`), by login id.
+#[derive(Clone)]
+pub struct Registration {
+    pub user_id: String,
+    pub project_id: String,
+    pub code_challenge: String,
+    pub code_challenge_method: String,
+    /// Once the patient's membership is made: it, and the code the token request exchanges.
+    pub membership_id: Option<String>,
+    pub code: Option<String>,
+}
+
 pub struct Store {
     /// resourceType → id → current version (`None` once deleted).
     resources: HashMap<String, HashMap<String, Option<Value>>>,
     pub tokens: HashMap<String, Login>,
+    pub registrations: HashMap<String, Registration>,
     pub super_admin_project: String,
 }
 
@@ -53,7 +66,12 @@ pub fn generate_secret() -> String {
 impl Store {
     /// A store with the Super Admin project and its super-admin ClientApplication.
     pub fn seeded(super_admin_client_id: &str, super_admin_client_secret: &str) -> Self {
-        let mut store = Self { resources: HashMap::new(), tokens: HashMap::new(), super_admin_project: String::new() };
+        let mut store = Self {
+            resources: HashMap::new(),
+            tokens: HashMap::new(),
+            registrations: HashMap::new(),
+            super_admin_project: String::new(),
+        };
         let pid = new_id();
         store.create(
             "Project",
