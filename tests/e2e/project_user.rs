@@ -165,3 +165,49 @@ async fn existing_members_admins_and_unrestricted_access_need_permission() {
     let (_, m) = membership(&s, &all.status.unwrap().membership_id.unwrap()).await;
     assert!(m.get("access").is_none() && m.get("accessPolicy").is_none(), "no policy at all, as asked");
 }
+
+/// The set-password requests of `user` that `token` may read.
+async fn security_requests(s: &Setup, token: &str, user: &str) -> Vec<Value> {
+    let bundle = s.http().get(&format!("fhir/R4/UserSecurityRequest?user={user}"), token).await.expect(200).json();
+    bundle["entry"].as_array().into_iter().flatten().map(|e| e["resource"].clone()).collect()
+}
+
+async fn set_password(s: &Setup, body: &Value) -> (u16, Value) {
+    let answer = s.http().send(s.http().request(reqwest::Method::POST, "auth/setpassword", None).json(body)).await;
+    (answer.status.as_u16(), answer.json())
+}
+
+/// The path to invite emails of one's own (README, ProjectUser): with `sendEmail: false` Medplum mails
+/// nothing but still makes the new user's set-password request, which a project admin reads for a
+/// project-scoped user (and only a super admin for a server-scoped one) and answers with
+/// `/auth/setpassword`, once.
+#[tokio::test]
+async fn a_custom_invite_email_finds_the_set_password_request() {
+    let s = Setup::new("pu-email", &[], json!({})).await;
+    let _operator = Operator::start(&s.ns.name, &[]).await;
+    s.ready_policy("reader", json!([{"resourceType": "Observation", "readonly": true}])).await;
+    let super_admin = s.medplum.super_admin_token().await;
+    for scope in ["project", "server"] {
+        s.create_user(
+            scope,
+            json!({"firstName": "Ada", "lastName": "Lee", "email": format!("ada-{scope}-{}@example.org", suffix()),
+                   "scope": scope, "access": [{"policyRef": {"name": "reader"}}]}),
+        )
+        .await;
+        let user = format!("User/{}", s.wait_user(scope, "True", None).await.status.unwrap().user_id.unwrap());
+        let seen_by_super_admin = security_requests(&s, &super_admin, &user).await;
+        assert_eq!(seen_by_super_admin.len(), 1, "one set-password request for {user}");
+        assert_eq!(seen_by_super_admin[0]["type"], "invite");
+        let seen_by_admin = security_requests(&s, &s.token, &user).await;
+        if scope == "server" {
+            assert!(seen_by_admin.is_empty(), "a server-scoped user's request belongs to no project");
+            continue;
+        }
+        assert_eq!(seen_by_admin.len(), 1, "the project admin reads a project-scoped user's request");
+        let request = &seen_by_admin[0];
+        let body = json!({"id": request["id"], "secret": request["secret"], "password": "a-long-new-password-1"});
+        assert_eq!(set_password(&s, &body).await.0, 200, "the link of a custom email sets the password");
+        let (status, again) = set_password(&s, &body).await;
+        assert_eq!((status, again["issue"][0]["details"]["text"].clone()), (400, json!("Already used")));
+    }
+}

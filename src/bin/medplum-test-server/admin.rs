@@ -172,7 +172,14 @@ pub async fn invite(
             if project_scoped {
                 user["project"] = project_ref(&store, &pid);
             }
-            store.create("User", user, project_scoped.then_some(pid.as_str()), Some("system"))
+            let user = store.create("User", user, project_scoped.then_some(pid.as_str()), Some("system"));
+            // A new user gets the request behind the set-password link of the invite email, sent or
+            // not; it belongs to the user's project (none for a server-scoped user).
+            let request = json!({"resourceType": "UserSecurityRequest", "type": "invite",
+                                 "user": {"reference": format!("User/{}", user["id"].as_str().unwrap_or_default())},
+                                 "secret": crate::store::generate_secret()[..32]});
+            store.create("UserSecurityRequest", request, project_scoped.then_some(pid.as_str()), Some("system"));
+            user
         }
     };
     let mut profile = json!({"resourceType": resource_type,

@@ -126,6 +126,7 @@ fn routes(app: Arc<App>) -> axum::Router {
         .route("/auth/method", post(auth::method))
         .route("/auth/newuser", post(register::new_user))
         .route("/auth/newpatient", post(register::new_patient))
+        .route("/auth/setpassword", post(register::set_password))
         .route("/.well-known/openid-configuration", get(auth::openid_configuration))
         .route("/admin/projects/{pid}", get(admin::get_project))
         .route("/admin/projects/{pid}/client", post(admin::create_client))

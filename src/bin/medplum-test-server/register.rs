@@ -1,7 +1,8 @@
 //! Open patient registration as Medplum 5.1.29 does it: `POST /auth/newuser` makes the User (checking
 //! reCAPTCHA when the sign-up page names a project site's key), `POST /auth/newpatient` makes the
 //! Patient and a membership with the project's `defaultPatientAccessPolicy` (none: registration is
-//! closed), and the authorization code grant with PKCE gives the patient a token.
+//! closed), and the authorization code grant with PKCE gives the patient a token. `POST
+//! /auth/setpassword` answers the link of an invite or reset email.
 
 use std::sync::Arc;
 
@@ -144,4 +145,26 @@ pub fn exchange_code(app: &App, form: &std::collections::HashMap<String, String>
     };
     let project_ref = format!("Project/{}", registration.project_id);
     crate::auth::issue_token(app, store, login, &project_ref, profile, 3600).into_response()
+}
+
+/// `POST /auth/setpassword`: the user of a security request sets a password, once.
+pub async fn set_password(State(app): State<Arc<App>>, Json(body): Json<Value>) -> Result<Response> {
+    let mut store = app.store();
+    let id = body["id"].as_str().unwrap_or_default();
+    if body["password"].as_str().is_none_or(|p| p.len() < 8) {
+        return Err(Outcome::invalid("Password must be at least 8 characters").with_expression("password"));
+    }
+    let mut request = store.find("UserSecurityRequest", id).cloned().ok_or_else(Outcome::not_found)?;
+    if request["used"] == true {
+        return Err(Outcome::invalid("Already used"));
+    }
+    if request["type"] == "verify-email" {
+        return Err(Outcome::invalid("Invalid request type"));
+    }
+    if body["secret"].as_str().is_none_or(|s| request["secret"] != s) {
+        return Err(Outcome::invalid("Incorrect secret"));
+    }
+    request["used"] = json!(true);
+    store.replace("UserSecurityRequest", id, request);
+    Ok(outcome::all_ok())
 }

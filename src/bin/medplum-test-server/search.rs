@@ -62,6 +62,7 @@ fn known(rtype: &str, name: &str) -> bool {
         "User" => matches!(name, "email" | "identifier" | "external-id" | "project"),
         "Practitioner" | "Patient" | "RelatedPerson" => matches!(name, "identifier" | "name" | "email"),
         "DomainConfiguration" => name == "domain",
+        "UserSecurityRequest" => name == "user",
         _ => false,
     }
 }
