@@ -125,31 +125,86 @@ impl FailureBackoff {
     }
 }
 
-/// The resource versions the operator's own writes produced (of Secrets, and of finalizers it adds),
-/// so that the watch event of such a write does not reconcile once more the resource that made it. An
-/// entry goes when its event arrives; a different version (someone else's change, a deletion)
-/// reconciles as usual.
+/// The operator's own writes (of Secrets, and of finalizers it adds), so that the watch event of such a
+/// write does not reconcile once more the resource that made it. A write is known by the resource
+/// version it produced, or, while its answer is still on the way (its watch event can come first), by
+/// the metadata it will show ([`meta_fingerprint`]). An entry goes when its event arrives; a different
+/// version (someone else's change, a deletion) reconciles as usual.
 #[derive(Default)]
-pub struct OwnWrites(Mutex<HashMap<(String, String, String), String>>);
+pub struct OwnWrites(Mutex<HashMap<(String, String, String), OwnWrite>>);
+
+#[derive(Clone, Debug, PartialEq)]
+enum OwnWrite {
+    Version(String),
+    Expected(u64),
+}
 
 impl OwnWrites {
-    pub fn wrote(&self, kind: &str, namespace: &str, name: &str, resource_version: Option<&str>) {
-        if let Some(version) = resource_version {
-            let mut writes = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            writes.insert((kind.to_string(), namespace.to_string(), name.to_string()), version.to_string());
+    fn key(kind: &str, namespace: &str, name: &str) -> (String, String, String) {
+        (kind.to_string(), namespace.to_string(), name.to_string())
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, String), OwnWrite>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write about to be made, whose object will show metadata of this fingerprint.
+    pub fn expect(&self, kind: &str, namespace: &str, name: &str, fingerprint: u64) {
+        self.entries().insert(Self::key(kind, namespace, name), OwnWrite::Expected(fingerprint));
+    }
+
+    /// The answer of an expected write: its resource version, unless its event came first (and took
+    /// the entry), or `None` when the write failed.
+    pub fn answered(&self, kind: &str, namespace: &str, name: &str, resource_version: Option<&str>) {
+        let mut entries = self.entries();
+        let key = Self::key(kind, namespace, name);
+        if matches!(entries.get(&key), Some(OwnWrite::Expected(_))) {
+            match resource_version {
+                Some(version) => entries.insert(key, OwnWrite::Version(version.to_string())),
+                None => entries.remove(&key),
+            };
         }
     }
 
-    /// Whether this event shows the operator's own last write (then it is forgotten).
-    pub fn is_own(&self, kind: &str, namespace: &str, name: &str, resource_version: Option<&str>) -> bool {
-        let mut writes = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (kind.to_string(), namespace.to_string(), name.to_string());
-        let own = resource_version.is_some() && writes.get(&key).map(String::as_str) == resource_version;
+    /// Whether this event shows the operator's own last write (then it is forgotten). `fingerprint`:
+    /// of the event's metadata, where the kind's writes may be expected.
+    pub fn is_own(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        resource_version: Option<&str>,
+        fingerprint: Option<u64>,
+    ) -> bool {
+        let mut entries = self.entries();
+        let key = Self::key(kind, namespace, name);
+        let own = match entries.get(&key) {
+            Some(OwnWrite::Version(version)) => resource_version == Some(version.as_str()),
+            Some(OwnWrite::Expected(expected)) => fingerprint == Some(*expected),
+            None => false,
+        };
         if own {
-            writes.remove(&key);
+            entries.remove(&key);
         }
         own
     }
+}
+
+/// What the watch event of a write shows in the object's metadata (generation, labels, annotations,
+/// finalizers), as one number.
+pub fn meta_fingerprint(
+    generation: Option<i64>,
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    finalizers: &[String],
+) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    generation.hash(&mut hasher);
+    labels.filter(|l| !l.is_empty()).hash(&mut hasher);
+    annotations.filter(|a| !a.is_empty()).hash(&mut hasher);
+    finalizers.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// What every reconcile gets.
@@ -319,7 +374,15 @@ fn new_controller<K: UsesConnection>(
         // After the predicates, so that they take in the finalizer the operator's own patch added.
         .try_filter(move |o| {
             let (namespace, name) = (o.namespace().unwrap_or_default(), o.name_any());
-            std::future::ready(!own.is_own(&K::kind(&()), &namespace, &name, o.resource_version().as_deref()))
+            let meta = o.meta();
+            let fingerprint = meta_fingerprint(
+                meta.generation,
+                meta.labels.as_ref(),
+                meta.annotations.as_ref(),
+                meta.finalizers.as_deref().unwrap_or_default(),
+            );
+            let version = o.resource_version();
+            std::future::ready(!own.is_own(&K::kind(&()), &namespace, &name, version.as_deref(), Some(fingerprint)))
         });
     Controller::for_stream(changes, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
@@ -446,14 +509,18 @@ where
                 PatchOperation::Test(TestOperation { path: pointer("/metadata/finalizers"), value: test }),
                 PatchOperation::Add(AddOperation { path: pointer(add_at), value }),
             ]);
-            let patched = api.patch(&name, &params, &kube::api::Patch::Json::<()>(patch)).await.map_err(Error::Kube)?;
-            ctx.own_writes.wrote(
-                K::kind(&()).as_ref(),
-                &obj.namespace().unwrap_or_default(),
-                &name,
-                patched.resource_version().as_deref(),
-            );
-            apply(Arc::new(patched)).await
+            // The patch's watch event may come before its answer: expected by what it will show.
+            let (kind, namespace) = (K::kind(&()), obj.namespace().unwrap_or_default());
+            let mut finalizers = current.to_vec();
+            finalizers.push(finalizer.to_string());
+            let meta = obj.meta();
+            let fingerprint =
+                meta_fingerprint(meta.generation, meta.labels.as_ref(), meta.annotations.as_ref(), &finalizers);
+            ctx.own_writes.expect(&kind, &namespace, &name, fingerprint);
+            let patched = api.patch(&name, &params, &kube::api::Patch::Json::<()>(patch)).await;
+            let version = patched.as_ref().ok().and_then(|p| p.resource_version());
+            ctx.own_writes.answered(&kind, &namespace, &name, version.as_deref());
+            apply(Arc::new(patched.map_err(Error::Kube)?)).await
         }
         (Some(i), true) => {
             let action = cleanup(obj).await?;
@@ -859,4 +926,43 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
         tracing::info!("caches synced, ready");
     });
     futures::stream::select_all(streams).for_each(|()| async {}).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_own_write_is_known_whether_its_event_or_its_answer_comes_first() {
+        let own = OwnWrites::default();
+        let finalizers = vec![CLEANUP_FINALIZER.to_string()];
+        let ours = meta_fingerprint(Some(1), None, None, &finalizers);
+        // The event first: known by what it shows; the late answer then keeps nothing.
+        own.expect("ClientApplication", "ns", "a", ours);
+        assert!(!own.is_own(
+            "ClientApplication",
+            "ns",
+            "a",
+            Some("7"),
+            Some(meta_fingerprint(Some(2), None, None, &finalizers))
+        ));
+        assert!(own.is_own("ClientApplication", "ns", "a", Some("8"), Some(ours)));
+        own.answered("ClientApplication", "ns", "a", Some("8"));
+        assert!(!own.is_own("ClientApplication", "ns", "a", Some("8"), Some(ours)), "forgotten once seen");
+        // The answer first: known by its resource version, then no longer by the fingerprint.
+        own.expect("ClientApplication", "ns", "b", ours);
+        own.answered("ClientApplication", "ns", "b", Some("9"));
+        assert!(!own.is_own("ClientApplication", "ns", "b", Some("10"), Some(ours)), "someone else's later change");
+        own.expect("ClientApplication", "ns", "c", ours);
+        own.answered("ClientApplication", "ns", "c", Some("11"));
+        assert!(own.is_own("ClientApplication", "ns", "c", Some("11"), Some(ours)));
+        // A failed write is forgotten.
+        own.expect("ClientApplication", "ns", "d", ours);
+        own.answered("ClientApplication", "ns", "d", None);
+        assert!(!own.is_own("ClientApplication", "ns", "d", Some("12"), Some(ours)));
+        // Annotations count; an empty map is no annotations.
+        let annotated = std::collections::BTreeMap::from([("medplum.com/rotate".to_string(), "1".to_string())]);
+        assert_ne!(ours, meta_fingerprint(Some(1), None, Some(&annotated), &finalizers));
+        assert_eq!(ours, meta_fingerprint(Some(1), Some(&Default::default()), Some(&Default::default()), &finalizers));
+    }
 }

@@ -33,9 +33,22 @@ impl Reconciler<'_> {
 
     /// Writes the operator's part of the Secret; `o` then holds the Secret as the API server returned it.
     async fn write_secret(&self, content: &SecretContent, o: &mut Observed) -> Result<(), ClientError> {
-        let (d, client) = (&self.d, &self.ctx.client);
-        o.secret = apply_written(client, &d.namespace, &d.secret_name, content, &secret_keys(d)).await?;
-        self.ctx.own_writes.wrote("Secret", &d.namespace, &d.secret_name, o.secret.resource_version.as_deref());
+        let (d, client, own) = (&self.d, &self.ctx.client, &self.ctx.own_writes);
+        // The write's watch event may come before its answer: expected by the metadata it will show
+        // (server-side apply keeps other managers' labels and annotations).
+        let merged = |ours: &BTreeMap<String, String>, theirs: &BTreeMap<String, String>| {
+            let mut all = theirs.clone();
+            all.extend(ours.iter().map(|(k, v)| (k.clone(), v.clone())));
+            all
+        };
+        let labels = merged(&content.labels, &o.secret.labels);
+        let annotations = merged(&content.annotations, &o.secret.annotations);
+        let fingerprint = crate::controller::meta_fingerprint(None, Some(&labels), Some(&annotations), &[]);
+        own.expect("Secret", &d.namespace, &d.secret_name, fingerprint);
+        let written = apply_written(client, &d.namespace, &d.secret_name, content, &secret_keys(d)).await;
+        let version = written.as_ref().ok().and_then(|w| w.resource_version.clone());
+        own.answered("Secret", &d.namespace, &d.secret_name, version.as_deref());
+        o.secret = written?;
         Ok(())
     }
 

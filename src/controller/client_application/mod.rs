@@ -428,7 +428,9 @@ pub fn controller(
     let own = ctx.clone();
     let by_label = move |secret: PartialObjectMeta<Secret>| {
         let namespace = secret.namespace().unwrap_or_default();
-        if own.own_writes.is_own("Secret", &namespace, &secret.name_any(), secret.resource_version().as_deref()) {
+        let fingerprint = super::meta_fingerprint(None, Some(secret.labels()), Some(secret.annotations()), &[]);
+        let version = secret.resource_version();
+        if own.own_writes.is_own("Secret", &namespace, &secret.name_any(), version.as_deref(), Some(fingerprint)) {
             return None;
         }
         let name = secret.labels().get(CLIENT_LABEL).cloned();
