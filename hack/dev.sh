@@ -180,10 +180,11 @@ secret medplum-admin "MEDPLUM_CLIENT_ID=$client_id" "MEDPLUM_CLIENT_SECRET=$clie
 # The domain example needs a super admin (Medplum's rule), and its identity provider a client secret.
 secret medplum-super-admin "MEDPLUM_CLIENT_ID=$sa_id" "MEDPLUM_CLIENT_SECRET=$sa_secret"
 secret acme-idp "client-secret=$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
-# The project's reCAPTCHA secret key (Google's published test key) and a secret for its Bots.
+# The project's reCAPTCHA secret key (Google's published test key) and a secret for its Bots; the label
+# makes a change of these and of acme-idp reach Medplum at once.
 secret portal-recaptcha "secret-key=6LeIxAcTAAAAAGG-vFI1TnRWxMZNFuojJ4WifJWe"
 secret bot-secrets "lab-api-key=$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
-kubectl -n medplum-demo label secret portal-recaptcha bot-secrets medplum.com/project-secret=true --overwrite >/dev/null
+kubectl -n medplum-demo label secret portal-recaptcha bot-secrets acme-idp medplum.com/source-secret=true --overwrite >/dev/null
 kubectl apply -f "$manifests/" >/dev/null
 
 echo "==> operator (HTTP on $operator_address)"

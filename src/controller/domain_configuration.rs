@@ -7,16 +7,19 @@
 
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use super::adoption::{self, AdoptionError};
 use super::connection::{ConnectionKey, UseError, usable_cluster_connection};
-use super::secret::{SourceError, read_secret_string};
+use super::secret::{SOURCE_LABEL, SourceError, read_secret_string};
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::{CLEANUP_FINALIZER, Context, Error, RELEASE_ANNOTATION, ReconcileStream, event};
 use crate::crd::{ClusterMedplumConnection, ConnectionKind, DomainConfiguration, DomainDeletionPolicy};
@@ -276,8 +279,8 @@ async fn cleanup(dc: &DomainConfiguration, ctx: &Context) -> Result<Action, Erro
 }
 
 /// The controller, and a future that resolves once its cache is filled. A change of a cluster
-/// connection (becoming Ready, above all) reconciles the domain configurations that use it; the
-/// identity provider's client secret is read again at every resync.
+/// connection (becoming Ready, above all) reconciles the domain configurations that use it, and so does
+/// a change of a labelled ([`SOURCE_LABEL`]) client secret Secret.
 pub fn controller(ctx: Arc<Context>) -> (ReconcileStream, impl Future<Output = ()> + Send + 'static) {
     let api: Api<DomainConfiguration> = Api::all(ctx.client.clone());
     // The instance serves the domain configurations its cluster connection selector picks, as it does
@@ -300,6 +303,30 @@ pub fn controller(ctx: Arc<Context>) -> (ReconcileStream, impl Future<Output = (
                 .collect::<Vec<_>>()
         },
     );
+    // Labelled Secrets, where the instance watches Secrets (all namespaces, or the watched ones; a
+    // client secret elsewhere is read again at every resync).
+    let scopes: Vec<Option<&str>> = if ctx.settings.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        ctx.settings.watch_namespaces.iter().map(|ns| Some(ns.as_str())).collect()
+    };
+    let mut controller = controller;
+    for scope in scopes {
+        let secrets = super::scoped::<PartialObjectMeta<Secret>>(&ctx.client, scope);
+        let store = controller.store();
+        controller = controller.watches(secrets, watcher::Config::default().labels(SOURCE_LABEL), move |secret| {
+            let (namespace, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+            store
+                .state()
+                .iter()
+                .filter(|d| {
+                    let r = &d.spec.identity_provider.client_secret_ref;
+                    r.namespace == namespace && r.name == name
+                })
+                .map(|d| ObjectRef::from_obj(&**d))
+                .collect::<Vec<_>>()
+        });
+    }
     let reconcile = |dc: Arc<DomainConfiguration>, ctx: Arc<Context>| async move {
         let api: Api<DomainConfiguration> = Api::all(ctx.client.clone());
         super::finalized(

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use super::access_policy::{GrantError, resolve_grants};
 use super::connection::{UsableConnection, UseError, usable_connection};
-use super::secret::{SourceError, read_secret_string};
+use super::secret::{SOURCE_LABEL, SourceError, read_secret_string};
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
 use crate::crd::{
@@ -32,10 +32,6 @@ use crate::crd::{
 use crate::medplum::{MedplumError, NamedEntry, ProjectResource};
 
 pub const KIND: &str = "MedplumProject";
-
-/// The label of the Secrets a MedplumProject reads, whose changes reach Medplum at once (others' at
-/// the next resync).
-pub const SOURCE_LABEL: &str = "medplum.com/project-secret";
 
 /// Why a MedplumProject is not (yet) as specified in Medplum.
 #[derive(Debug, thiserror::Error)]

@@ -45,6 +45,11 @@ impl SourceError {
     }
 }
 
+/// The label of Secrets whose values the operator pushes to Medplum (a MedplumProject's sources, a
+/// DomainConfiguration's client secret): they are watched, so a change reaches Medplum at once; other
+/// Secrets are read again at the next resync.
+pub const SOURCE_LABEL: &str = "medplum.com/source-secret";
+
 /// Reads text values of a Secret, trimmed of surrounding whitespace (a stray newline from
 /// `echo` is a common mistake, and Medplum ids and secrets never contain whitespace).
 pub async fn read_secret_strings(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 
-use crate::support::fixtures::{Setup, WAIT};
+use crate::support::fixtures::{Setup, WAIT, apply_secret};
 use crate::support::{Operator, eventually};
 use medplum_operator::crd::{ClusterMedplumConnection, DomainConfiguration};
 
@@ -70,8 +70,9 @@ async fn a_domain_sends_its_users_to_the_identity_provider() {
     let suffix = crate::support::suffix();
     let (connection, domain) = (format!("super-admin-{suffix}"), format!("acme-{suffix}.example.org"));
     cluster_connection(&s, &connection, true).await;
-    s.create_secret("idp", &[("client-secret", "idp-secret-1")]).await;
-    let _operator = Operator::start(&s.ns.name, &["--resync-interval", "5s"]).await;
+    let label = json!({"medplum.com/source-secret": "true"});
+    apply_secret(&s.client, &s.ns.name, "idp", &[("client-secret", "idp-secret-1")], label.clone()).await;
+    let _operator = Operator::start(&s.ns.name, &["--resync-interval", "15s"]).await;
     let name = format!("acme-{suffix}");
     create_domain(&s, &name, &connection, &domain, json!({})).await;
     let ready = wait_domain(&s, &name, "True", None).await;
@@ -90,15 +91,21 @@ async fn a_domain_sends_its_users_to_the_identity_provider() {
     let stored = s.http().get(&format!("fhir/R4/DomainConfiguration/{id}"), &sa).await.expect(200).json();
     assert_eq!(stored["identityProvider"]["clientSecret"], "idp-secret-1", "the secret comes from the Secret");
 
-    // A console edit is put back; a new client secret in the Secret reaches Medplum.
-    let mut edited = stored.clone();
+    // A new client secret in the (labelled) Secret reaches Medplum at once, well within the resync.
+    let read = || async { s.http().get(&format!("fhir/R4/DomainConfiguration/{id}"), &sa).await.json() };
+    let changed = std::time::Instant::now();
+    apply_secret(&s.client, &s.ns.name, "idp", &[("client-secret", "idp-secret-2")], label).await;
+    eventually(Duration::from_secs(8), "the new secret pushed", || async {
+        (read().await["identityProvider"]["clientSecret"] == "idp-secret-2").then_some(())
+    })
+    .await;
+    println!("figure: a DomainConfiguration's new client secret reached Medplum after {:?}", changed.elapsed());
+    // A console edit is put back at the resync.
+    let mut edited = read().await;
     edited["identityProvider"]["clientId"] = json!("someone-else");
     s.http().put(&format!("fhir/R4/DomainConfiguration/{id}"), &sa, &edited).await.expect(200);
-    s.create_secret("idp", &[("client-secret", "idp-secret-2")]).await;
-    eventually(Duration::from_secs(30), "drift put back and the new secret pushed", || async {
-        let now = s.http().get(&format!("fhir/R4/DomainConfiguration/{id}"), &sa).await.json();
-        (now["identityProvider"]["clientId"] == "medplum" && now["identityProvider"]["clientSecret"] == "idp-secret-2")
-            .then_some(())
+    eventually(Duration::from_secs(40), "drift put back", || async {
+        (read().await["identityProvider"]["clientId"] == "medplum").then_some(())
     })
     .await;
     assert!(!s.public_text().await.contains("idp-secret"), "no client secret in Events or status");

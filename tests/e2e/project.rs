@@ -69,7 +69,7 @@ async fn a_project_declares_registration_sites_and_secrets() {
     let s = Setup::new("project", &[], json!({})).await;
     let suffix = crate::support::suffix();
     let operator = Operator::start(&s.ns.name, &["--resync-interval", "20s"]).await;
-    let label = json!({"medplum.com/project-secret": "true"});
+    let label = json!({"medplum.com/source-secret": "true"});
     apply_secret(&s.client, &s.ns.name, "smtp", &[("password", "smtp-pass-1"), ("port", "587")], label.clone()).await;
     apply_secret(&s.client, &s.ns.name, "recaptcha", &[("secret-key", "recaptcha-secret-1")], label.clone()).await;
     let policy_id = s
