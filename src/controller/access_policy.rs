@@ -18,7 +18,7 @@ use super::view::Seen;
 use super::{CleanupVia, Context, Error, ReconcileStream, UsesConnection, cleanup_via, event};
 use crate::crd::{
     AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, ConnectionLimits, Interaction, IpAction,
-    PolicyDeletionPolicy, PolicyResource, ProjectUser,
+    MedplumProject, PolicyDeletionPolicy, PolicyResource, ProjectUser,
 };
 use crate::medplum::{
     AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumError, MembershipAccess, MembershipParameter,
@@ -527,7 +527,8 @@ async fn apply(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
-/// The resources of the namespace that grant this policy (`Kind/name`).
+/// The resources of the namespace that grant this policy (`Kind/name`): grantees, and a project whose
+/// patients get it.
 async fn referrers(ctx: &Context, namespace: &str, policy: &str) -> Result<Vec<String>, kube::Error> {
     async fn granting<K: UsesConnection>(
         ctx: &Context,
@@ -544,6 +545,7 @@ async fn referrers(ctx: &Context, namespace: &str, policy: &str) -> Result<Vec<S
     }
     let mut users = granting::<ClientApplication>(ctx, namespace, policy).await?;
     users.extend(granting::<ProjectUser>(ctx, namespace, policy).await?);
+    users.extend(granting::<MedplumProject>(ctx, namespace, policy).await?);
     Ok(users)
 }
 

@@ -153,6 +153,12 @@ async fn a_project_declares_registration_sites_and_secrets() {
     let answer = s.http().send(request).await.expect(400).json();
     assert_eq!(answer["issue"][0]["details"]["text"], "Project does not allow open registration", "{answer}");
 
+    // The registration policy is not deleted while the project's patients get it.
+    s.policies().delete("patient-self", &Default::default()).await.unwrap();
+    let held = s.wait_policy("patient-self", "False", Some("InUse")).await;
+    let message = held.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap().message;
+    assert!(message.contains("MedplumProject/project"), "{message}");
+
     // A change of the Secret reaches Medplum at once (well within the 20 s resync).
     let changed = Instant::now();
     apply_secret(&s.client, &s.ns.name, "smtp", &[("password", "smtp-pass-2"), ("port", "2525")], label).await;
