@@ -3,11 +3,13 @@
 
 mod access_policy;
 mod adoption;
+mod cleanup;
 mod client_application;
 mod connection;
 mod domain_configuration;
 mod events;
 mod medplum_project;
+mod own_writes;
 mod project_user;
 mod secret;
 mod status;
@@ -30,7 +32,10 @@ use serde::de::DeserializeOwned;
 use std::time::Instant;
 use tracing::{debug, warn};
 
+pub use cleanup::{CLEANUP_FINALIZER, RELEASE_ANNOTATION, finalized};
+use cleanup::{CleanupVia, cleanup_via, connection_users, reconcile_with_cleanup};
 pub use connection::{CREDENTIALS_LABEL, ConnectionRegistry};
+pub use own_writes::{OwnWrites, meta_fingerprint};
 pub use status::FIELD_MANAGER;
 
 use crate::config::Settings;
@@ -123,88 +128,6 @@ impl FailureBackoff {
     pub fn reset(&self, key: &str) {
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
-}
-
-/// The operator's own writes (of Secrets, and of finalizers it adds), so that the watch event of such a
-/// write does not reconcile once more the resource that made it. A write is known by the resource
-/// version it produced, or, while its answer is still on the way (its watch event can come first), by
-/// the metadata it will show ([`meta_fingerprint`]). An entry goes when its event arrives; a different
-/// version (someone else's change, a deletion) reconciles as usual.
-#[derive(Default)]
-pub struct OwnWrites(Mutex<HashMap<(String, String, String), OwnWrite>>);
-
-#[derive(Clone, Debug, PartialEq)]
-enum OwnWrite {
-    Version(String),
-    Expected(u64),
-}
-
-impl OwnWrites {
-    fn key(kind: &str, namespace: &str, name: &str) -> (String, String, String) {
-        (kind.to_string(), namespace.to_string(), name.to_string())
-    }
-
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, String), OwnWrite>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A write about to be made, whose object will show metadata of this fingerprint.
-    pub fn expect(&self, kind: &str, namespace: &str, name: &str, fingerprint: u64) {
-        self.entries().insert(Self::key(kind, namespace, name), OwnWrite::Expected(fingerprint));
-    }
-
-    /// The answer of an expected write: its resource version, unless its event came first (and took
-    /// the entry), or `None` when the write failed.
-    pub fn answered(&self, kind: &str, namespace: &str, name: &str, resource_version: Option<&str>) {
-        let mut entries = self.entries();
-        let key = Self::key(kind, namespace, name);
-        if matches!(entries.get(&key), Some(OwnWrite::Expected(_))) {
-            match resource_version {
-                Some(version) => entries.insert(key, OwnWrite::Version(version.to_string())),
-                None => entries.remove(&key),
-            };
-        }
-    }
-
-    /// Whether this event shows the operator's own last write (then it is forgotten). `fingerprint`:
-    /// of the event's metadata, where the kind's writes may be expected.
-    pub fn is_own(
-        &self,
-        kind: &str,
-        namespace: &str,
-        name: &str,
-        resource_version: Option<&str>,
-        fingerprint: Option<u64>,
-    ) -> bool {
-        let mut entries = self.entries();
-        let key = Self::key(kind, namespace, name);
-        let own = match entries.get(&key) {
-            Some(OwnWrite::Version(version)) => resource_version == Some(version.as_str()),
-            Some(OwnWrite::Expected(expected)) => fingerprint == Some(*expected),
-            None => false,
-        };
-        if own {
-            entries.remove(&key);
-        }
-        own
-    }
-}
-
-/// What the watch event of a write shows in the object's metadata (generation, labels, annotations,
-/// finalizers), as one number.
-pub fn meta_fingerprint(
-    generation: Option<i64>,
-    labels: Option<&std::collections::BTreeMap<String, String>>,
-    annotations: Option<&std::collections::BTreeMap<String, String>>,
-    finalizers: &[String],
-) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    generation.hash(&mut hasher);
-    labels.filter(|l| !l.is_empty()).hash(&mut hasher);
-    annotations.filter(|a| !a.is_empty()).hash(&mut hasher);
-    finalizers.hash(&mut hasher);
-    hasher.finish()
 }
 
 /// What every reconcile gets.
@@ -338,9 +261,6 @@ where
     boxed(stream)
 }
 
-/// Held on every resource that owns objects in Medplum until its cleanup there is done.
-pub const CLEANUP_FINALIZER: &str = "medplum.com/cleanup";
-
 /// The controller of a namespaced kind in one scope (`namespace` None: all), reconciling at most
 /// `concurrency` objects at a time. It reconciles on changes of the spec (generation, which also
 /// moves when a deletion starts), annotations and finalizers, not on status writes (its own, above
@@ -434,111 +354,6 @@ where
     });
     received.flat_map(move |item| futures::stream::iter(pick(item)))
 }
-
-/// One reconcile behind [`CLEANUP_FINALIZER`]: `apply` while the resource exists, `cleanup` once it
-/// is being deleted (the finalizer goes when `cleanup` succeeds).
-async fn reconcile_with_cleanup<K: UsesConnection>(
-    obj: Arc<K>,
-    ctx: Arc<Context>,
-    apply: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
-    cleanup: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
-) -> Result<Action, Error> {
-    let namespace = obj.namespace().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
-    let deleted = obj.meta().deletion_timestamp.is_some();
-    let connection = connection::ConnectionKey::of(&namespace, obj.connection_ref());
-    // A grantee deleted or given another spec may have stopped granting a policy that waits to be
-    // deleted until nothing grants it: such policies look again after this reconcile.
-    let grants_may_change = obj.granted().is_some() && (deleted || obj.meta().generation != obj.observed_generation());
-    let action = finalized(
-        &ctx,
-        &api,
-        CLEANUP_FINALIZER,
-        obj,
-        async |o| apply(&o, &ctx).await,
-        async |o| cleanup(&o, &ctx).await,
-    )
-    .await;
-    if grants_may_change {
-        let _ = ctx.grants_changed.send(namespace);
-    }
-    let action = action?;
-    if deleted {
-        // The finalizer is gone: a connection waiting for its users to go may be released now.
-        let _ = ctx.users_gone.send(connection);
-    }
-    Ok(action)
-}
-
-/// A reconcile under `finalizer`: `apply` while the object exists, `cleanup` once it is being deleted,
-/// and the finalizer removed only after `cleanup` succeeded. A missing finalizer is added first and
-/// the same reconcile goes on to `apply` (kube's `finalizer()` stops there and waits for the patch's
-/// watch event: a second reconcile for every new object, and a first pass over a backlog that writes
-/// nothing but finalizers while Medplum waits). The watch event of that patch is the operator's own
-/// and reconciles nothing.
-pub async fn finalized<K>(
-    ctx: &Context,
-    api: &Api<K>,
-    finalizer: &str,
-    obj: Arc<K>,
-    apply: impl AsyncFnOnce(Arc<K>) -> Result<Action, Error>,
-    cleanup: impl AsyncFnOnce(Arc<K>) -> Result<Action, Error>,
-) -> Result<Action, Error>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    use json_patch::{AddOperation, PatchOperation, RemoveOperation, TestOperation, jsonptr::PointerBuf};
-    let pointer = |path: &str| PointerBuf::parse(path).expect("finalizer paths are valid JSON pointers");
-    let params = kube::api::PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    let name = obj.name_any();
-    let index = obj.finalizers().iter().position(|f| f == finalizer);
-    let deleting = obj.meta().deletion_timestamp.is_some();
-    match (index, deleting) {
-        (Some(_), false) => apply(obj).await,
-        (None, false) => {
-            // `test` makes the patch fail, rather than duplicate or drop a finalizer, when someone
-            // else changed the list meanwhile (the reconcile is then retried).
-            let current = obj.finalizers();
-            let (test, add_at) = if current.is_empty() {
-                (serde_json::Value::Null, "/metadata/finalizers")
-            } else {
-                (current.into(), "/metadata/finalizers/-")
-            };
-            let value = if current.is_empty() { vec![finalizer].into() } else { finalizer.into() };
-            let patch = json_patch::Patch(vec![
-                PatchOperation::Test(TestOperation { path: pointer("/metadata/finalizers"), value: test }),
-                PatchOperation::Add(AddOperation { path: pointer(add_at), value }),
-            ]);
-            // The patch's watch event may come before its answer: expected by what it will show.
-            let (kind, namespace) = (K::kind(&()), obj.namespace().unwrap_or_default());
-            let mut finalizers = current.to_vec();
-            finalizers.push(finalizer.to_string());
-            let meta = obj.meta();
-            let fingerprint =
-                meta_fingerprint(meta.generation, meta.labels.as_ref(), meta.annotations.as_ref(), &finalizers);
-            ctx.own_writes.expect(&kind, &namespace, &name, fingerprint);
-            let patched = api.patch(&name, &params, &kube::api::Patch::Json::<()>(patch)).await;
-            let version = patched.as_ref().ok().and_then(|p| p.resource_version());
-            ctx.own_writes.answered(&kind, &namespace, &name, version.as_deref());
-            apply(Arc::new(patched.map_err(Error::Kube)?)).await
-        }
-        (Some(i), true) => {
-            let action = cleanup(obj).await?;
-            let path = pointer(&format!("/metadata/finalizers/{i}"));
-            let patch = json_patch::Patch(vec![
-                PatchOperation::Test(TestOperation { path: path.clone(), value: finalizer.into() }),
-                PatchOperation::Remove(RemoveOperation { path }),
-            ]);
-            api.patch::<K>(&name, &params, &kube::api::Patch::Json(patch)).await.map_err(Error::Kube)?;
-            Ok(action)
-        }
-        (None, true) => Ok(Action::await_change()),
-    }
-}
-
-/// Set to `true` on a resource being deleted to drop its finalizer without touching Medplum (for when
-/// its connection is gone for good).
-pub const RELEASE_ANNOTATION: &str = "medplum.com/release-finalizer";
 
 /// A Kubernetes Event about the resource being reconciled.
 pub fn event(type_: EventType, reason: &str, action: &str, note: String) -> Event {
@@ -739,101 +554,6 @@ fn watch_connections<K: UsesConnection>(
         )
 }
 
-/// How a deletion reaches Medplum.
-pub enum CleanupVia {
-    /// Through this connection (as last verified: it may be failing or deleted by now).
-    Connection(Box<connection::UsableConnection>),
-    /// Not at all: the finalizer is released, and an Event says why.
-    Released,
-}
-
-/// The connection a deletion goes through. Without one, the deletion waits, unless a person released
-/// the finalizer (annotation) or the namespace is being deleted, where waiting could last forever:
-/// then the Medplum objects are left, and a Warning Event says so.
-async fn cleanup_via<K: UsesConnection>(ctx: &Context, obj: &K) -> Result<CleanupVia, Error> {
-    let reference = obj.object_ref(&());
-    let namespace = obj.namespace().unwrap_or_default();
-    if obj.annotations().get(RELEASE_ANNOTATION).is_some_and(|v| v == "true") {
-        let note = format!("{RELEASE_ANNOTATION} is set: left Medplum as it is");
-        ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
-        return Ok(CleanupVia::Released);
-    }
-    let key = connection::ConnectionKey::of(&namespace, obj.connection_ref());
-    if let Some(usable) = ctx.connections.last_usable(&key) {
-        return Ok(CleanupVia::Connection(Box::new(usable)));
-    }
-    let (_, terminating) = connection::namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
-    if terminating {
-        let note = format!(
-            "namespace {namespace} is being deleted and {} {} cannot be used; left its objects in Medplum",
-            key.kind_name(),
-            key.name
-        );
-        ctx.publish(&reference, &event(EventType::Warning, "Orphaned", "Delete", note)).await;
-        return Ok(CleanupVia::Released);
-    }
-    Err(Error::Blocked(format!(
-        "{} {} is not usable; the cleanup waits for it (or set {RELEASE_ANNOTATION}: \"true\" to skip it)",
-        key.kind_name(),
-        key.name
-    )))
-}
-
-/// The resources (`Kind namespace/name`) whose `spec.connectionRef` points at `key`.
-async fn connection_users(ctx: &Context, key: &connection::ConnectionKey) -> Result<Vec<String>, kube::Error> {
-    let mut users = Vec::new();
-    let scopes: Vec<Option<&str>> = match (&key.namespace, ctx.settings.watch_namespaces.is_empty()) {
-        (Some(ns), _) => vec![Some(ns.as_str())],
-        (None, true) => vec![None],
-        (None, false) => ctx.settings.watch_namespaces.iter().map(|ns| Some(ns.as_str())).collect(),
-    };
-    for scope in scopes {
-        users.extend(users_of::<ClientApplication>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
-        users.extend(users_of::<AccessPolicy>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
-        users.extend(users_of::<ProjectUser>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
-        users.extend(users_of::<MedplumProject>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
-    }
-    if key.kind == ConnectionKind::ClusterMedplumConnection {
-        let domains = Api::<crate::crd::DomainConfiguration>::all(ctx.client.clone()).list(&Default::default()).await?;
-        users.extend(
-            domains
-                .items
-                .iter()
-                .filter(|d| d.spec.connection_ref.name == key.name)
-                .map(|d| format!("DomainConfiguration {}", d.name_any())),
-        );
-    }
-    Ok(users)
-}
-
-async fn users_of<K>(
-    ctx: &Context,
-    namespace: Option<&str>,
-    key: &connection::ConnectionKey,
-    reference: impl Fn(&K) -> &ConnectionRef,
-) -> Result<Vec<String>, kube::Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api: Api<K> = match namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    let list = api.list(&kube::api::ListParams::default()).await?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|o| {
-            let r = reference(o);
-            r.kind == key.kind && r.name == key.name && (key.namespace.is_none() || o.namespace() == key.namespace)
-        })
-        .map(|o| format!("{} {}/{}", K::kind(&()), o.namespace().unwrap_or_default(), o.name_any()))
-        .collect())
-}
-
 /// The API for a namespaced kind in one scope (`namespace` None: all namespaces).
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -926,43 +646,4 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
         tracing::info!("caches synced, ready");
     });
     futures::stream::select_all(streams).for_each(|()| async {}).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_own_write_is_known_whether_its_event_or_its_answer_comes_first() {
-        let own = OwnWrites::default();
-        let finalizers = vec![CLEANUP_FINALIZER.to_string()];
-        let ours = meta_fingerprint(Some(1), None, None, &finalizers);
-        // The event first: known by what it shows; the late answer then keeps nothing.
-        own.expect("ClientApplication", "ns", "a", ours);
-        assert!(!own.is_own(
-            "ClientApplication",
-            "ns",
-            "a",
-            Some("7"),
-            Some(meta_fingerprint(Some(2), None, None, &finalizers))
-        ));
-        assert!(own.is_own("ClientApplication", "ns", "a", Some("8"), Some(ours)));
-        own.answered("ClientApplication", "ns", "a", Some("8"));
-        assert!(!own.is_own("ClientApplication", "ns", "a", Some("8"), Some(ours)), "forgotten once seen");
-        // The answer first: known by its resource version, then no longer by the fingerprint.
-        own.expect("ClientApplication", "ns", "b", ours);
-        own.answered("ClientApplication", "ns", "b", Some("9"));
-        assert!(!own.is_own("ClientApplication", "ns", "b", Some("10"), Some(ours)), "someone else's later change");
-        own.expect("ClientApplication", "ns", "c", ours);
-        own.answered("ClientApplication", "ns", "c", Some("11"));
-        assert!(own.is_own("ClientApplication", "ns", "c", Some("11"), Some(ours)));
-        // A failed write is forgotten.
-        own.expect("ClientApplication", "ns", "d", ours);
-        own.answered("ClientApplication", "ns", "d", None);
-        assert!(!own.is_own("ClientApplication", "ns", "d", Some("12"), Some(ours)));
-        // Annotations count; an empty map is no annotations.
-        let annotated = std::collections::BTreeMap::from([("medplum.com/rotate".to_string(), "1".to_string())]);
-        assert_ne!(ours, meta_fingerprint(Some(1), None, Some(&annotated), &finalizers));
-        assert_eq!(ours, meta_fingerprint(Some(1), Some(&Default::default()), Some(&Default::default()), &finalizers));
-    }
 }
