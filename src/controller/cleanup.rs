@@ -132,26 +132,37 @@ pub enum CleanupVia {
 /// the finalizer (annotation) or the namespace is being deleted, where waiting could last forever:
 /// then the Medplum objects are left, and a Warning Event says so.
 pub(super) async fn cleanup_via<K: UsesConnection>(ctx: &Context, obj: &K) -> Result<CleanupVia, Error> {
+    let key = connection::ConnectionKey::of(&obj.namespace().unwrap_or_default(), obj.connection_ref());
+    cleanup_through(ctx, obj, key).await
+}
+
+/// [`cleanup_via`] for any resource, through the connection `key`; a cluster-scoped one has no
+/// namespace to be deleted, so its cleanup waits for the connection or the annotation.
+pub(super) async fn cleanup_through<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    key: connection::ConnectionKey,
+) -> Result<CleanupVia, Error> {
     let reference = obj.object_ref(&());
-    let namespace = obj.namespace().unwrap_or_default();
     if obj.annotations().get(RELEASE_ANNOTATION).is_some_and(|v| v == "true") {
         let note = format!("{RELEASE_ANNOTATION} is set: left Medplum as it is");
         ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
         return Ok(CleanupVia::Released);
     }
-    let key = connection::ConnectionKey::of(&namespace, obj.connection_ref());
     if let Some(usable) = ctx.connections.last_usable(&key) {
         return Ok(CleanupVia::Connection(Box::new(usable)));
     }
-    let (_, terminating) = connection::namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
-    if terminating {
-        let note = format!(
-            "namespace {namespace} is being deleted and {} {} cannot be used; left its objects in Medplum",
-            key.kind_name(),
-            key.name
-        );
-        ctx.publish(&reference, &event(EventType::Warning, "Orphaned", "Delete", note)).await;
-        return Ok(CleanupVia::Released);
+    if let Some(namespace) = obj.namespace() {
+        let (_, terminating) = connection::namespace_labels(ctx, &namespace).await.map_err(Error::Kube)?;
+        if terminating {
+            let note = format!(
+                "namespace {namespace} is being deleted and {} {} cannot be used; left its objects in Medplum",
+                key.kind_name(),
+                key.name
+            );
+            ctx.publish(&reference, &event(EventType::Warning, "Orphaned", "Delete", note)).await;
+            return Ok(CleanupVia::Released);
+        }
     }
     Err(Error::Blocked(format!(
         "{} {} is not usable; the cleanup waits for it (or set {RELEASE_ANNOTATION}: \"true\" to skip it)",

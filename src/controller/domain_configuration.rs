@@ -21,7 +21,7 @@ use super::adoption::{self, AdoptionError};
 use super::connection::{ConnectionKey, UseError, usable_cluster_connection};
 use super::secret::{SOURCE_LABEL, SourceError, read_secret_string};
 use super::status::{ConditionState, READY, apply_status, set_condition};
-use super::{CLEANUP_FINALIZER, Context, Error, RELEASE_ANNOTATION, ReconcileStream, event};
+use super::{CLEANUP_FINALIZER, CleanupVia, Context, Error, ReconcileStream, cleanup_through, event};
 use crate::crd::{ClusterMedplumConnection, ConnectionKind, DomainConfiguration, DomainDeletionPolicy};
 use crate::medplum::{Coding, DomainConfigurationResource, MedplumError, SUBSETTED};
 
@@ -232,22 +232,15 @@ async fn apply(dc: &DomainConfiguration, ctx: &Context) -> Result<Action, Error>
 /// waits, unless someone released the finalizer with the annotation.
 async fn cleanup(dc: &DomainConfiguration, ctx: &Context) -> Result<Action, Error> {
     let reference = dc.object_ref(&());
-    if dc.annotations().get(RELEASE_ANNOTATION).is_some_and(|v| v == "true") {
-        let note = format!("{RELEASE_ANNOTATION} is set: left Medplum as it is");
-        ctx.publish(&reference, &event(EventType::Warning, "FinalizerReleased", "Delete", note)).await;
-        return Ok(Action::await_change());
-    }
     let key = ConnectionKey {
         kind: ConnectionKind::ClusterMedplumConnection,
         namespace: None,
         name: dc.spec.connection_ref.name.clone(),
     };
-    let usable = ctx.connections.last_usable(&key).ok_or_else(|| {
-        Error::Blocked(format!(
-            "ClusterMedplumConnection {} is not usable; the cleanup waits for it (or set {RELEASE_ANNOTATION}: \"true\" to skip it)",
-            key.name
-        ))
-    })?;
+    let usable = match cleanup_through(ctx, dc, key).await? {
+        CleanupVia::Connection(usable) => usable,
+        CleanupVia::Released => return Ok(Action::await_change()),
+    };
     let tag = tag(ctx, dc);
     let medplum = &usable.client;
     let outcome: Result<String, MedplumError> = async {

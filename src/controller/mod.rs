@@ -33,7 +33,7 @@ use std::time::Instant;
 use tracing::{debug, warn};
 
 pub use cleanup::{CLEANUP_FINALIZER, RELEASE_ANNOTATION, finalized};
-use cleanup::{CleanupVia, cleanup_via, connection_users, reconcile_with_cleanup};
+use cleanup::{CleanupVia, cleanup_through, cleanup_via, connection_users, reconcile_with_cleanup};
 pub use connection::{CREDENTIALS_LABEL, ConnectionRegistry};
 pub use own_writes::{OwnWrites, meta_fingerprint};
 pub use status::FIELD_MANAGER;

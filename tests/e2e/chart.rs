@@ -318,8 +318,16 @@ async fn scenario(
         .create(&PostParams::default(), &serde_json::from_value(connection).unwrap())
         .await
         .unwrap();
+    // Cluster-scoped objects carry the label the operator's selector picks and go with the namespace.
+    let owner = Api::<Namespace>::all(client.clone()).get(namespace).await.unwrap();
+    let of_namespace = |mut object: Value| {
+        object["metadata"]["labels"] = json!({"medplum-operator-test": namespace});
+        object["metadata"]["ownerReferences"] =
+            json!([{"apiVersion": "v1", "kind": "Namespace", "name": namespace, "uid": owner.uid()}]);
+        object
+    };
     let cluster_name = format!("shared-{namespace}");
-    let mut cluster = apply(
+    let cluster = apply(
         "medplum.com/v1alpha1",
         "ClusterMedplumConnection",
         None,
@@ -330,12 +338,8 @@ async fn scenario(
         // A selector, which only the namespace's labels can answer.
         "allowedNamespaces": {"selector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}}),
     );
-    cluster["metadata"]["labels"] = json!({"medplum-operator-test": namespace});
-    let owner = Api::<Namespace>::all(client.clone()).get(namespace).await.unwrap();
-    cluster["metadata"]["ownerReferences"] =
-        json!([{"apiVersion": "v1", "kind": "Namespace", "name": namespace, "uid": owner.uid()}]);
     Api::<ClusterMedplumConnection>::all(client.clone())
-        .create(&PostParams::default(), &serde_json::from_value(cluster).unwrap())
+        .create(&PostParams::default(), &serde_json::from_value(of_namespace(cluster)).unwrap())
         .await
         .unwrap();
     // A domain's identity provider, through a super admin's cluster connection; both are named like
@@ -347,7 +351,7 @@ async fn scenario(
     .unwrap();
     Api::<Secret>::namespaced(client.clone(), credentials).create(&PostParams::default(), &secret).await.unwrap();
     let super_admin = format!("super-{cluster_name}");
-    let mut cluster = apply(
+    let cluster = apply(
         "medplum.com/v1alpha1",
         "ClusterMedplumConnection",
         None,
@@ -357,14 +361,11 @@ async fn scenario(
         "credentialsSecretRef": {"namespace": credentials, "name": "medplum-super-admin"},
         "caBundle": {"namespace": credentials, "configMapRef": {"name": "medplum-ca", "key": "ca.crt"}}}),
     );
-    cluster["metadata"]["labels"] = json!({"medplum-operator-test": namespace});
-    cluster["metadata"]["ownerReferences"] =
-        json!([{"apiVersion": "v1", "kind": "Namespace", "name": namespace, "uid": owner.uid()}]);
     Api::<ClusterMedplumConnection>::all(client.clone())
-        .create(&PostParams::default(), &serde_json::from_value(cluster).unwrap())
+        .create(&PostParams::default(), &serde_json::from_value(of_namespace(cluster)).unwrap())
         .await
         .unwrap();
-    let mut domain = apply(
+    let domain = apply(
         "medplum.com/v1alpha1",
         "DomainConfiguration",
         None,
@@ -375,11 +376,8 @@ async fn scenario(
                              "userInfoUrl": "https://idp.example.org/userinfo", "clientId": "medplum",
                              "clientSecretRef": {"namespace": credentials, "name": "medplum-super-admin", "key": "idp-secret"}}}),
     );
-    domain["metadata"]["labels"] = json!({"medplum-operator-test": namespace});
-    domain["metadata"]["ownerReferences"] =
-        json!([{"apiVersion": "v1", "kind": "Namespace", "name": namespace, "uid": owner.uid()}]);
     Api::<DomainConfiguration>::all(client.clone())
-        .create(&PostParams::default(), &serde_json::from_value(domain).unwrap())
+        .create(&PostParams::default(), &serde_json::from_value(of_namespace(domain)).unwrap())
         .await
         .unwrap();
     let policies: Api<AccessPolicy> = Api::namespaced(client.clone(), namespace);
