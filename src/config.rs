@@ -20,6 +20,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the controllers.
     Run(Box<Settings>),
+    /// Print the resources that declare what a Medplum project already holds (read only; no secret values).
+    Export(ExportArgs),
+    /// Show what the operator would change in Medplum for resources (files, or those applied in a
+    /// namespace); exits 1 when it would change something.
+    Diff(DiffArgs),
     /// Print every CustomResourceDefinition as YAML.
     Crds {
         /// Write one file per CRD into this folder instead of printing.
@@ -44,6 +49,58 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 fn parse_cluster_id(text: &str) -> Result<String, String> {
     let valid = !text.is_empty() && text.len() <= 63 && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
     if valid { Ok(text.to_string()) } else { Err(format!("cluster id {text:?} must be 1-63 letters, digits or '-'")) }
+}
+
+/// What adopting an exported client does with its current secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SecretOnAdoption {
+    /// Keep it (the connection must allow it: `spec.limits.adoption.allowKeepSecret`).
+    Keep,
+    /// Replace it; the current one keeps working through the grace period.
+    Rotate,
+}
+
+/// Arguments of `medplum-operator export`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ExportArgs {
+    /// The namespace the resources are for; its MedplumConnection is read from the cluster.
+    #[arg(short, long)]
+    pub namespace: String,
+    /// The MedplumConnection (in the namespace) to read the project through.
+    #[arg(long, default_value = "default")]
+    pub connection: String,
+    /// Read through this ClusterMedplumConnection instead.
+    #[arg(long, conflicts_with = "connection")]
+    pub cluster_connection: Option<String>,
+    /// The kubeconfig context; default: the current one (or the in-cluster account).
+    #[arg(long)]
+    pub context: Option<String>,
+    /// The cluster id the operator runs with (its ownership tags carry it).
+    #[arg(long, env = "CLUSTER_ID", default_value = "default", value_parser = parse_cluster_id)]
+    pub cluster_id: String,
+    /// What adoption does with each client's current secret.
+    #[arg(long, value_enum, default_value_t = SecretOnAdoption::Rotate)]
+    pub adopt_secret: SecretOnAdoption,
+    /// Write one file per resource into a folder per kind here, instead of printing one stream.
+    #[arg(short, long)]
+    pub output_dir: Option<std::path::PathBuf>,
+}
+
+/// Arguments of `medplum-operator diff`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DiffArgs {
+    /// The namespace of the resources (and of their MedplumConnections).
+    #[arg(short, long)]
+    pub namespace: String,
+    /// A YAML file, or a folder of them, with the resources to compare; default: those applied in the namespace.
+    #[arg(short, long)]
+    pub filename: Option<std::path::PathBuf>,
+    /// The kubeconfig context; default: the current one.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// The cluster id the operator runs with.
+    #[arg(long, env = "CLUSTER_ID", default_value = "default", value_parser = parse_cluster_id)]
+    pub cluster_id: String,
 }
 
 /// Settings of `medplum-operator run`. Every flag has an environment fallback.

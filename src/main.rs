@@ -24,6 +24,27 @@ async fn main() -> std::process::ExitCode {
                 }
             };
         }
+        Command::Export(args) => {
+            rustls::crypto::ring::default_provider().install_default().expect("no other crypto provider was installed");
+            return match medplum_operator::export::run_export(args).await {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("export: {e}");
+                    std::process::ExitCode::from(2)
+                }
+            };
+        }
+        Command::Diff(args) => {
+            rustls::crypto::ring::default_provider().install_default().expect("no other crypto provider was installed");
+            return match medplum_operator::export::run_diff(args).await {
+                Ok(false) => std::process::ExitCode::SUCCESS,
+                Ok(true) => std::process::ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("diff: {e}");
+                    std::process::ExitCode::from(2)
+                }
+            };
+        }
         Command::Run(settings) => *settings,
     };
     rustls::crypto::ring::default_provider().install_default().expect("no other crypto provider was installed");

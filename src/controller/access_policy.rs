@@ -12,6 +12,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
+use super::adoption::{self, AdoptionError};
 use super::connection::{UsableConnection, UseError, usable_connection};
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::view::Seen;
@@ -41,6 +42,8 @@ pub enum PolicyError {
     #[error("Medplum keeps {0} different from the spec after an update")]
     NotConverging(String),
     #[error(transparent)]
+    Adoption(#[from] AdoptionError),
+    #[error(transparent)]
     Medplum(#[from] MedplumError),
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
@@ -54,6 +57,7 @@ impl PolicyError {
             Self::InvalidIpRule { .. } => "InvalidIpRule",
             Self::ExceedsLimits(_) => "ExceedsConnectionLimits",
             Self::NotConverging(_) => "NotConverging",
+            Self::Adoption(e) => e.reason(),
             Self::Medplum(e) => e.reason(),
             Self::Kube(_) => "KubernetesApiError",
         }
@@ -62,6 +66,7 @@ impl PolicyError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Connection(e) => e.is_transient(),
+            Self::Adoption(e) => e.is_transient(),
             Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
             Self::Kube(_) => true,
             _ => false,
@@ -239,7 +244,13 @@ pub fn desired_policy(ap: &AccessPolicy, tag: &Coding) -> AccessPolicyResource {
     let spec = &ap.spec;
     AccessPolicyResource {
         resource_type: KIND.into(),
-        meta: crate::medplum::Meta { tag: vec![tag.clone()], ..Default::default() },
+        // A resource that adopts marks the policy as adopted, so that its deletion knows.
+        meta: crate::medplum::Meta {
+            tag: std::iter::once(tag.clone())
+                .chain(spec.adopt.as_ref().map(|_| adoption::adopted_marker(tag)))
+                .collect(),
+            ..Default::default()
+        },
         name: Some(
             spec.display_name
                 .clone()
@@ -463,15 +474,25 @@ async fn converge_policy(
 ) -> Result<(AccessPolicyResource, Vec<Event>), PolicyError> {
     let desired = desired_policy(ap, tag);
     let medplum = &usable.client;
-    let Some(actual) = find_policy(usable, ap, tag).await? else {
-        let condition = format!("_tag={}|{}", tag.system, tag.code);
-        let created = usable.create_owned(&desired, &tag.code, &condition).await?;
-        let note = format!("created Medplum AccessPolicy/{}", created.id.as_deref().unwrap_or_default());
-        return Ok((created, vec![event(EventType::Normal, "Created", "Create", note)]));
+    let mut events = Vec::new();
+    let actual = match (find_policy(usable, ap, tag).await?, &ap.spec.adopt) {
+        (Some(actual), _) => actual,
+        (None, Some(adopt)) => {
+            let adopted = adoptable_policy(usable, &adopt.policy_id, tag).await?;
+            let note = format!("took over Medplum AccessPolicy/{}", adopt.policy_id);
+            events.push(event(EventType::Normal, "Adopted", "Adopt", note));
+            adopted
+        }
+        (None, None) => {
+            let condition = format!("_tag={}|{}", tag.system, tag.code);
+            let created = usable.create_owned(&desired, &tag.code, &condition).await?;
+            let note = format!("created Medplum AccessPolicy/{}", created.id.as_deref().unwrap_or_default());
+            return Ok((created, vec![event(EventType::Normal, "Created", "Create", note)]));
+        }
     };
     let drift = policy_drift(&desired, &actual);
     if drift.is_empty() {
-        return Ok((actual, Vec::new()));
+        return Ok((actual, events));
     }
     let id = actual.id.clone().unwrap_or_default();
     let version = actual.meta.version_id.clone().unwrap_or_default();
@@ -481,9 +502,34 @@ async fn converge_policy(
     if !left.is_empty() {
         return Err(PolicyError::NotConverging(left.join(", ")));
     }
-    let observed = ap.status.as_ref().and_then(|s| s.observed_generation);
-    let event = super::update_event(observed, ap.metadata.generation, &format!("AccessPolicy/{id}"), &drift.join(", "));
-    Ok((updated, vec![event]))
+    if events.is_empty() {
+        let observed = ap.status.as_ref().and_then(|s| s.observed_generation);
+        let target = format!("AccessPolicy/{id}");
+        events.push(super::update_event(observed, ap.metadata.generation, &target, &drift.join(", ")));
+    }
+    Ok((updated, events))
+}
+
+/// The AccessPolicy `id` of the connection's project, once the connection's adoption limits and the
+/// policy itself allow taking it over. Nothing is written before this returns.
+async fn adoptable_policy(
+    usable: &UsableConnection,
+    id: &str,
+    own: &Coding,
+) -> Result<AccessPolicyResource, AdoptionError> {
+    let what = format!("AccessPolicy/{id}");
+    if !usable.limits.adoption.admits_policy(id) {
+        return Err(AdoptionError::NotAllowed { what });
+    }
+    let found = usable.client.search::<AccessPolicyResource>(&[("_id", id), ("_project", &usable.project_id)]).await?;
+    let policy = found.into_iter().next().ok_or_else(|| AdoptionError::NotFound { what: what.clone() })?;
+    let marks = policy.meta.tag.iter().map(|t| (t.system.as_str(), t.code.as_str()));
+    if let Some(owner) = adoption::managed_elsewhere(marks, (&own.system, &own.code)) {
+        return Err(AdoptionError::ManagedElsewhere { what, owner });
+    }
+    check_limits(&medplum_grants(&policy), &usable.limits, |i| format!("its resource[{i}]"))
+        .map_err(|why| AdoptionError::BeyondLimits { what, why })?;
+    Ok(policy)
 }
 
 async fn write_status(
@@ -517,7 +563,7 @@ async fn apply(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
                 ctx.publish(&ap.object_ref(&()), e).await;
             }
             ctx.succeeded(KIND, ap);
-            Ok(Action::requeue(ctx.settings.resync_interval))
+            Ok(Action::await_change())
         }
         Err(e) => {
             write_status(ctx, ap, None, ConditionState::new(READY, false, e.reason(), e.to_string())).await?;
@@ -565,28 +611,37 @@ async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
     }
     let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ap.name_any());
     let medplum = &usable.client;
-    let outcome: Result<Option<String>, MedplumError> = async {
+    // `(reason, note)` once the policy is gone or let go; None while memberships in Medplum still use it.
+    let outcome: Result<Option<(&str, String)>, MedplumError> = async {
         // Deletion asks Medplum itself, whatever the view holds.
         let Some(policy) = read_policy(&usable, ap, &tag).await? else {
-            return Ok(Some("nothing left in Medplum".into()));
+            return Ok(Some(("Deleted", "nothing left in Medplum".into())));
         };
         let id = policy.id.clone().unwrap_or_default();
         let policy_ref = format!("AccessPolicy/{id}");
-        let members = medplum.search::<MembershipResource>(&[("access-policy", &policy_ref)]).await?;
-        if !members.is_empty() {
-            return Ok(None);
+        // An adopted policy was not made by the namespace: unless the connection allows it, deleting the
+        // resource only releases it.
+        let marker = adoption::adopted_marker(&tag);
+        let released = policy.meta.has_tag(&marker) && !usable.limits.adoption.allow_delete;
+        if ap.spec.deletion_policy == PolicyDeletionPolicy::Delete && !released {
+            let members = medplum.search::<MembershipResource>(&[("access-policy", &policy_ref)]).await?;
+            if !members.is_empty() {
+                return Ok(None);
+            }
+            medplum.delete::<AccessPolicyResource>(&id).await?;
+            return Ok(Some(("Deleted", format!("deleted {policy_ref} from Medplum"))));
         }
-        Ok(Some(match ap.spec.deletion_policy {
-            PolicyDeletionPolicy::Delete => {
-                medplum.delete::<AccessPolicyResource>(&id).await?;
-                format!("deleted {policy_ref} from Medplum")
-            }
-            PolicyDeletionPolicy::Orphan => {
-                let mut untagged = policy.clone();
-                untagged.meta.tag.retain(|t| *t != tag && t.system != SUBSETTED);
-                medplum.update(&id, &untagged, policy.meta.version_id.as_deref().unwrap_or_default()).await?;
-                format!("left {policy_ref} in Medplum, no longer managed")
-            }
+        let mut untagged = policy.clone();
+        untagged.meta.tag.retain(|t| *t != tag && *t != marker && t.system != SUBSETTED);
+        medplum.update(&id, &untagged, policy.meta.version_id.as_deref().unwrap_or_default()).await?;
+        Ok(Some(if released {
+            let note = format!(
+                "left adopted {policy_ref} in Medplum as it is, no longer managed: the connection does not allow \
+                 deleting adopted objects (spec.limits.adoption.allowDelete)"
+            );
+            ("Released", note)
+        } else {
+            ("Orphaned", format!("left {policy_ref} in Medplum, no longer managed"))
         }))
     }
     .await;
@@ -594,11 +649,7 @@ async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
         usable.view.forget::<AccessPolicyResource>(&tag.code);
     }
     match outcome.map_err(|e| Error::Cleanup(e.to_string()))? {
-        Some(note) => {
-            let reason = match ap.spec.deletion_policy {
-                PolicyDeletionPolicy::Delete => "Deleted",
-                PolicyDeletionPolicy::Orphan => "Orphaned",
-            };
+        Some((reason, note)) => {
             ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
             ctx.metrics.set_object_ready(KIND, &namespace, &ap.name_any(), None);
             Ok(Action::await_change())

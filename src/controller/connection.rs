@@ -618,19 +618,7 @@ impl ConnectionRegistry {
 }
 
 async fn verify(ctx: &Context, key: &ConnectionKey, target: &ConnectionTarget) -> Result<Verified, ConnectionError> {
-    let values = read_secret_strings(
-        &ctx.client,
-        &target.credentials_namespace,
-        &target.credentials_name,
-        &[&target.client_id_key, &target.client_secret_key],
-    )
-    .await?;
-    let [client_id, client_secret]: [_; 2] = values.try_into().expect("two keys were asked for");
-    let credentials = ClientCredentials { client_id: client_id.expose_secret().to_string(), client_secret };
-    let ca = match &target.ca {
-        Some(source) => Some(read_ca_bundle(&ctx.client, source).await?),
-        None => None,
-    };
+    let (credentials, ca) = read_credentials(&ctx.client, target).await?;
     let print = fingerprint(target, &credentials, ca.as_deref());
     let client = ctx.connections.client(key, print, || {
         MedplumClient::new(
@@ -642,6 +630,32 @@ async fn verify(ctx: &Context, key: &ConnectionKey, target: &ConnectionTarget) -
             ctx.metrics.clone(),
         )
     })?;
+    identify(client, target).await
+}
+
+/// The credential and the CA bundle (PEM) a connection names.
+pub async fn read_credentials(
+    kube: &kube::Client,
+    target: &ConnectionTarget,
+) -> Result<(ClientCredentials, Option<Vec<u8>>), ConnectionError> {
+    let values = read_secret_strings(
+        kube,
+        &target.credentials_namespace,
+        &target.credentials_name,
+        &[&target.client_id_key, &target.client_secret_key],
+    )
+    .await?;
+    let [client_id, client_secret]: [_; 2] = values.try_into().expect("two keys were asked for");
+    let credentials = ClientCredentials { client_id: client_id.expose_secret().to_string(), client_secret };
+    let ca = match &target.ca {
+        Some(source) => Some(read_ca_bundle(kube, source).await?),
+        None => None,
+    };
+    Ok((credentials, ca))
+}
+
+/// Checks that the credential of `client` is what the connection says it is, and finds its project.
+pub async fn identify(client: Arc<MedplumClient>, target: &ConnectionTarget) -> Result<Verified, ConnectionError> {
     let health = client.health().await?;
     let me = client.me().await?;
     check_identity(&me, target.project_id.as_deref(), target.super_admin_credential)?;

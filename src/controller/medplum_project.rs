@@ -361,7 +361,7 @@ async fn apply(project: &MedplumProject, ctx: &Context) -> Result<Action, Error>
     match result {
         Ok(()) => {
             ctx.succeeded(KIND, project);
-            Ok(Action::requeue(ctx.settings.resync_interval))
+            Ok(Action::await_change())
         }
         Err(e) => {
             let rate_limited = matches!(e, ProjectError::Medplum(MedplumError::RateLimited { .. }));

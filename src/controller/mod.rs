@@ -1,16 +1,16 @@
 //! The controllers, one file per kind, and what they share: the context, the error type, backoff,
 //! conditions and status writes, and reading Secrets.
 
-mod access_policy;
-mod adoption;
+pub(crate) mod access_policy;
+pub(crate) mod adoption;
 mod cleanup;
-mod client_application;
-mod connection;
+pub(crate) mod client_application;
+pub(crate) mod connection;
 mod domain_configuration;
 mod events;
 mod medplum_project;
 mod own_writes;
-mod project_user;
+pub(crate) mod project_user;
 mod secret;
 mod status;
 mod view;
@@ -264,8 +264,9 @@ where
 /// The controller of a namespaced kind in one scope (`namespace` None: all), reconciling at most
 /// `concurrency` objects at a time. It reconciles on changes of the spec (generation, which also
 /// moves when a deletion starts), annotations and finalizers, not on status writes (its own, above
-/// all), and on changes in Medplum of the objects a resource owns. Its cache keeps objects trimmed
-/// ([`trim_cached`]).
+/// all), on changes in Medplum of the objects a resource owns, and once every resync interval
+/// ([`resyncs`]; a reconcile that succeeded waits for that with [`Action::await_change`]). Its cache
+/// keeps objects trimmed ([`trim_cached`]).
 /// `taken_in` learns of each object its cache took in (changed, made or deleted).
 fn new_controller<K: UsesConnection>(
     ctx: &Context,
@@ -304,9 +305,47 @@ fn new_controller<K: UsesConnection>(
             let version = o.resource_version();
             std::future::ready(!own.is_own(&K::kind(&()), &namespace, &name, version.as_deref(), Some(fingerprint)))
         });
-    Controller::for_stream(changes, reader)
+    Controller::for_stream(changes, reader.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .reconcile_on(owners_changed::<K>(ctx, namespace.map(str::to_string)))
+        .reconcile_on(resyncs(reader, ctx.settings.resync_interval))
+}
+
+/// How many parts the cached objects are split into for [`resyncs`].
+const RESYNC_SLOTS: u32 = 60;
+
+/// Every object of `cache`, once every `interval`: a part of them (by a hash of the name) at each
+/// of [`RESYNC_SLOTS`] ticks, so that resyncs are spread over the interval. One ticker per
+/// controller instead of a timer per object (kube's requeue), which held about 700 bytes an object.
+fn resyncs<K>(cache: Store<K>, interval: Duration) -> impl futures::Stream<Item = ObjectRef<K>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let tick = (interval / RESYNC_SLOTS).max(Duration::from_millis(10));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures::stream::unfold((ticks, 0u32), move |(mut ticks, slot)| {
+        let cache = cache.clone();
+        async move {
+            ticks.tick().await;
+            let due: Vec<ObjectRef<K>> = cache
+                .state()
+                .iter()
+                .map(|o| ObjectRef::from_obj(&**o))
+                .filter(|r| resync_slot(r.namespace.as_deref().unwrap_or_default(), &r.name) == slot)
+                .collect();
+            Some((futures::stream::iter(due), (ticks, (slot + 1) % RESYNC_SLOTS)))
+        }
+    })
+    .flatten()
+}
+
+/// The tick of [`resyncs`] that resyncs an object: stable for its name, spread evenly.
+fn resync_slot(namespace: &str, name: &str) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (namespace, name).hash(&mut hasher);
+    (hasher.finish() % u64::from(RESYNC_SLOTS)) as u32
 }
 
 /// What the operator never reads is not kept in its caches: `managedFields`, and the copy of the
@@ -646,4 +685,21 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, read
         tracing::info!("caches synced, ready");
     });
     futures::stream::select_all(streams).for_each(|()| async {}).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resync_slots_are_stable_and_spread_evenly() {
+        let mut per_slot = vec![0u32; RESYNC_SLOTS as usize];
+        for i in 0..6_000 {
+            let slot = resync_slot("team-a", &format!("client-{i:05}"));
+            assert_eq!(slot, resync_slot("team-a", &format!("client-{i:05}")));
+            per_slot[slot as usize] += 1;
+        }
+        // 100 an interval on average; a fair hash keeps every slot well within half of that.
+        assert!(per_slot.iter().all(|n| (50..150).contains(n)), "{per_slot:?}");
+    }
 }

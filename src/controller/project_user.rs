@@ -147,7 +147,7 @@ fn membership_body(
 }
 
 /// Whether the profile's name is the spec's.
-fn name_matches(profile: &ProfileResource, first: &str, last: &str) -> bool {
+pub(crate) fn name_matches(profile: &ProfileResource, first: &str, last: &str) -> bool {
     profile
         .name
         .first()
@@ -204,7 +204,7 @@ fn profile_due(user: &ProjectUser, membership_changed: bool, resync: std::time::
 const PROFILE_CHECK_EVERY: i64 = 12;
 
 /// The existing membership in the project of the person the spec names (for adoption after a 409).
-async fn existing_membership(
+pub(crate) async fn existing_membership(
     medplum: &MedplumClient,
     user: &ProjectUser,
     project_id: &str,
@@ -376,7 +376,7 @@ async fn apply(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
                 ctx.publish(&user.object_ref(&()), e).await;
             }
             ctx.succeeded(KIND, user);
-            Ok(Action::requeue(ctx.settings.resync_interval))
+            Ok(Action::await_change())
         }
         Err(e) => {
             write_status(ctx, user, None, ConditionState::new(READY, false, e.reason(), e.to_string())).await?;

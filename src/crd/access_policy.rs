@@ -57,6 +57,19 @@ pub struct AccessPolicySpec {
     /// What deletion of the resource does in Medplum.
     #[serde(default)]
     pub deletion_policy: PolicyDeletionPolicy,
+    /// Take over an existing Medplum AccessPolicy instead of creating one; only one the connection
+    /// lists in `spec.limits.adoption.policyIds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopt: Option<AdoptPolicy>,
+}
+
+/// The existing AccessPolicy to take over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdoptPolicy {
+    /// Its id.
+    #[schemars(length(min = 1, max = 64))]
+    pub policy_id: String,
 }
 
 /// A FHIR reference, or a `%variable` standing for one.

@@ -95,6 +95,11 @@ pub struct AdoptionLimits {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
     pub client_ids: Vec<String>,
+    /// AccessPolicies that may be adopted, by id. An adopted policy is rewritten as its resource says,
+    /// for every membership that has it, so list only policies the namespace may decide for all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub policy_ids: Vec<String>,
     /// Members ProjectUsers may adopt, by email: `ada@example.org`, or `@example.org` for a whole domain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
@@ -124,6 +129,10 @@ impl AdoptionLimits {
         self.client_ids.iter().any(|listed| listed == id)
     }
 
+    /// Whether the AccessPolicy `id` is listed.
+    pub fn admits_policy(&self, id: &str) -> bool {
+        self.policy_ids.iter().any(|listed| listed == id)
+    }
     /// Whether a member with this email (Medplum lower-cases it) or external id is listed.
     pub fn admits_user(&self, email: Option<&str>, external_id: Option<&str>) -> bool {
         let email = email.map(str::to_lowercase);

@@ -17,13 +17,13 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use access_policy::{
-    AccessPolicy, AccessPolicySpec, AccessPolicyStatus, CompartmentRef, Interaction, IpAccessRule, IpAction,
-    PolicyDeletionPolicy, PolicyResource,
+    AccessPolicy, AccessPolicySpec, AccessPolicyStatus, AdoptPolicy, CompartmentRef, Interaction, IpAccessRule,
+    IpAction, PolicyDeletionPolicy, PolicyResource,
 };
 pub use client_application::{
     AccessGrant, Adopt, AdoptSecret, ClientApplication, ClientApplicationSpec, ClientApplicationStatus, DeletionPolicy,
-    IdentityProvider, LocalObjectRef, PolicyParameter, RestartTarget, RotationSpec, SecretKeys, SecretSpec,
-    TokenAuthMethod, WorkloadKind,
+    IdentityProvider, LocalObjectRef, PolicyParameter, RestartTarget, RotationSpec, SecretKeyRef, SecretKeys,
+    SecretSpec, TokenAuthMethod, WorkloadKind,
 };
 pub use cluster_medplum_connection::{
     AllowedNamespaces, ClusterCaBundleRef, ClusterCredentialsSecretRef, ClusterMedplumConnection,

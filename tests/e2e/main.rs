@@ -12,6 +12,7 @@ mod contract;
 mod crds;
 mod dev;
 mod domain;
+mod export;
 mod hostile;
 mod least_privilege;
 mod limits;

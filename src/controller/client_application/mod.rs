@@ -56,6 +56,7 @@ use cleanup::*;
 use execute::*;
 use observe::*;
 use plan::*;
+pub(crate) use plan::{client_drift, membership_drift as client_membership_drift};
 
 pub const KIND: &str = "ClientApplication";
 /// Set to any new value on a ClientApplication to rotate its secret now.
@@ -396,15 +397,18 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     match result {
         Ok(outcome) => {
             ctx.succeeded(KIND, ca);
-            let resync = ctx.settings.resync_interval;
             let next = match (outcome, status.next_rotation_time.as_ref()) {
-                (Outcome::Waiting(_, wait), _) => wait.min(resync),
+                (Outcome::Waiting(_, wait), _) => Some(wait),
                 (Outcome::Done, Some(Time(at))) => {
-                    at.duration_since(now).unsigned_abs().max(Duration::from_secs(1)).min(resync)
+                    Some(at.duration_since(now).unsigned_abs().max(Duration::from_secs(1)))
                 }
-                (Outcome::Done, None) => resync,
+                (Outcome::Done, None) => None,
             };
-            Ok(Action::requeue(next))
+            // Anything due after the next resync is left to it.
+            Ok(match next {
+                Some(next) if next < ctx.settings.resync_interval => Action::requeue(next),
+                _ => Action::await_change(),
+            })
         }
         Err(e) => {
             let rate_limited = matches!(e, ClientError::Medplum(MedplumError::RateLimited { .. }));

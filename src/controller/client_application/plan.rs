@@ -11,7 +11,7 @@ pub(super) fn secret_eq(a: Option<&SecretString>, b: Option<&SecretString>) -> b
 }
 
 /// The names of managed fields where Medplum differs from `desired` (never their values).
-pub(super) fn client_drift(
+pub(crate) fn client_drift(
     desired: &ClientApplicationResource,
     actual: &ClientApplicationResource,
 ) -> Vec<&'static str> {
@@ -61,7 +61,7 @@ pub(super) fn client_body(
 }
 
 /// The names of membership fields that differ from what the spec grants.
-pub(super) fn membership_drift(
+pub(crate) fn membership_drift(
     desired_access: &[MembershipAccess],
     desired_admin: bool,
     identifier: &Identifier,
