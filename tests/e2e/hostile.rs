@@ -209,6 +209,51 @@ async fn objects_beyond_the_limits_or_managed_elsewhere_are_never_adopted() {
 }
 
 #[tokio::test]
+async fn policies_beyond_the_limits_or_managed_elsewhere_are_never_adopted() {
+    let arena = Arena::new("hx-policies", json!({})).await;
+    let (t, n, p) = (&arena.tenant, &arena.neighbour, &arena.platform);
+    // Targets: a policy that reads every client's secret, one the neighbour manages, one another
+    // cluster manages, and one the connection does not list.
+    let console = |name: &'static str, resource: Value| async move {
+        let body = json!({"resourceType": "AccessPolicy", "name": name, "resource": resource});
+        p.http().post("fhir/R4/AccessPolicy", &p.token, &body).await.expect(201).json()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let secrets = console("reads secrets", json!([{"resourceType": "ClientApplication", "readonly": true}])).await;
+    let neighbours = arena.policy(n, "reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
+    let east = console("east", json!([{"resourceType": "Patient", "readonly": true}])).await;
+    let east_path = format!("fhir/R4/AccessPolicy/{east}");
+    let mut tagged = arena.medplum(&east_path).await;
+    tagged["meta"]["tag"] = json!([{"system": "urn:medplum-operator:east", "code": "AccessPolicy/apps/reader"}]);
+    p.http().put(&east_path, &p.token, &tagged).await.expect(200);
+    let unlisted = console("unlisted", json!([{"resourceType": "Patient", "readonly": true}])).await;
+    let targets = [
+        ("secrets", secrets.clone(), "AdoptTargetBeyondLimits", "administers the project"),
+        ("neighbours", neighbours.clone(), "AlreadyManaged", &format!("AccessPolicy/{}/reader", n.ns.name) as &str),
+        ("east", east.clone(), "AlreadyManaged", "urn:medplum-operator:east"),
+        ("unlisted", unlisted, "AdoptionNotAllowed", "does not allow adopting"),
+    ];
+    arena.set_limits(json!({"adoption": {"policyIds": [secrets, neighbours, east], "allowDelete": true}})).await;
+    let mut before = Vec::new();
+    for (_, id, _, _) in &targets {
+        before.push(version(&arena.medplum(&format!("fhir/R4/AccessPolicy/{id}")).await));
+    }
+    for (name, id, reason, why) in &targets {
+        let spec = json!({"adopt": {"policyId": id}, "resources": [{"resourceType": "Patient", "readonly": true}]});
+        t.create_policy(name, arena.via(spec)).await;
+        let refused = t.wait_policy(name, "False", Some(reason)).await;
+        let message = refused.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap().message;
+        println!("hostile path refused: policy {name}: {reason}: {message}");
+        assert!(message.contains(why), "{name}: {message}");
+    }
+    for ((name, id, _, _), was) in targets.iter().zip(before) {
+        assert_eq!(version(&arena.medplum(&format!("fhir/R4/AccessPolicy/{id}")).await), was, "{name} untouched");
+    }
+}
+
+#[tokio::test]
 async fn adoption_and_keeping_a_secret_are_the_connections_to_grant() {
     let arena = Arena::new("hx-grant", json!({})).await;
     let (t, p) = (&arena.tenant, &arena.platform);
