@@ -235,6 +235,7 @@ Look at:
   kubectl get domainconfigurations
   kubectl get -n medplum-demo secret lab-sync-medplum -o yaml   # the client's working credentials
   kubectl annotate -n medplum-demo clientapplication lab-sync medplum.com/rotate=\$(date +%s)   # rotate now
+  kubectl -n medplum-demo get pods -w           # ... and watch lab-sync's pods roll onto the new secret
   kubectl -n medplum-demo describe medplumconnection default
   kubectl -n medplum-demo get events
   curl -s http://$operator_address/metrics | grep medplum_operator

@@ -81,6 +81,7 @@ pub struct Metrics {
     seconds_until_rotation: Family<ClientLabels, Gauge>,
     /// When each client's next rotation is due (Unix seconds); turned into seconds-until at scrape time.
     next_rotations: Mutex<HashMap<ClientLabels, i64>>,
+    rollout_waiting_since: Family<ClientLabels, Gauge>,
     managed_objects: Family<KindLabels, Gauge>,
     ready_objects: Family<KindLabels, Gauge>,
     /// Readiness of every managed object, by kind and `namespace/name`.
@@ -152,6 +153,12 @@ impl Default for Metrics {
             "Seconds until a client's next scheduled rotation (negative: overdue)",
             seconds_until_rotation.clone(),
         );
+        let rollout_waiting_since = Family::default();
+        registry.register(
+            "rollout_waiting_since_seconds",
+            "Unix time since which a client's rotation waits for its restart targets to roll out (only while it waits)",
+            rollout_waiting_since.clone(),
+        );
         let managed_objects = Family::default();
         registry.register("managed_objects", "Objects the operator manages, by kind", managed_objects.clone());
         let ready_objects = Family::default();
@@ -172,6 +179,7 @@ impl Default for Metrics {
             rotation_failures,
             seconds_until_rotation,
             next_rotations: Mutex::default(),
+            rollout_waiting_since,
             managed_objects,
             ready_objects,
             census: Mutex::default(),
@@ -244,6 +252,19 @@ impl Metrics {
             None => {
                 next.remove(&labels);
                 self.seconds_until_rotation.remove(&labels);
+            }
+        }
+    }
+
+    /// Records since when a client's rotation waits for rollouts (`None`: it does not wait).
+    pub fn set_rollout_waiting_since(&self, namespace: &str, name: &str, since: Option<i64>) {
+        let labels = ClientLabels { namespace: namespace.into(), name: name.into() };
+        match since {
+            Some(since) => {
+                self.rollout_waiting_since.get_or_create(&labels).set(since);
+            }
+            None => {
+                self.rollout_waiting_since.remove(&labels);
             }
         }
     }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kubectl, etcd and helm from the Go module proxy into
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm from the
+# Go module proxy into
 # .cache/controlplane/<versions>/bin and prints that folder. Binaries already there are not rebuilt,
 # so a warm run returns at once.
 set -euo pipefail
@@ -36,6 +37,7 @@ write_module() {
   {
     printf 'module local/controlplane\n\ngo 1.26.0\n\n'
     printf 'tool (\n\tk8s.io/kubernetes/cmd/kube-apiserver\n\tk8s.io/kubernetes/cmd/kube-controller-manager\n'
+    printf '\tk8s.io/kubernetes/cmd/kube-scheduler\n'
     printf '\tk8s.io/kubernetes/cmd/kubectl\n\tgo.etcd.io/etcd/server/v3\n)\n\n'
     printf 'require (\n\tk8s.io/kubernetes %s\n\tgo.etcd.io/etcd/server/v3 %s\n)\n\n' "$KUBERNETES_VERSION" "$ETCD_VERSION"
     grep -E '^\s+k8s\.io/[a-z0-9-]+ v0\.0\.0$' "$kmod" | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
@@ -53,9 +55,15 @@ build() { # name package
 
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
+build kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
 build kubectl k8s.io/kubernetes/cmd/kubectl
 build etcd go.etcd.io/etcd/server/v3
-# helm has its own module graph, so its dependencies never move Kubernetes'.
+# kwok (fake nodes whose pods turn Running and Ready) and helm have module graphs of their own, so
+# their dependencies never move Kubernetes'.
+if [[ ! -x $bin/kwok ]]; then
+  echo "build.sh: building kwok $KWOK_VERSION" >&2
+  GOBIN="$bin" go install -trimpath -ldflags='-s -w' "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+fi
 if [[ ! -x $bin/helm ]]; then
   echo "build.sh: building helm $HELM_VERSION" >&2
   GOBIN="$bin" go install -trimpath -ldflags='-s -w' "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Starts etcd, kube-apiserver (RBAC on) and kube-controller-manager on 127.0.0.1 only, with a fresh
-# CA, serving cert, admin client cert and service-account signing key. Writes a kubeconfig and waits
-# for /readyz. If the control plane in the state folder already answers, it is reused.
+# Starts etcd, kube-apiserver (RBAC on), kube-controller-manager, kube-scheduler and kwok on 127.0.0.1
+# only, with a fresh CA, serving cert, admin client cert and service-account signing key, and two fake
+# nodes that kwok runs pods on (kwok-stages.yaml: pods turn Ready after a delay), so workloads roll out
+# as in a real cluster. Writes a kubeconfig and waits for /readyz and Ready nodes. If the control plane
+# in the state folder already answers, it is reused.
 #
 #   CONTROLPLANE_DIR  state folder (default: .cache/cluster); kubeconfig at $CONTROLPLANE_DIR/kubeconfig
 # Prints the kubeconfig path on stdout.
@@ -100,17 +102,44 @@ launch kube-controller-manager "$bin/kube-controller-manager" \
   --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
   --controllers '*,-node-ipam-controller,-node-lifecycle-controller,-persistentvolume-attach-detach-controller'
 
+launch kube-scheduler "$bin/kube-scheduler" \
+  --kubeconfig "$kubeconfig" --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \
+  --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false
+
+launch kwok "$bin/kwok" --kubeconfig "$kubeconfig" --config "$here/kwok-stages.yaml" \
+  --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake
+
 echo "$etcd_port" > "$dir/etcd.port"
 echo "$api_port" > "$dir/api.port"
 
+nodes_ready() {
+  local ready_nodes
+  ready_nodes=$("$bin/kubectl" --kubeconfig "$kubeconfig" get nodes --no-headers 2>/dev/null | awk '$2 == "Ready"' | wc -l)
+  ((ready_nodes == 2))
+}
+
+# Two fake nodes that kwok plays the kubelet of. The API server gives a new node the not-ready taint,
+# which the node lifecycle controller (not run here) would lift once it is Ready: lift it here.
+add_nodes() {
+  for node in kwok-node-0 kwok-node-1; do
+    printf '{"apiVersion":"v1","kind":"Node","metadata":{"name":"%s","annotations":{"kwok.x-k8s.io/node":"fake","node.alpha.kubernetes.io/ttl":"0"},"labels":{"kubernetes.io/hostname":"%s","type":"kwok"}}}' \
+      "$node" "$node" | "$bin/kubectl" --kubeconfig "$kubeconfig" apply -f - >/dev/null
+    "$bin/kubectl" --kubeconfig "$kubeconfig" taint node "$node" node.kubernetes.io/not-ready:NoSchedule- >/dev/null 2>&1 || true
+  done
+}
+
+nodes_added=false
 for _ in $(seq 1 600); do
-  if ready; then
+  if ready && ! $nodes_added; then
+    add_nodes && nodes_added=true
+  fi
+  if $nodes_added && nodes_ready; then
     awk -v a="$started" -v b="$EPOCHREALTIME" -v p="$api_port" \
       'BEGIN { printf "start.sh: control plane ready at https://127.0.0.1:%s in %.1fs\n", p, b - a }' >&2
     echo "$kubeconfig"
     exit 0
   fi
-  for p in etcd kube-apiserver; do
+  for p in etcd kube-apiserver kube-scheduler kwok; do
     if ! kill -0 "$(cat "$dir/$p.pid")" 2>/dev/null; then
       echo "start.sh: $p exited; last lines of $dir/$p.log:" >&2
       tail -20 "$dir/$p.log" >&2
@@ -119,5 +148,5 @@ for _ in $(seq 1 600); do
   done
   sleep 0.1
 done
-echo "start.sh: control plane not ready after 60s; see $dir/*.log" >&2
+echo "start.sh: control plane (or its fake nodes) not ready after 60s; see $dir/*.log" >&2
 exit 1

@@ -5,7 +5,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 dir=${CONTROLPLANE_DIR:-$root/.cache/cluster}
 [[ -d $dir ]] || exit 0
-for p in kube-controller-manager kube-apiserver etcd; do
+for p in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
   if [[ -f $dir/$p.pid ]]; then
     pid=$(cat "$dir/$p.pid")
     kill "$pid" 2>/dev/null

@@ -24,6 +24,30 @@ pub struct TargetState {
     pub rolled_out: bool,
     /// Whether its pod template refers to the credentials Secret (volume, env or envFrom).
     pub uses_secret: bool,
+    /// Why its rollout does not progress, when Kubernetes says so.
+    pub stalled: Option<Stall>,
+}
+
+/// Why a workload's rollout does not progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stall {
+    /// `spec.paused`: the Deployment controller rolls nothing out until it is resumed.
+    Paused,
+    /// The Deployment's `Progressing` condition says `ProgressDeadlineExceeded` (since `since`).
+    DeadlineExceeded { since: String },
+}
+
+/// Why a Deployment's rollout does not progress: paused, or past its `progressDeadlineSeconds`.
+pub fn deployment_stall(d: &Deployment) -> Option<Stall> {
+    if d.spec.as_ref().and_then(|s| s.paused) == Some(true) {
+        return Some(Stall::Paused);
+    }
+    let conditions = d.status.as_ref()?.conditions.as_ref()?;
+    let progressing = conditions.iter().find(|c| c.type_ == "Progressing")?;
+    (progressing.status == "False" && progressing.reason.as_deref() == Some("ProgressDeadlineExceeded")).then(|| {
+        let since = progressing.last_transition_time.as_ref().or(progressing.last_update_time.as_ref());
+        Stall::DeadlineExceeded { since: since.map(|t| t.0.to_string()).unwrap_or_default() }
+    })
 }
 
 /// Whether a pod template refers to Secret `name`: a secret volume, a projected volume source, or a
@@ -90,23 +114,24 @@ pub async fn observe(
         WorkloadKind::Deployment => Api::<Deployment>::namespaced(client.clone(), namespace)
             .get_opt(&target.name)
             .await?
-            .map(|d| (deployment_rolled_out(&d), d.spec.map(|s| s.template))),
+            .map(|d| (deployment_rolled_out(&d), deployment_stall(&d), d.spec.map(|s| s.template))),
         WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client.clone(), namespace)
             .get_opt(&target.name)
             .await?
-            .map(|s| (statefulset_rolled_out(&s), s.spec.map(|s| s.template))),
+            .map(|s| (statefulset_rolled_out(&s), None, s.spec.map(|s| s.template))),
         WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client.clone(), namespace)
             .get_opt(&target.name)
             .await?
-            .map(|d| (daemonset_rolled_out(&d), d.spec.map(|s| s.template))),
+            .map(|d| (daemonset_rolled_out(&d), None, d.spec.map(|s| s.template))),
     };
     Ok(match found {
-        Some((rolled_out, template)) => TargetState {
+        Some((rolled_out, stalled, template)) => TargetState {
             target: target.clone(),
             restarted_for: template_annotation(template.as_ref()),
             exists: true,
             rolled_out,
             uses_secret: template.as_ref().is_some_and(|t| template_uses_secret(t, secret)),
+            stalled: stalled.filter(|_| !rolled_out),
         },
         None => TargetState {
             target: target.clone(),
@@ -114,6 +139,7 @@ pub async fn observe(
             exists: false,
             rolled_out: true,
             uses_secret: false,
+            stalled: None,
         },
     })
 }
@@ -183,6 +209,22 @@ mod tests {
         assert!(!deployment_rolled_out(&deployment(2, 2, 3, 2, 3, 4)), "old pods still running");
         assert!(!deployment_rolled_out(&deployment(2, 2, 3, 3, 2, 3)), "a new pod not available yet");
         assert!(deployment_rolled_out(&deployment(5, 5, 0, 0, 0, 0)), "scaled to zero");
+    }
+
+    #[test]
+    fn a_paused_deployment_or_one_past_its_progress_deadline_is_stalled() {
+        let mut d = deployment(2, 2, 3, 1, 3, 4);
+        assert_eq!(deployment_stall(&d), None, "progressing");
+        d.spec.as_mut().unwrap().paused = Some(true);
+        assert_eq!(deployment_stall(&d), Some(Stall::Paused));
+        d.spec.as_mut().unwrap().paused = None;
+        d.status.as_mut().unwrap().conditions = Some(vec![
+            serde_json::from_value(json!({
+            "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+            "lastTransitionTime": "2026-12-04T10:00:00Z"}))
+            .unwrap(),
+        ]);
+        assert_eq!(deployment_stall(&d), Some(Stall::DeadlineExceeded { since: "2026-12-04T10:00:00Z".into() }));
     }
 
     #[test]

@@ -271,8 +271,8 @@ pub struct RotationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub interval: Option<String>,
-    /// How long the previous secret keeps working after the Secret switched to the new one and the
-    /// restart targets rolled out.
+    /// How long the previous secret keeps working after the Secret switched to the new one; in any
+    /// case it works until every restart target rolled out.
     #[serde(default = "default_grace_period")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub grace_period: String,

@@ -19,4 +19,5 @@ mod limits;
 mod operations;
 mod project;
 mod project_user;
+mod rollout;
 mod tenancy;

@@ -37,7 +37,7 @@ use super::secret::{
 };
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::view::Seen;
-use super::workload::{self, TargetState};
+use super::workload::{self, Stall, TargetState};
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, crash_point, event};
 use crate::crd::{
     AdoptSecret, ClientApplication, ClientApplicationStatus, DeletionPolicy, MedplumConnection, RestartTarget,
@@ -70,6 +70,9 @@ pub const ROTATION_HANDLED: &str = "medplum.com/rotation-handled";
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "medplum-operator");
 /// Condition: Medplum proved the Secret's current credentials right; its reason says how.
 const CREDENTIAL_VERIFIED: &str = "CredentialVerified";
+/// Rotating reasons of a rollout that does not progress: a Warning Event says so when they begin.
+const ROLLOUT_STUCK: &str = "RolloutStuck";
+const ROLLOUT_PAUSED: &str = "RolloutPaused";
 /// How often a rollout in progress is looked at again.
 const ROLLOUT_POLL: Duration = Duration::from_secs(5);
 /// A reconcile carries out at most this many steps; a correct plan needs far fewer.
@@ -255,6 +258,18 @@ async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnectio
     })
 }
 
+/// A Warning Event when the Rotating condition begins to say that a rollout does not progress.
+fn stall_warning(before: Option<&ClientApplicationStatus>, after: &ClientApplicationStatus) -> Option<Event> {
+    let rotating = |s: Option<&ClientApplicationStatus>| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Rotating"))
+            .map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    let (reason, message) = rotating(Some(after))?;
+    let stalled = reason == ROLLOUT_STUCK || reason == ROLLOUT_PAUSED;
+    let began = rotating(before).is_none_or(|(was, _)| was != reason);
+    (stalled && began).then(|| event(EventType::Warning, &reason, "Rotate", message))
+}
+
 /// The status after a reconcile.
 fn desired_status(
     ca: &ClientApplication,
@@ -313,11 +328,37 @@ fn desired_status(
         status.conditions = set_condition(&status.conditions, verified, generation, now);
         let retiring = o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some());
         let rotating = match result {
-            Ok(Outcome::Waiting(Step::WaitForRollout { target }, _)) => ConditionState::new(
+            Ok(Outcome::Waiting(Step::WaitForRollout { target, stalled: None }, _)) => ConditionState::new(
                 "Rotating",
                 true,
                 "WaitingForRollout",
                 format!("the previous secret is retired once {target} rolled out and the grace period passed"),
+            ),
+            // Never cut off a consumer that still runs on the previous secret: a stalled rollout keeps
+            // it working, for as long as it takes, and says so.
+            Ok(Outcome::Waiting(Step::WaitForRollout { target, stalled: Some(Stall::Paused) }, _)) => {
+                ConditionState::new(
+                    "Rotating",
+                    true,
+                    ROLLOUT_PAUSED,
+                    format!(
+                        "{target} is paused, so its pods still use the previous secret, which keeps working until \
+                         it is resumed and rolled out"
+                    ),
+                )
+            }
+            Ok(Outcome::Waiting(
+                Step::WaitForRollout { target, stalled: Some(Stall::DeadlineExceeded { since }) },
+                _,
+            )) => ConditionState::new(
+                "Rotating",
+                true,
+                ROLLOUT_STUCK,
+                format!(
+                    "{target} has exceeded its progress deadline (since {since}): pods of its new template are \
+                         not Ready. The previous secret keeps working until it rolls out; fix or roll back the \
+                         workload"
+                ),
             ),
             Ok(Outcome::Waiting(Step::WaitForGrace { until }, _)) => ConditionState::new(
                 "Rotating",
@@ -381,13 +422,16 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     let status = desired_status(ca, desired_state.as_ref(), observed.as_ref(), &result, now);
     apply_status(&api, &ca.name_any(), ca.status.as_ref(), &status).await.map_err(Error::Status)?;
     let reference = ca.object_ref(&());
-    for event in &events {
+    for event in events.iter().chain(&stall_warning(ca.status.as_ref(), &status)) {
         ctx.publish(&reference, event).await;
     }
     let before = ca.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     ctx.report_ready(KIND, ca, before, &status.conditions).await;
     let (name, namespace) = (ca.name_any(), ca.namespace().unwrap_or_default());
     ctx.metrics.set_next_rotation(&namespace, &name, status.next_rotation_time.as_ref().map(|t| t.0.as_second()));
+    let waiting = matches!(result, Ok(Outcome::Waiting(Step::WaitForRollout { .. }, _)));
+    let waiting_since = observed.as_ref().and_then(|o| o.issued_at()).filter(|_| waiting);
+    ctx.metrics.set_rollout_waiting_since(&namespace, &name, waiting_since.map(|t| t.as_second()));
     let rotating = observed
         .as_ref()
         .is_some_and(|o| o.pending().is_some() || o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some()));

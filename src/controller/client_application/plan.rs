@@ -154,6 +154,8 @@ pub(super) enum Step {
     RestartTargets,
     WaitForRollout {
         target: String,
+        /// Why its rollout does not progress, when Kubernetes says so.
+        stalled: Option<Stall>,
     },
     WaitForGrace {
         until: Timestamp,
@@ -297,7 +299,8 @@ pub(super) fn plan(d: &Desired, o: &Observed, now: Timestamp) -> Step {
             return Step::Verify;
         }
         if let Some(t) = o.targets.iter().find(|t| t.exists && !t.rolled_out) {
-            return Step::WaitForRollout { target: format!("{:?}/{}", t.target.kind, t.target.name) };
+            let target = format!("{:?}/{}", t.target.kind, t.target.name);
+            return Step::WaitForRollout { target, stalled: t.stalled.clone() };
         }
         let until = o.issued_at().and_then(|i| i.checked_add(d.grace_period).ok()).unwrap_or(now);
         if now < until {

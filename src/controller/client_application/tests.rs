@@ -97,6 +97,7 @@ fn target(restarted_for: Option<i64>, rolled_out: bool) -> TargetState {
         exists: true,
         rolled_out,
         uses_secret: true,
+        stalled: None,
     }
 }
 
@@ -175,7 +176,14 @@ fn a_rotation_runs_store_push_switch_restart_wait_and_retire() {
     );
     assert_eq!(plan(&d, &switched, at(3603)), Step::RestartTargets);
     switched.targets = vec![target(Some(3603), false)];
-    assert_eq!(plan(&d, &switched, at(3604)), Step::WaitForRollout { target: "Deployment/app".into() });
+    assert_eq!(plan(&d, &switched, at(3604)), Step::WaitForRollout { target: "Deployment/app".into(), stalled: None });
+    // A rollout that does not progress keeps the previous secret working, however long it takes.
+    let stuck = Stall::DeadlineExceeded { since: at(3700).to_string() };
+    switched.targets = vec![TargetState { stalled: Some(stuck.clone()), ..target(Some(3603), false) }];
+    assert_eq!(
+        plan(&d, &switched, at(3603 + 30 * 86_400)),
+        Step::WaitForRollout { target: "Deployment/app".into(), stalled: Some(stuck) }
+    );
     switched.targets = vec![target(Some(3603), true)];
     assert_eq!(plan(&d, &switched, at(3700)), Step::WaitForGrace { until: at(3603 + 600) });
     assert_eq!(plan(&d, &switched, at(3603 + 600)), Step::RetireSecret);
@@ -330,4 +338,24 @@ fn only_a_foreign_opaque_secret_no_connection_or_other_client_uses_is_merged_int
     let mut own = plain;
     own.owner_uids = vec![d.owner.uid.clone()];
     assert_eq!(secret_refusal(&own, &d, std::slice::from_ref(&d.secret_name)), None, "its own Secret");
+}
+
+#[test]
+fn a_warning_says_when_a_rollout_stops_progressing_once() {
+    let with = |reason: &str| ClientApplicationStatus {
+        conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Rotating".into(),
+            status: "True".into(),
+            reason: reason.into(),
+            message: format!("{reason} message"),
+            last_transition_time: Time(at(0)),
+            observed_generation: None,
+        }],
+        ..Default::default()
+    };
+    let warning = stall_warning(Some(&with("WaitingForRollout")), &with(ROLLOUT_STUCK)).expect("a warning");
+    assert_eq!((warning.type_, warning.reason.as_str()), (EventType::Warning, ROLLOUT_STUCK));
+    assert!(stall_warning(Some(&with(ROLLOUT_STUCK)), &with(ROLLOUT_STUCK)).is_none(), "once");
+    assert!(stall_warning(None, &with(ROLLOUT_PAUSED)).is_some());
+    assert!(stall_warning(Some(&with(ROLLOUT_STUCK)), &with("GracePeriod")).is_none());
 }

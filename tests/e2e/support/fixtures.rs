@@ -278,8 +278,9 @@ impl Setup {
         self.clients().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     }
 
-    /// A Deployment with no replicas (there is no kubelet): its rollouts finish as soon as the
-    /// deployment controller has seen them. Its container takes the Secret `name` as environment.
+    /// A Deployment with no replicas: its rollouts finish as soon as the deployment controller has
+    /// seen them (tests/e2e/rollout.rs has real ones). Its container takes the Secret `name` as
+    /// environment.
     pub async fn deployment(&self, name: &str) {
         let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
             "metadata": {"name": name},
