@@ -6,6 +6,9 @@
 #                                MEDPLUM_TEST_CLIENT_ID and MEDPLUM_TEST_CLIENT_SECRET (a super-admin client)
 #   hack/real-medplum.sh stop    stops it; the data stays for the next start
 #   hack/real-medplum.sh status  exit 0 if it is running and healthy
+#   hack/real-medplum.sh outage server|postgres|redis
+#                                stops that one part (by its PID file), as an outage would; `start`
+#                                brings it back
 #
 # State (database, Node, npm install, logs) lives in $MEDPLUM_STATE_DIR, default
 # /var/tmp/medplum-operator-medplum: outside the checkout, so a fresh clone reuses a warm install
@@ -53,9 +56,21 @@ case ${1:-} in
     MEDPLUM_RATE_LIMITS=$wanted exec bash "$kit/start.sh"
     ;;
   stop) exec bash "$kit/stop.sh" ;;
+  outage)
+    case ${2:-} in
+      server) pid=$(cat "$MEDPLUM_STATE_DIR/run/medplum-server.pid") signal=TERM ;;
+      postgres) pid=$(head -1 "$MEDPLUM_STATE_DIR/pg/data/postmaster.pid") signal=INT ;; # fast shutdown
+      redis) pid=$(cat "$MEDPLUM_STATE_DIR/redis/redis.pid") signal=TERM ;;
+      *) echo "usage: hack/real-medplum.sh outage server|postgres|redis" >&2; exit 2 ;;
+    esac
+    kill "-$signal" "$pid"
+    for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || exit 0; sleep 0.1; done
+    echo "real-medplum.sh: $2 (pid $pid) did not stop within 30 s" >&2
+    exit 1
+    ;;
   status)
     base=$(sed -n 's/^MEDPLUM_TEST_BASE_URL=//p' "$MEDPLUM_STATE_DIR/env" 2>/dev/null)
     [[ -n $base ]] && curl -sf --max-time 5 "$base/healthcheck" >/dev/null
     ;;
-  *) echo "usage: hack/real-medplum.sh start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: hack/real-medplum.sh start|stop|status|outage PART" >&2; exit 2 ;;
 esac

@@ -63,11 +63,23 @@ cargo test "${selection[@]}" "$@" 2>&1 | tee "$output"
 status=${PIPESTATUS[0]}
 set -e
 
+# The outage tests stop what the suite shares (kube-apiserver; with the real Medplum, its server,
+# PostgreSQL and Redis, 2 minutes each), so they run after it, one at a time.
+filtered=false
+for arg in "$@"; do [[ $arg == -* ]] || filtered=true; done
+if ! $filtered && { ! $real || [[ -n ${kit_environment:-} ]]; }; then
+  echo "test.sh: the outage tests, one at a time" >&2
+  set +e
+  cargo test --test e2e "$@" outage:: -- --ignored --test-threads 1 2>&1 | tee -a "$output"
+  outage_status=${PIPESTATUS[0]}
+  set -e
+  ((outage_status == 0)) || status=$outage_status
+  if $real; then MEDPLUM_RATE_LIMITS=off bash hack/real-medplum.sh start >/dev/null; fi
+fi
+
 # The suite runs against a real Medplum with its rate limits off, as its tests need; Medplum enforces
 # no FHIR quota then, so the rate limit tests (tests/e2e/limits.rs) skip. The kit's server is restarted
 # with its production limits for them, then restarted as it was. Not when a test filter was given.
-filtered=false
-for arg in "$@"; do [[ $arg == -* ]] || filtered=true; done
 if $real && [[ -n ${kit_environment:-} ]] && ! $filtered; then
   echo "test.sh: the rate limit tests again, against the real Medplum restarted with its rate limits on" >&2
   environment=$(MEDPLUM_RATE_LIMITS=on bash hack/real-medplum.sh start)
@@ -94,7 +106,7 @@ read -r passed failed ignored < <(awk '/^test result:/ {
   } END { print p + 0, f + 0, g + 0 }' "$output")
 skipped=$(grep -c . "$skips" || true)
 {
-  echo "test.sh: against the $target: $passed passed (of which $skipped skipped their checks), $failed failed, $ignored ignored (benchmarks); ${seconds}s"
+  echo "test.sh: against the $target: $passed passed (of which $skipped skipped their checks), $failed failed, $ignored ignored (benchmarks; the outage tests run alone after the suite); ${seconds}s"
   if ((skipped)); then
     echo "test.sh: skipped on this target:"
     sort "$skips" | sed 's/^/  /'

@@ -82,18 +82,21 @@ launch etcd "$bin/etcd" --data-dir "$dir/etcd" --name local \
   --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
   --initial-cluster "local=http://127.0.0.1:$etcd_peer_port" --unsafe-no-fsync --quota-backend-bytes 4294967296
 
-launch kube-apiserver "$bin/kube-apiserver" \
-  --etcd-servers "http://127.0.0.1:$etcd_port" \
-  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
-  --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-  --client-ca-file "$pki/ca.crt" \
-  --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-  --service-account-issuer https://kubernetes.default.svc.cluster.local \
-  --api-audiences https://kubernetes.default.svc.cluster.local \
-  --service-cluster-ip-range 10.0.0.0/24 \
-  --authorization-mode RBAC --endpoint-reconciler-type none \
-  --enable-admission-plugins OwnerReferencesPermissionEnforcement \
-  --enable-priority-and-fairness=false
+apiserver=("$bin/kube-apiserver"
+  --etcd-servers "http://127.0.0.1:$etcd_port"
+  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port"
+  --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key"
+  --client-ca-file "$pki/ca.crt"
+  --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key"
+  --service-account-issuer https://kubernetes.default.svc.cluster.local
+  --api-audiences https://kubernetes.default.svc.cluster.local
+  --service-cluster-ip-range 10.0.0.0/24
+  --authorization-mode RBAC --endpoint-reconciler-type none
+  --enable-admission-plugins OwnerReferencesPermissionEnforcement
+  --enable-priority-and-fairness=false)
+# restart-apiserver.sh starts it again with the same arguments.
+printf '%s\n' "${apiserver[@]}" > "$dir/kube-apiserver.args"
+launch kube-apiserver "${apiserver[@]}"
 
 launch kube-controller-manager "$bin/kube-controller-manager" \
   --kubeconfig "$kubeconfig" --authentication-kubeconfig "$kubeconfig" --authorization-kubeconfig "$kubeconfig" \

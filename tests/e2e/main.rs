@@ -17,6 +17,7 @@ mod hostile;
 mod least_privilege;
 mod limits;
 mod operations;
+mod outage;
 mod project;
 mod project_user;
 mod rollout;
