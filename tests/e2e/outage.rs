@@ -74,6 +74,24 @@ impl Drop for Restore {
     }
 }
 
+/// Waits until `count` ClientApplications of the namespace are Ready.
+async fn all_ready(s: &Setup, count: usize, within: Duration) {
+    eventually(within, &format!("{count} clients Ready"), || async {
+        let list = s.clients().list(&ListParams::default()).await.ok()?;
+        let ready = list.items.iter().filter(|ca| ready_reason(ca).is_some_and(|(st, _)| st == "True")).count();
+        (ready == count).then_some(())
+    })
+    .await;
+}
+
+/// No value of `secrets` in the operator's logs, Events, statuses.
+async fn nowhere_public(s: &Setup, operator: &Operator, secrets: impl IntoIterator<Item = &String>) {
+    let public = s.public_text().await + &operator.logs();
+    for value in secrets {
+        assert!(!public.contains(value.as_str()), "a secret value in logs, Events or status");
+    }
+}
+
 async fn requests(operator: &Operator) -> f64 {
     operator.metric("medplum_operator_medplum_requests_total").await
 }
@@ -105,11 +123,7 @@ async fn outage(part: &str) {
     let rotating_id = s.wait_ready("rotating").await.status.unwrap().client_id.unwrap();
     let old = s.secret("rotating").await.unwrap()["MEDPLUM_CLIENT_SECRET"].clone();
     s.annotate("rotating", "medplum.com/rotate", "before-the-outage").await;
-    eventually(Duration::from_secs(60), "rotation in its grace period", || async {
-        let ca = s.clients().get("rotating").await.ok()?;
-        ca.status?.conditions.iter().any(|c| c.type_ == "Rotating" && c.reason == "GracePeriod").then_some(())
-    })
-    .await;
+    s.wait_condition("rotating", "Rotating", "True", Some("GracePeriod")).await;
     for i in 0..CREATING {
         s.create_client(&format!("new-{i:02}"), json!({"access": access})).await;
     }
@@ -164,18 +178,9 @@ async fn outage(part: &str) {
     restore.now();
     let recovered = Instant::now();
     let all = CREATING + STEADY + 1;
-    eventually(Duration::from_secs(300), "every client Ready after the outage", || async {
-        let list = s.clients().list(&ListParams::default()).await.ok()?;
-        let ready = list.items.iter().filter(|ca| ready_reason(ca).is_some_and(|(st, _)| st == "True")).count();
-        (ready == all).then_some(())
-    })
-    .await;
+    all_ready(s, all, Duration::from_secs(300)).await;
     let all_ready = recovered.elapsed().as_secs_f64();
-    eventually(Duration::from_secs(300), "the rotation finished", || async {
-        let ca = s.clients().get("rotating").await.ok()?;
-        ca.status?.conditions.iter().any(|c| c.type_ == "Rotating" && c.reason == "Idle").then_some(())
-    })
-    .await;
+    s.wait_condition_within(Duration::from_secs(300), "rotating", "Rotating", "False", Some("Idle")).await;
     println!(
         "figure: {part} outage: all {all} clients Ready {all_ready:.1} s after recovery; rotation finished {:.1} s after it",
         recovered.elapsed().as_secs_f64()
@@ -207,10 +212,7 @@ async fn outage(part: &str) {
         .collect();
     assert_eq!(retired.len(), 1, "retired once");
     assert!(retired[0].series.is_none(), "and not again");
-    let public = s.public_text().await + &operator.logs();
-    for value in written.values().chain([&old]) {
-        assert!(!public.contains(value.as_str()), "a secret value in logs, Events or status");
-    }
+    nowhere_public(s, &operator, written.values().chain([&old])).await;
 }
 
 #[tokio::test]
@@ -276,17 +278,8 @@ async fn the_api_server_restarts_during_creates_and_a_rotation() {
     println!("figure: kube-apiserver restarted in the middle of {BATCH} creates and a rotation; API away {away:.1} s");
 
     let all = BATCH + 1;
-    eventually(Duration::from_secs(180), "every client Ready after the restart", || async {
-        let list = s.clients().list(&ListParams::default()).await.ok()?;
-        let ready = list.items.iter().filter(|ca| ready_reason(ca).is_some_and(|(st, _)| st == "True")).count();
-        (ready == all).then_some(())
-    })
-    .await;
-    eventually(Duration::from_secs(120), "the rotation finished", || async {
-        let ca = s.clients().get("rotating").await.ok()?;
-        ca.status?.conditions.iter().any(|c| c.type_ == "Rotating" && c.reason == "Idle").then_some(())
-    })
-    .await;
+    all_ready(&s, all, Duration::from_secs(180)).await;
+    s.wait_condition_within(Duration::from_secs(120), "rotating", "Rotating", "False", Some("Idle")).await;
     println!(
         "figure: all {all} clients Ready and the rotation done {:.1} s after the API came back",
         restarted.elapsed().as_secs_f64()
@@ -318,8 +311,10 @@ async fn the_api_server_restarts_during_creates_and_a_rotation() {
         let id = ca.status.unwrap().client_id.unwrap();
         assert_eq!(s.memberships_of(&id).await.len(), 1, "{name}: one membership");
         assert!(s.token_works(&id, &written[&name]).await, "{name}: the Secret's credentials work");
+        // An Event the operator publishes while the API is away is lost (Events are best effort);
+        // none is published twice.
         if name.starts_with("batch-") {
-            assert_eq!(of("Created", &name), 1, "{name}: created once");
+            assert!(of("Created", &name) <= 1, "{name}: created once");
         }
     }
     assert_eq!(of("SecretRetired", "rotating"), 1, "the old secret retired once");
@@ -328,8 +323,5 @@ async fn the_api_server_restarts_during_creates_and_a_rotation() {
         let after = s.medplum.stats().await.get("POST /fhir/R4/ClientApplication").copied().unwrap_or(0);
         assert_eq!(after - before, (BATCH + 1) as u64, "one Medplum create per client");
     }
-    let public = s.public_text().await + &operator.logs();
-    for value in written.values().chain([&old]) {
-        assert!(!public.contains(value.as_str()), "a secret value in logs, Events or status");
-    }
+    nowhere_public(&s, &operator, written.values().chain([&old])).await;
 }

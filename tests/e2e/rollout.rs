@@ -99,11 +99,8 @@ fn rotating(ca: &ClientApplication) -> (String, String) {
 }
 
 async fn wait_rotating(s: &Setup, name: &str, reason: &str, within: Duration) -> ClientApplication {
-    eventually(within, &format!("{name} Rotating {reason}"), || async {
-        let ca = s.clients().get(name).await.ok()?;
-        (ca.status.as_ref()?.conditions.iter().any(|c| c.type_ == "Rotating" && c.reason == reason)).then_some(ca)
-    })
-    .await
+    let status = if reason == "Idle" { "False" } else { "True" };
+    s.wait_condition_within(within, name, "Rotating", status, Some(reason)).await
 }
 
 /// Every workload's pods are of the template for `issued`, all Ready.

@@ -179,9 +179,21 @@ impl Setup {
         status: &str,
         reason: Option<&str>,
     ) -> ClientApplication {
+        self.wait_condition_within(WAIT, name, type_, status, reason).await
+    }
+
+    /// [`wait_condition`](Self::wait_condition), for at most `within`.
+    pub async fn wait_condition_within(
+        &self,
+        within: Duration,
+        name: &str,
+        type_: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> ClientApplication {
         let api = self.clients();
         let what = format!("{name}: {type_}={status} {reason:?}");
-        eventually(WAIT, &what, || async {
+        eventually(within, &what, || async {
             let object = api.get(name).await.ok()?;
             let c = object.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)?.clone();
             let generation_seen = object.status.as_ref()?.observed_generation == object.metadata.generation;
