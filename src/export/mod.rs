@@ -117,7 +117,8 @@ async fn snapshot(medplum: &MedplumClient, project_id: &str) -> Result<convert::
     Ok(convert::Snapshot { project, policies, clients, memberships, references })
 }
 
-/// `medplum-operator export`; returns the process exit code.
+/// `medplum-operator export`: prints the resources (or writes them under `--output-dir`), and on
+/// stderr what was left out and why.
 pub async fn run_export(args: ExportArgs) -> Result<(), CommandError> {
     let kube = kube_client(args.context.as_deref()).await?;
     let connection_ref = match &args.cluster_connection {
