@@ -145,11 +145,17 @@ impl Names {
         name
     }
 
-    /// Another resource or cluster's operator manages the object (its marks, beside this one's own).
-    fn managed_elsewhere(&self, v: &Value, name: &str) -> Option<String> {
+    /// Why the operator would not adopt the object as `name`, as it checks on apply: the connection
+    /// does not list it (`unlisted`, the message; an object this namespace already manages needs no
+    /// listing), or another resource or cluster's operator manages it.
+    fn refusal(&self, v: &Value, name: &str, listed: bool, unlisted: impl FnOnce() -> String) -> Option<String> {
+        if !listed && self.marked(v).is_none() {
+            return Some(unlisted());
+        }
         let code = format!("{}/{}/{name}", self.kind, self.namespace);
         let marks = marks(v);
         managed_elsewhere(marks.iter().map(|(s, c)| (s.as_str(), c.as_str())), (&self.system, &code))
+            .map(|owner| format!("managed by a medplum-operator as {owner}"))
     }
 }
 
@@ -189,18 +195,12 @@ fn export_policies(snapshot: &Snapshot, target: &Target, out: &mut Export) -> Ha
         let id = str_of(v, "id").unwrap_or_default().to_string();
         let what = format!("AccessPolicy/{id} ({})", str_of(v, "name").unwrap_or("no name"));
         let name = names.name(v, str_of(v, "name"), "policy");
-        match policy_spec(v, target) {
-            Err(why) => skip(out, what, why),
-            Ok(_) if !target.limits.adoption.admits_policy(&id) && names.marked(v).is_none() => skip(
-                out,
-                what,
-                format!("the connection does not list it in spec.limits.adoption.policyIds (add {id:?} to adopt it)"),
-            ),
-            Ok(_) if names.managed_elsewhere(v, &name).is_some() => {
-                let owner = names.managed_elsewhere(v, &name).unwrap_or_default();
-                skip(out, what, format!("managed by a medplum-operator as {owner}"))
-            }
-            Ok(spec) => {
+        let refusal = names.refusal(v, &name, target.limits.adoption.admits_policy(&id), || {
+            format!("the connection does not list it in spec.limits.adoption.policyIds (add {id:?} to adopt it)")
+        });
+        match (policy_spec(v, target), refusal) {
+            (Err(why), _) | (Ok(_), Some(why)) => skip(out, what, why),
+            (Ok(spec), None) => {
                 exported.insert(id, name.clone());
                 out.policies.push(AccessPolicy { metadata: metadata(&name, &target.namespace), spec, status: None });
             }
@@ -386,19 +386,12 @@ fn export_clients(
         }
         let name = names.name(v, str_of(v, "name"), "client");
         let membership = memberships.get(format!("ClientApplication/{id}").as_str()).copied();
-        let spec = client_spec(v, membership, target, policy_names, &name);
-        match spec {
-            Err(why) => skip(out, what, why),
-            Ok(_) if !target.limits.adoption.admits_client(&id) && names.marked(v).is_none() => skip(
-                out,
-                what,
-                format!("the connection does not list it in spec.limits.adoption.clientIds (add {id:?} to adopt it)"),
-            ),
-            Ok(_) if names.managed_elsewhere(v, &name).is_some() => {
-                let owner = names.managed_elsewhere(v, &name).unwrap_or_default();
-                skip(out, what, format!("managed by a medplum-operator as {owner}"))
-            }
-            Ok(spec) => {
+        let refusal = names.refusal(v, &name, target.limits.adoption.admits_client(&id), || {
+            format!("the connection does not list it in spec.limits.adoption.clientIds (add {id:?} to adopt it)")
+        });
+        match (client_spec(v, membership, target, policy_names, &name), refusal) {
+            (Err(why), _) | (Ok(_), Some(why)) => skip(out, what, why),
+            (Ok(spec), None) => {
                 if let Some(idp) = &spec.identity_provider {
                     let secret = &idp.client_secret_ref;
                     let about = format!("the client secret of the identity provider of ClientApplication {name}");
@@ -510,25 +503,24 @@ fn export_users(snapshot: &Snapshot, target: &Target, policy_names: &HashMap<Str
         let id = str_of(m, "id").unwrap_or_default();
         let who = m.pointer("/user/display").and_then(Value::as_str).unwrap_or("unknown user");
         let what = format!("ProjectMembership/{id} ({who})");
-        match user_spec(m, snapshot, target, policy_names) {
-            Err(why) => skip(out, what, why),
-            Ok(spec)
-                if !target.limits.adoption.admits_user(spec.email.as_deref(), spec.external_id.as_deref())
-                    && names.marked(m).is_none() =>
-            {
-                let listed = if spec.external_id.is_some() { "userExternalIds" } else { "userEmails" };
-                skip(out, what, format!("the connection does not list this person in spec.limits.adoption.{listed}"))
+        let spec = match user_spec(m, snapshot, target, policy_names) {
+            Ok(spec) => spec,
+            Err(why) => {
+                skip(out, what, why);
+                continue;
             }
-            Ok(spec) => {
-                let display = spec.email.clone().or_else(|| spec.external_id.clone());
-                let display = display.as_deref().map(|d| d.split('@').next().unwrap_or(d));
-                let name = names.name(m, display, "user");
-                if let Some(owner) = names.managed_elsewhere(m, &name) {
-                    skip(out, what, format!("managed by a medplum-operator as {owner}"));
-                    continue;
-                }
-                out.users.push(ProjectUser { metadata: metadata(&name, &target.namespace), spec, status: None });
-            }
+        };
+        let display = spec.email.clone().or_else(|| spec.external_id.clone());
+        let display = display.as_deref().map(|d| d.split('@').next().unwrap_or(d));
+        let name = names.name(m, display, "user");
+        let listed = target.limits.adoption.admits_user(spec.email.as_deref(), spec.external_id.as_deref());
+        let refusal = names.refusal(m, &name, listed, || {
+            let listing = if spec.external_id.is_some() { "userExternalIds" } else { "userEmails" };
+            format!("the connection does not list this person in spec.limits.adoption.{listing}")
+        });
+        match refusal {
+            Some(why) => skip(out, what, why),
+            None => out.users.push(ProjectUser { metadata: metadata(&name, &target.namespace), spec, status: None }),
         }
     }
 }

@@ -253,10 +253,6 @@ fn access_of(grants: &[AccessGrant], policy_ids: &HashMap<String, String>) -> Re
     Ok(membership_access(&resolved))
 }
 
-fn references(access: &[MembershipAccess]) -> Value {
-    json!(access)
-}
-
 async fn client_report(
     medplum: &MedplumClient,
     project_id: &str,
@@ -369,7 +365,7 @@ fn membership_lines(
     report.line(format!("update its ProjectMembership/{}", m.id.as_deref().unwrap_or_default()));
     for field in drift {
         match *field {
-            "access" => report.field("access", &references(&m.access), &references(access)),
+            "access" => report.field("access", &json!(m.access), &json!(access)),
             "accessPolicy" => report.field("accessPolicy", &json!(m.access_policy), &Value::Null),
             "admin" => report.field("admin", &json!(m.admin.unwrap_or(false)), &json!(admin)),
             "active" => report.field("active", &json!(false), &json!(true)),
