@@ -311,12 +311,17 @@ fn new_controller<K: UsesConnection>(
         .reconcile_on(resyncs(reader, ctx.settings.resync_interval))
 }
 
+/// How old an object must be before [`resyncs`] takes it in.
+const RESYNC_SETTLE: Duration = Duration::from_secs(10);
+
 /// How many parts the cached objects are split into for [`resyncs`].
 const RESYNC_SLOTS: u32 = 60;
 
 /// Every object of `cache`, once every `interval`: a part of them (by a hash of the name) at each
 /// of [`RESYNC_SLOTS`] ticks, so that resyncs are spread over the interval. One ticker per
 /// controller instead of a timer per object (kube's requeue), which held about 700 bytes an object.
+/// An object younger than [`RESYNC_SETTLE`] (or `interval`, if shorter) was reconciled when it was
+/// made and is left to a later round, so that a new object is not reconciled a second time at once.
 fn resyncs<K>(cache: Store<K>, interval: Duration) -> impl futures::Stream<Item = ObjectRef<K>> + Send + 'static
 where
     K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
@@ -328,9 +333,12 @@ where
         let cache = cache.clone();
         async move {
             ticks.tick().await;
+            let settle = jiff::SignedDuration::try_from(interval.min(RESYNC_SETTLE)).unwrap_or_default();
+            let settled = jiff::Timestamp::now() - settle;
             let due: Vec<ObjectRef<K>> = cache
                 .state()
                 .iter()
+                .filter(|o| o.meta().creation_timestamp.as_ref().is_none_or(|t| t.0 <= settled))
                 .map(|o| ObjectRef::from_obj(&**o))
                 .filter(|r| resync_slot(r.namespace.as_deref().unwrap_or_default(), &r.name) == slot)
                 .collect();
