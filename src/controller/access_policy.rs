@@ -680,7 +680,7 @@ pub fn controller(
         store
             .state()
             .iter()
-            .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()) && p.metadata.deletion_timestamp.is_some())
+            .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()) && p.meta().deletion_timestamp.is_some())
             .map(|p| ObjectRef::from_obj(&**p))
             .collect::<Vec<_>>()
     }));

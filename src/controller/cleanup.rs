@@ -9,7 +9,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use super::{Context, Error, FIELD_MANAGER, UsesConnection, connection, event, meta_fingerprint};
+use super::{Cached, Context, Error, FIELD_MANAGER, UsesConnection, connection, event, meta_fingerprint};
 use crate::crd::{AccessPolicy, ClientApplication, ConnectionKind, ConnectionRef, MedplumProject, ProjectUser};
 
 /// Held on every resource that owns objects in Medplum until its cleanup there is done.
@@ -18,11 +18,12 @@ pub const CLEANUP_FINALIZER: &str = "medplum.com/cleanup";
 /// One reconcile behind [`CLEANUP_FINALIZER`]: `apply` while the resource exists, `cleanup` once it
 /// is being deleted (the finalizer goes when `cleanup` succeeds).
 pub(super) async fn reconcile_with_cleanup<K: UsesConnection>(
-    obj: Arc<K>,
+    cached: Arc<Cached<K>>,
     ctx: Arc<Context>,
     apply: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
     cleanup: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
 ) -> Result<Action, Error> {
+    let obj = Arc::new(cached.resource());
     let namespace = obj.namespace().unwrap_or_default();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let deleted = obj.meta().deletion_timestamp.is_some();

@@ -25,7 +25,7 @@ use super::access_policy::{GrantError, resolve_grants};
 use super::connection::{UsableConnection, UseError, usable_connection};
 use super::secret::{SOURCE_LABEL, SourceError, read_secret_string};
 use super::status::{ConditionState, READY, apply_status, set_condition};
-use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
+use super::{Cached, CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
 use crate::crd::{
     AccessGrant, MedplumProject, MedplumProjectStatus, OriginalRegistration, ProjectDeletionPolicy, ProjectSecretType,
 };
@@ -407,13 +407,17 @@ async fn cleanup(project: &MedplumProject, ctx: &Context) -> Result<Action, Erro
 }
 
 /// The MedplumProjects of `store` that read `secret`.
-fn reading(store: &Store<MedplumProject>, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<MedplumProject>> {
+fn reading(
+    store: &Store<Cached<MedplumProject>>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<Cached<MedplumProject>>> {
     let (namespace, name) = (secret.namespace(), secret.name_any());
     store
         .state()
         .iter()
         .filter(|p| p.namespace() == namespace)
         .filter(|p| {
+            let p = p.resource();
             let sites = p.spec.sites.iter().filter_map(|s| s.recaptcha_secret_key_ref.as_ref());
             sites.chain(p.spec.secrets.iter().map(|s| &s.secret_key_ref)).any(|r| r.name == name)
         })

@@ -3,6 +3,7 @@
 
 pub(crate) mod access_policy;
 pub(crate) mod adoption;
+mod cached;
 mod cleanup;
 pub(crate) mod client_application;
 pub(crate) mod connection;
@@ -10,6 +11,7 @@ mod domain_configuration;
 mod events;
 mod medplum_project;
 mod own_writes;
+mod packed;
 pub(crate) mod project_user;
 mod secret;
 mod status;
@@ -32,6 +34,7 @@ use serde::de::DeserializeOwned;
 use std::time::Instant;
 use tracing::{debug, warn};
 
+pub use cached::Cached;
 pub use cleanup::{CLEANUP_FINALIZER, RELEASE_ANNOTATION, finalized};
 use cleanup::{CleanupVia, cleanup_through, cleanup_via, connection_users, reconcile_with_cleanup};
 pub use connection::{CREDENTIALS_LABEL, ConnectionRegistry};
@@ -266,19 +269,21 @@ where
 /// moves when a deletion starts), annotations and finalizers, not on status writes (its own, above
 /// all), on changes in Medplum of the objects a resource owns, and once every resync interval
 /// ([`resyncs`]; a reconcile that succeeded waits for that with [`Action::await_change`]). Its cache
-/// keeps objects trimmed ([`trim_cached`]).
+/// keeps objects trimmed ([`trim_cached`]) and compact ([`Cached`]).
 /// `taken_in` learns of each object its cache took in (changed, made or deleted).
 fn new_controller<K: UsesConnection>(
     ctx: &Context,
     namespace: Option<&str>,
     concurrency: u16,
-    taken_in: impl Fn(&K) + Send + 'static,
-) -> Controller<K> {
+    taken_in: impl Fn(&Cached<K>) + Send + 'static,
+) -> Controller<Cached<K>> {
     use futures::TryStreamExt;
-    use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
     let (reader, writer) = reflector::store();
     let own = ctx.own_writes.clone();
-    let changes = watcher(scoped::<K>(&ctx.client, namespace), watcher::Config::default().any_semantic())
+    let last_seen = Arc::new(LastSeen::default());
+    let deleted = last_seen.clone();
+    let changes = watcher(scoped::<Cached<K>>(&ctx.client, namespace), watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(trim_cached)
         .reflect(writer)
@@ -286,15 +291,12 @@ fn new_controller<K: UsesConnection>(
             if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) = event {
                 taken_in(o);
             }
+            if let watcher::Event::Delete(o) = event {
+                deleted.forget(o.meta());
+            }
         })
         .applied_objects()
-        .predicate_filter(
-            predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
-            Default::default(),
-        )
-        // After the predicates, so that they take in the finalizer the operator's own patch added.
         .try_filter(move |o| {
-            let (namespace, name) = (o.namespace().unwrap_or_default(), o.name_any());
             let meta = o.meta();
             let fingerprint = meta_fingerprint(
                 meta.generation,
@@ -302,13 +304,44 @@ fn new_controller<K: UsesConnection>(
                 meta.annotations.as_ref(),
                 meta.finalizers.as_deref().unwrap_or_default(),
             );
+            // Recorded whoever wrote it, so that an own write's finalizer is not news afterwards.
+            let changed = last_seen.changed(meta, fingerprint);
+            let (namespace, name) = (o.namespace().unwrap_or_default(), o.name_any());
             let version = o.resource_version();
-            std::future::ready(!own.is_own(&K::kind(&()), &namespace, &name, version.as_deref(), Some(fingerprint)))
+            let own = own.is_own(&K::kind(&()), &namespace, &name, version.as_deref(), Some(fingerprint));
+            std::future::ready(changed && !own)
         });
     Controller::for_stream(changes, reader.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .reconcile_on(owners_changed::<K>(ctx, namespace.map(str::to_string)))
         .reconcile_on(resyncs(reader, ctx.settings.resync_interval))
+}
+
+/// The metadata fingerprint ([`meta_fingerprint`]: generation, labels, annotations, finalizers) each
+/// cached object showed last, by a hash of its namespace, name and uid: a watch event reconciles only
+/// when it changed, not on status writes. kube's predicate filter kept copies of the name, namespace
+/// and uid of every object for this, about 230 bytes an object; this keeps 16.
+#[derive(Default)]
+struct LastSeen(Mutex<HashMap<u64, u64>>);
+
+impl LastSeen {
+    fn identity(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (&meta.namespace, &meta.name, &meta.uid).hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// Records the object's `fingerprint`; whether it differs from the one recorded before (or
+    /// none was).
+    fn changed(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, fingerprint: u64) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(Self::identity(meta), fingerprint) != Some(fingerprint)
+    }
+
+    fn forget(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&Self::identity(meta));
+    }
 }
 
 /// How old an object must be before [`resyncs`] takes it in.
@@ -370,7 +403,7 @@ fn trim_cached<K: Resource>(object: &mut K) {
 fn owners_changed<K: UsesConnection>(
     ctx: &Context,
     namespace: Option<String>,
-) -> impl futures::Stream<Item = ObjectRef<K>> + Send + 'static {
+) -> impl futures::Stream<Item = ObjectRef<Cached<K>>> + Send + 'static {
     triggers(&ctx.medplum_changed, move |owner: view::Owner| {
         let ours = owner.kind == K::kind(&()) && namespace.as_ref().is_none_or(|ns| *ns == owner.namespace);
         ours.then(|| ObjectRef::new(&owner.name).within(&owner.namespace))
@@ -495,11 +528,11 @@ impl UsesConnection for ProjectUser {
 /// only after the cache took it in, so a grantee never reads an older version than the one that
 /// triggered it.
 pub struct PolicyStores {
-    stores: Mutex<HashMap<Option<String>, Store<AccessPolicy>>>,
+    stores: Mutex<HashMap<Option<String>, Store<Cached<AccessPolicy>>>>,
     /// Counts the policy events taken in, to wake grantees waiting for a policy.
     changed: tokio::sync::watch::Sender<u64>,
     /// Each policy taken in (changed, made or deleted), to reconcile its grantees.
-    taken_in: tokio::sync::broadcast::Sender<ObjectRef<AccessPolicy>>,
+    taken_in: tokio::sync::broadcast::Sender<ObjectRef<Cached<AccessPolicy>>>,
 }
 
 impl Default for PolicyStores {
@@ -513,12 +546,12 @@ impl Default for PolicyStores {
 }
 
 impl PolicyStores {
-    fn register(&self, scope: Option<&str>, store: Store<AccessPolicy>) {
+    fn register(&self, scope: Option<&str>, store: Store<Cached<AccessPolicy>>) {
         self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(scope.map(str::to_string), store);
     }
 
     /// Called by the AccessPolicy controller's watch once its cache took in `policy`.
-    fn took_in(&self, policy: &AccessPolicy) {
+    fn took_in(&self, policy: &Cached<AccessPolicy>) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
         let _ = self.taken_in.send(ObjectRef::from_obj(policy));
     }
@@ -533,22 +566,19 @@ impl PolicyStores {
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<AccessPolicy>> {
         let stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
         let store = stores.get(&Some(namespace.to_string())).or_else(|| stores.get(&None))?;
-        store.get(&ObjectRef::new(name).within(namespace))
+        store.get(&ObjectRef::new(name).within(namespace)).map(|p| Arc::new(p.resource()))
     }
 }
 
 /// Reconciles the resources that grant a policy whenever the AccessPolicy controller's cache took in
 /// a change of it (a policy appearing in Medplum above all).
-fn on_policy_changes<K: UsesConnection>(controller: Controller<K>, ctx: &Context) -> Controller<K> {
+fn on_policy_changes<K: UsesConnection>(controller: Controller<Cached<K>>, ctx: &Context) -> Controller<Cached<K>> {
     let store = controller.store();
-    controller.reconcile_on(triggers(&ctx.policies.taken_in, move |policy: ObjectRef<AccessPolicy>| {
+    controller.reconcile_on(triggers(&ctx.policies.taken_in, move |policy: ObjectRef<Cached<AccessPolicy>>| {
         store
             .state()
             .iter()
-            .filter(|o| {
-                o.namespace() == policy.namespace
-                    && o.granted().is_some_and(|names| names.contains(&policy.name.as_str()))
-            })
+            .filter(|o| o.namespace() == policy.namespace && o.grants(&policy.name))
             .map(|o| ObjectRef::from_obj(&**o))
             .collect::<Vec<_>>()
     }))
@@ -557,11 +587,14 @@ fn on_policy_changes<K: UsesConnection>(controller: Controller<K>, ctx: &Context
 /// Watches both connection kinds, so that a connection's change (becoming Ready, above all)
 /// reconciles at once the resources that use it.
 fn watch_connections<K: UsesConnection>(
-    controller: Controller<K>,
+    controller: Controller<Cached<K>>,
     ctx: &Context,
     namespace: Option<&str>,
-) -> Controller<K> {
-    fn users<K: UsesConnection>(store: &Store<K>, key: &connection::ConnectionKey) -> Vec<ObjectRef<K>> {
+) -> Controller<Cached<K>> {
+    fn users<K: UsesConnection>(
+        store: &Store<Cached<K>>,
+        key: &connection::ConnectionKey,
+    ) -> Vec<ObjectRef<Cached<K>>> {
         store
             .state()
             .iter()
@@ -709,5 +742,22 @@ mod tests {
         }
         // 100 an interval on average; a fair hash keeps every slot well within half of that.
         assert!(per_slot.iter().all(|n| (50..150).contains(n)), "{per_slot:?}");
+    }
+
+    #[test]
+    fn only_a_changed_fingerprint_is_news() {
+        let seen = LastSeen::default();
+        let meta = |uid: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("x".into()),
+            namespace: Some("team-a".into()),
+            uid: Some(uid.into()),
+            ..Default::default()
+        };
+        assert!(seen.changed(&meta("u1"), 1), "first seen");
+        assert!(!seen.changed(&meta("u1"), 1), "a status write shows the same metadata");
+        assert!(seen.changed(&meta("u1"), 2));
+        assert!(seen.changed(&meta("u2"), 2), "made again under the same name");
+        seen.forget(&meta("u2"));
+        assert!(seen.changed(&meta("u2"), 2), "forgotten when deleted");
     }
 }

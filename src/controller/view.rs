@@ -15,8 +15,11 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::packed::Packed;
 
 use crate::medplum::{
     AccessPolicyResource, ClientApplicationResource, FhirResource, MedplumClient, MedplumError, MembershipResource,
@@ -40,6 +43,9 @@ pub trait Owned: FhirResource + DeserializeOwned + Clone + Send + 'static {
     /// The codes under the operator's `system` (tags, or identifiers for memberships).
     fn codes(&self, system: &str) -> Vec<String>;
     fn table(view: &MedplumView) -> &Mutex<Table<Self>>;
+    /// What the objects of this type in one project share, as JSON: the dictionary their view packs
+    /// them with (never anything secret: the dictionary is not wiped).
+    fn skeleton(system: &str, project_id: &str) -> serde_json::Value;
 }
 
 impl Owned for ClientApplicationResource {
@@ -49,6 +55,12 @@ impl Owned for ClientApplicationResource {
     }
     fn table(view: &MedplumView) -> &Mutex<Table<Self>> {
         &view.clients
+    }
+    fn skeleton(system: &str, _project_id: &str) -> serde_json::Value {
+        let tag = |system: String| json!({"system": system, "code": "ClientApplication/"});
+        json!({"resourceType": "ClientApplication", "meta": {"tag": [tag(system.into()), tag(format!("{system}:adopted"))]},
+               "status": "active", "name": "", "description": "", "redirectUris": ["https://"], "launchUri": "https://",
+               "accessTokenLifetime": "", "refreshTokenLifetime": "", "pkceOptional": true})
     }
 }
 
@@ -60,6 +72,11 @@ impl Owned for AccessPolicyResource {
     fn table(view: &MedplumView) -> &Mutex<Table<Self>> {
         &view.policies
     }
+    fn skeleton(system: &str, _project_id: &str) -> serde_json::Value {
+        json!({"resourceType": "AccessPolicy", "meta": {"tag": [{"system": system, "code": "AccessPolicy/"}]}, "name": "",
+               "resource": [{"resourceType": "Patient", "criteria": "", "readonly": true, "hiddenFields": [], "readonlyFields": []}],
+               "ipAccessRule": [{"name": "", "value": "", "action": "allow"}]})
+    }
 }
 
 impl Owned for MembershipResource {
@@ -70,13 +87,21 @@ impl Owned for MembershipResource {
     fn table(view: &MedplumView) -> &Mutex<Table<Self>> {
         &view.memberships
     }
+    fn skeleton(system: &str, project_id: &str) -> serde_json::Value {
+        json!({"resourceType": "ProjectMembership", "project": {"reference": format!("Project/{project_id}")},
+               "user": {"reference": "ClientApplication/"}, "profile": {"reference": "ClientApplication/"},
+               "access": [{"policy": {"reference": "AccessPolicy/"}, "parameter": [{"name": "", "valueString": ""}]}],
+               "identifier": [{"system": system, "value": "ClientApplication/"}, {"system": system, "value": "ProjectUser/"}],
+               "others": [{"reference": "User/"}, {"reference": "Practitioner/"}, {"reference": "Patient/"}],
+               "admin": false, "active": true})
+    }
 }
 
-/// One object as the view keeps it: its JSON in one allocation, redacted and wiped when dropped (a
-/// client's holds its secret), beside what the view compares without reading it. Typed, an object
-/// took about three times the memory (an allocation per string, a slot per field it lacks).
+/// One object as the view keeps it: its [`Packed`] JSON, wiped when dropped (a client's holds its
+/// secret), beside what the view compares without reading it. Typed, an object took about six times
+/// the memory (an allocation per string, a slot per field it lacks).
 struct Entry {
-    json: SecretString,
+    json: Packed,
     id: Option<Box<str>>,
     version: Option<Box<str>>,
     last_updated: Option<Box<str>>,
@@ -85,11 +110,11 @@ struct Entry {
 }
 
 impl Entry {
-    fn of<T: Owned>(resource: &T, recorded: Instant) -> Self {
-        let json = serde_json::to_string(resource).expect("Medplum resources serialize");
+    fn of<T: Owned>(resource: &T, recorded: Instant, dictionary: &[u8]) -> Self {
+        let json = secrecy::SecretString::from(serde_json::to_string(resource).expect("Medplum resources serialize"));
         let meta = resource.meta();
         Self {
-            json: SecretString::from(json),
+            json: Packed::pack(json.expose_secret(), dictionary),
             id: resource.id().map(Box::from),
             version: meta.version_id.as_deref().map(Box::from),
             last_updated: meta.last_updated.as_deref().map(Box::from),
@@ -97,9 +122,9 @@ impl Entry {
         }
     }
 
-    fn resource<T: Owned>(&self) -> T {
-        let mut resource: T =
-            serde_json::from_str(self.json.expose_secret()).expect("the view reads back what it wrote");
+    fn resource<T: Owned>(&self, dictionary: &[u8]) -> T {
+        let json = self.json.unpack(dictionary);
+        let mut resource: T = serde_json::from_str(json.expose_secret()).expect("the view reads back what it wrote");
         // Not serialized (the operator never sends them); kept beside the JSON.
         let meta = resource.meta_mut();
         meta.version_id = self.version.as_deref().map(str::to_string);
@@ -121,29 +146,30 @@ pub struct Table<T> {
     swept: Option<Instant>,
     /// The newest `meta.lastUpdated` (Medplum's clock) of the objects taken in.
     newest: Option<Box<str>>,
+    /// What the entries are packed with ([`Owned::skeleton`]).
+    dictionary: Box<[u8]>,
     kind: std::marker::PhantomData<T>,
 }
 
-impl<T> Default for Table<T> {
-    fn default() -> Self {
+impl<T: Owned> Table<T> {
+    fn new(system: &str, project_id: &str) -> Self {
         Self {
             entries: HashMap::new(),
             codes_by_id: HashMap::new(),
             doubts: HashMap::new(),
             swept: None,
             newest: None,
+            dictionary: T::skeleton(system, project_id).to_string().into_bytes().into(),
             kind: std::marker::PhantomData,
         }
     }
-}
 
-impl<T: Owned> Table<T> {
     fn seen(&self, code: &str, trust: Duration, now: Instant) -> Seen<T> {
         if self.doubts.contains_key(code) || self.swept.is_none_or(|s| now.duration_since(s) > trust) {
             return Seen::Unknown;
         }
         match self.entries.get(code) {
-            Some(entry) => Seen::Known(entry.resource()),
+            Some(entry) => Seen::Known(entry.resource(&self.dictionary)),
             None => Seen::Absent,
         }
     }
@@ -151,7 +177,7 @@ impl<T: Owned> Table<T> {
     fn record(&mut self, system: &str, resource: &T, now: Instant) {
         for code in self.codes_of(system, resource) {
             self.doubts.remove(&code);
-            self.insert(code, Entry::of(resource, now));
+            self.insert(code, Entry::of(resource, now, &self.dictionary));
         }
     }
 
@@ -188,45 +214,53 @@ impl<T: Owned> Table<T> {
         self.newest.as_deref()
     }
 
-    /// Takes in what a search found. A complete sweep (`sweep_started`) also drops what it did not
-    /// find among the objects recorded before it started, and settles doubts raised before it.
-    /// Returns the codes of objects that changed or went, once a first sweep filled the table
-    /// (before that, everything is new).
-    fn merge(&mut self, system: &str, found: Vec<T>, sweep_started: Option<Instant>) -> Vec<String> {
+    /// Takes in what a search found (as of `recorded`: when the search started), adding the codes
+    /// found to `present` (a sweep's). Returns the codes of objects that changed, once a first
+    /// sweep filled the table (before that, everything is new).
+    fn take_in(
+        &mut self,
+        system: &str,
+        found: Vec<T>,
+        recorded: Instant,
+        mut present: Option<&mut HashSet<String>>,
+    ) -> Vec<String> {
         let filled = self.swept.is_some();
         let mut changed = Vec::new();
-        let mut present = HashSet::new();
-        let recorded = sweep_started.unwrap_or_else(Instant::now);
         for resource in found {
             for code in self.codes_of(system, &resource) {
-                present.insert(code.clone());
+                if let Some(present) = present.as_deref_mut() {
+                    present.insert(code.clone());
+                }
                 let version = resource.meta().version_id.as_deref();
                 let same = self.entries.get(code.as_str()).is_some_and(|e| e.version.as_deref() == version);
                 if !same {
                     if filled {
                         changed.push(code.clone());
                     }
-                    self.insert(code, Entry::of(&resource, recorded));
+                    self.insert(code, Entry::of(&resource, recorded, &self.dictionary));
                 }
             }
-        }
-        if let Some(started) = sweep_started {
-            let gone: Vec<String> = self
-                .entries
-                .iter()
-                .filter(|(code, e)| !present.contains(&***code) && e.recorded < started)
-                .map(|(code, _)| code.to_string())
-                .collect();
-            for code in gone {
-                self.remove(&code);
-                if filled {
-                    changed.push(code);
-                }
-            }
-            self.doubts.retain(|_, raised| *raised >= started);
-            self.swept = Some(started);
         }
         changed
+    }
+
+    /// Ends a complete sweep that started at `started` and found `present`: drops what it did not
+    /// find among the objects recorded before it started, and settles doubts raised before it.
+    /// Returns the codes of the objects that went (none on a first sweep).
+    fn end_sweep(&mut self, present: &HashSet<String>, started: Instant) -> Vec<String> {
+        let filled = self.swept.is_some();
+        let gone: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(code, e)| !present.contains(&***code) && e.recorded < started)
+            .map(|(code, _)| code.to_string())
+            .collect();
+        for code in &gone {
+            self.remove(code);
+        }
+        self.doubts.retain(|_, raised| *raised >= started);
+        self.swept = Some(started);
+        if filled { gone } else { Vec::new() }
     }
 }
 
@@ -261,12 +295,12 @@ fn locked<T>(table: &Mutex<Table<T>>) -> std::sync::MutexGuard<'_, Table<T>> {
 impl MedplumView {
     pub fn new(system: String, project_id: String, trust: Duration) -> Self {
         Self {
+            clients: Mutex::new(Table::new(&system, &project_id)),
+            memberships: Mutex::new(Table::new(&system, &project_id)),
+            policies: Mutex::new(Table::new(&system, &project_id)),
             system,
             project_id,
             trust,
-            clients: Mutex::default(),
-            memberships: Mutex::default(),
-            policies: Mutex::default(),
             fill: tokio::sync::watch::channel(Fill::Pending).0,
         }
     }
@@ -333,8 +367,14 @@ impl MedplumView {
         let started = Instant::now();
         let system = format!("{}|", self.system);
         let params = [(T::BY_SYSTEM, system.as_str()), ("_project", self.project_id.as_str())];
-        let found = medplum.search_all::<T>(&params).await?;
-        Ok(locked(T::table(self)).merge(&self.system, found, Some(started)))
+        let (mut present, mut changed) = (HashSet::new(), Vec::new());
+        medplum
+            .search_pages::<T>(&params, |page| {
+                changed.extend(locked(T::table(self)).take_in(&self.system, page, started, Some(&mut present)));
+            })
+            .await?;
+        changed.extend(locked(T::table(self)).end_sweep(&present, started));
+        Ok(changed)
     }
 
     /// Takes in objects found changed (of any of the three types); returns the codes of those that
@@ -349,7 +389,7 @@ impl MedplumView {
             if typed.is_empty() {
                 return Vec::new();
             }
-            locked(T::table(view)).merge(&view.system, typed, None)
+            locked(T::table(view)).take_in(&view.system, typed, Instant::now(), None)
         }
         let mut changed = of::<ClientApplicationResource>(self, &found);
         changed.extend(of::<MembershipResource>(self, &found));
@@ -444,8 +484,21 @@ impl Owner {
 mod tests {
     use super::*;
     use crate::medplum::{Coding, Meta};
+    use secrecy::SecretString;
 
     const SYSTEM: &str = "urn:medplum-operator:default";
+
+    /// A complete sweep that started at `started` and found `found`, in one page.
+    fn sweep(
+        table: &mut Table<ClientApplicationResource>,
+        found: Vec<ClientApplicationResource>,
+        started: Instant,
+    ) -> Vec<String> {
+        let mut present = HashSet::new();
+        let mut changed = table.take_in(SYSTEM, found, started, Some(&mut present));
+        changed.extend(table.end_sweep(&present, started));
+        changed
+    }
 
     fn client(code: &str, version: &str) -> ClientApplicationResource {
         ClientApplicationResource {
@@ -464,11 +517,11 @@ mod tests {
 
     #[test]
     fn nothing_is_vouched_for_before_a_sweep_or_long_after_one() {
-        let mut table = Table::default();
+        let mut table = Table::new(SYSTEM, "p-1");
         let now = Instant::now();
         table.record(SYSTEM, &client("ClientApplication/a/x", "1"), now);
         assert!(matches!(table.seen("ClientApplication/a/x", Duration::from_secs(60), now), Seen::Unknown));
-        table.merge(SYSTEM, vec![], Some(now));
+        sweep(&mut table, vec![], now);
         assert!(matches!(table.seen("ClientApplication/a/x", Duration::from_secs(60), now), Seen::Known(_)));
         assert!(matches!(table.seen("ClientApplication/a/y", Duration::from_secs(60), now), Seen::Absent));
         let later = now + Duration::from_secs(61);
@@ -477,49 +530,49 @@ mod tests {
 
     #[test]
     fn sweeps_and_change_searches_report_what_changed_or_went() {
-        let mut table = Table::default();
+        let mut table = Table::new(SYSTEM, "p-1");
         let t0 = Instant::now();
         let first = vec![client("C/a/x", "1"), client("C/a/y", "1")];
-        assert!(table.merge(SYSTEM, first, Some(t0)).is_empty(), "the first sweep fills the table");
+        assert!(sweep(&mut table, first, t0).is_empty(), "the first sweep fills the table");
         // Our own write, recorded: a change search finds it again and it is not news.
         let ours = client("C/a/x", "2");
         table.record(SYSTEM, &ours, t0 + Duration::from_secs(1));
-        assert!(table.merge(SYSTEM, vec![ours], None).is_empty());
+        assert!(table.take_in(SYSTEM, vec![ours], Instant::now(), None).is_empty());
         // A console edit is.
         let edited = client("C/a/y", "2");
-        assert_eq!(table.merge(SYSTEM, vec![edited.clone()], None), ["C/a/y"]);
+        assert_eq!(table.take_in(SYSTEM, vec![edited.clone()], Instant::now(), None), ["C/a/y"]);
         // A sweep that no longer finds x reports it gone, but not an object made after it started.
         let t1 = t0 + Duration::from_secs(10);
         table.record(SYSTEM, &client("C/a/new", "1"), t1 + Duration::from_millis(5));
-        assert_eq!(table.merge(SYSTEM, vec![edited], Some(t1)), ["C/a/x"]);
+        assert_eq!(sweep(&mut table, vec![edited], t1), ["C/a/x"]);
         assert!(table.entries.contains_key("C/a/new"));
         assert!(!table.entries.contains_key("C/a/x"));
     }
 
     #[test]
     fn a_doubt_lasts_until_the_object_is_read_or_swept_after_it() {
-        let mut table = Table::default();
+        let mut table = Table::new(SYSTEM, "p-1");
         let t0 = Instant::now();
         let trust = Duration::from_secs(600);
-        table.merge(SYSTEM, vec![client("C/a/x", "1")], Some(t0));
+        sweep(&mut table, vec![client("C/a/x", "1")], t0);
         table.doubts.insert("C/a/x".into(), t0 + Duration::from_secs(1));
         table.doubts.insert("C/a/y".into(), t0 + Duration::from_secs(1));
         assert!(matches!(table.seen("C/a/x", trust, t0 + Duration::from_secs(2)), Seen::Unknown));
         // A sweep that started before the doubt settles nothing.
-        table.merge(SYSTEM, vec![client("C/a/x", "1")], Some(t0 + Duration::from_millis(500)));
+        sweep(&mut table, vec![client("C/a/x", "1")], t0 + Duration::from_millis(500));
         assert!(matches!(table.seen("C/a/y", trust, t0 + Duration::from_secs(2)), Seen::Unknown));
         // Reading it settles its doubt; a later sweep settles the rest.
         table.record(SYSTEM, &client("C/a/x", "2"), t0 + Duration::from_secs(2));
         assert!(matches!(table.seen("C/a/x", trust, t0 + Duration::from_secs(2)), Seen::Known(_)));
-        table.merge(SYSTEM, vec![client("C/a/x", "2")], Some(t0 + Duration::from_secs(3)));
+        sweep(&mut table, vec![client("C/a/x", "2")], t0 + Duration::from_secs(3));
         assert!(matches!(table.seen("C/a/y", trust, t0 + Duration::from_secs(4)), Seen::Absent));
     }
 
     #[test]
     fn an_object_comes_back_as_it_was_recorded() {
-        let mut table = Table::default();
+        let mut table = Table::new(SYSTEM, "p-1");
         let t0 = Instant::now();
-        table.merge(SYSTEM, vec![], Some(t0));
+        sweep(&mut table, vec![], t0);
         let mut recorded = client("C/a/x", "7");
         recorded.meta.last_updated = Some("2026-12-04T10:00:00.123Z".into());
         recorded.name = Some("x".into());

@@ -145,12 +145,21 @@ impl MedplumClient {
         Ok(bundle.entry.into_iter().map(|e| e.resource).collect())
     }
 
-    /// Every resource of a type matching `params`, page by page.
-    pub async fn search_all<T: FhirResource>(&self, params: &[(&str, &str)]) -> Result<Vec<T>, MedplumError> {
-        paged(params, |paged| async move {
-            let paged: Vec<(&str, &str)> = paged.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            self.search::<T>(&paged).await
-        })
+    /// Every resource of a type matching `params`, handed to `take` a page at a time (a sweep of
+    /// thousands of objects never holds more than one page of them).
+    pub async fn search_pages<T: FhirResource>(
+        &self,
+        params: &[(&str, &str)],
+        take: impl FnMut(Vec<T>),
+    ) -> Result<(), MedplumError> {
+        paged(
+            params,
+            |paged| async move {
+                let paged: Vec<(&str, &str)> = paged.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                self.search::<T>(&paged).await
+            },
+            take,
+        )
         .await
     }
 
@@ -164,12 +173,18 @@ impl MedplumClient {
         let types = types.join(",");
         let mut with_types = vec![("_type", types.as_str())];
         with_types.extend_from_slice(params);
-        paged(&with_types, |paged| async move {
-            let bundle: Bundle<serde_json::Value> =
-                self.authed("search changes", Method::GET, "fhir/R4", |r| r.query(&paged)).await?;
-            Ok(bundle.entry.into_iter().map(|e| e.resource).collect())
-        })
-        .await
+        let mut found = Vec::new();
+        paged(
+            &with_types,
+            |paged| async move {
+                let bundle: Bundle<serde_json::Value> =
+                    self.authed("search changes", Method::GET, "fhir/R4", |r| r.query(&paged)).await?;
+                Ok(bundle.entry.into_iter().map(|e| e.resource).collect())
+            },
+            |page| found.extend(page),
+        )
+        .await?;
+        Ok(found)
     }
 
     /// An object this operator made: read by the id it recorded when that still `is_ours` (the fast
@@ -391,22 +406,28 @@ impl MedplumClient {
     }
 }
 
-/// Runs `search` page by page (`_count` 1000, `_offset`) until a page comes back short.
-async fn paged<'a, T, F, Fut>(params: &[(&'a str, &'a str)], search: F) -> Result<Vec<T>, MedplumError>
+/// Runs `search` page by page (`_count` 1000, `_offset`) until a page comes back short, handing each
+/// page to `take`.
+async fn paged<'a, T, F, Fut>(
+    params: &[(&'a str, &'a str)],
+    search: F,
+    mut take: impl FnMut(Vec<T>),
+) -> Result<(), MedplumError>
 where
     F: Fn(Vec<(&'a str, String)>) -> Fut,
     Fut: Future<Output = Result<Vec<T>, MedplumError>>,
 {
     const PAGE: usize = 1000;
-    let mut found = Vec::new();
+    let mut offset = 0;
     loop {
         let mut paged: Vec<(&str, String)> = params.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        paged.extend([("_count", PAGE.to_string()), ("_offset", found.len().to_string())]);
+        paged.extend([("_count", PAGE.to_string()), ("_offset", offset.to_string())]);
         let page = search(paged).await?;
         let last = page.len() < PAGE;
-        found.extend(page);
+        offset += page.len();
+        take(page);
         if last {
-            return Ok(found);
+            return Ok(());
         }
     }
 }
