@@ -51,8 +51,8 @@ real_medplum() {
 # all, differs from glibc's); the harness and the test server are ordinary release builds.
 rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || true
 cargo build --release --tests --bins --quiet
-cargo build --release --quiet --target x86_64-unknown-linux-musl --bin medplum-operator
-export OPERATOR_BINARY=$root/target/x86_64-unknown-linux-musl/release/medplum-operator
+cargo build --profile dist --quiet --target x86_64-unknown-linux-musl --bin medplum-operator
+export OPERATOR_BINARY=$root/target/x86_64-unknown-linux-musl/dist/medplum-operator
 for target in "${targets[@]}"; do
   [[ $target == real-limits ]] && limits_changed=true
   echo "bench.sh: $target (BENCH_CLIENTS=${BENCH_CLIENTS:-1000})" >&2
