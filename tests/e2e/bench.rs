@@ -498,7 +498,7 @@ async fn bench_memory_at_ten_thousand_objects() {
     let s = Setup::new("memory", &test_server_args(), json!({})).await;
     let operator = Operator::start(&s.ns.name, &["--resync-interval", "60s"]).await;
     println!("figure: target {}", target_name(&s.medplum));
-    println!("figure: operator RSS at idle: {} MiB", operator.rss_kib() / 1024);
+    println!("figure: operator RSS at idle: {}", operator.memory());
     let s = &s;
     futures::stream::iter(0..policies)
         .for_each_concurrent(16, |i| async move {
@@ -533,7 +533,7 @@ async fn bench_memory_at_ten_thousand_objects() {
         "figure: {clients} ClientApplications, {policies} AccessPolicies, {users} ProjectUsers Ready in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    println!("figure: operator RSS with {total} objects: {} MiB", operator.rss_kib() / 1024);
+    println!("figure: operator RSS with {total} objects: {}", operator.memory());
     tokio::time::sleep(Duration::from_secs(65)).await;
-    println!("figure: operator RSS with {total} objects after a resync: {} MiB", operator.rss_kib() / 1024);
+    println!("figure: operator RSS with {total} objects after a resync: {}", operator.memory());
 }

@@ -132,13 +132,24 @@ impl Operator {
 
     /// Resident memory of the process, in KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS")
+    }
+
+    /// The operator's memory as one line: RSS, and of it the heap and other private memory
+    /// (`RssAnon`) and the binary's own pages (`RssFile`), in MiB.
+    pub fn memory(&self) -> String {
+        let mib = |field| self.status_kib(field) as f64 / 1024.0;
+        format!("{:.1} MiB ({:.1} MiB private, {:.1} MiB of the binary)", mib("VmRSS"), mib("RssAnon"), mib("RssFile"))
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let pid = self.child.id().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
+            .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
     }
 }
 
