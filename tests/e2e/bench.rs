@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use crate::support::fixtures::{Setup, TAG_SYSTEM};
@@ -63,9 +64,77 @@ struct Tally {
     failed: AtomicU64,
 }
 
+/// The Kubernetes writes any operator makes for a declared ClientApplication and its AccessPolicy once
+/// their objects exist in Medplum, made directly the way the operator makes them: a finalizer on each
+/// (JSON patch), the client's Secret and each one's Ready status (server-side apply), and a `Created`
+/// Event for each. `namespace` holds the declared resources; nothing reconciles it.
+struct KubeWrites<'a> {
+    namespace: &'a Setup,
+    tally: AtomicU64,
+}
+
+impl KubeWrites<'_> {
+    async fn finalizer<K>(&self, api: kube::Api<K>, name: &str)
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let patch = json_patch::Patch(vec![json_patch::PatchOperation::Add(json_patch::AddOperation {
+            path: "/metadata/finalizers".parse().unwrap(),
+            value: json!(["medplum.com/cleanup"]),
+        })]);
+        let params = PatchParams { field_manager: Some("medplum-operator".into()), ..Default::default() };
+        api.patch(name, &params, &Patch::Json::<()>(patch)).await.unwrap();
+        self.tally.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn ready<K>(&self, api: kube::Api<K>, name: &str)
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let now = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let status = json!({"apiVersion": "medplum.com/v1alpha1", "kind": K::kind(&()),
+            "status": {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True",
+            "reason": "Reconciled", "message": "in Medplum as declared", "lastTransitionTime": now,
+            "observedGeneration": 1}]}});
+        api.patch_status(name, &PatchParams::apply("medplum-operator").force(), &Patch::Apply(&status)).await.unwrap();
+        self.tally.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn secret(&self, name: &str, client_id: &str, client_secret: &str) {
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque",
+            "stringData": {"MEDPLUM_CLIENT_ID": client_id, "MEDPLUM_CLIENT_SECRET": client_secret}});
+        let api: kube::Api<Secret> = kube::Api::namespaced(self.namespace.client.clone(), &self.namespace.ns.name);
+        api.patch(name, &PatchParams::apply("medplum-operator").force(), &Patch::Apply(&secret)).await.unwrap();
+        self.tally.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn created(&self, kind: &str, name: &str) {
+        let namespace = &self.namespace.ns.name;
+        let event: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
+            "metadata": {"generateName": format!("{name}.")},
+            "eventTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            "reportingController": "medplum-operator", "reportingInstance": "medplum-operator",
+            "action": "Create", "reason": "Created", "type": "Normal", "note": format!("created {kind} in Medplum"),
+            "regarding": {"apiVersion": "medplum.com/v1alpha1", "kind": kind, "name": name, "namespace": namespace}}))
+        .unwrap();
+        kube::Api::namespaced(self.namespace.client.clone(), namespace)
+            .create(&PostParams::default(), &event)
+            .await
+            .unwrap();
+        self.tally.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The floor: the Medplum calls that `n` clients need, made directly at `CONCURRENCY`, with one
-/// token request per new client. A 429 ends that client's calls (it is counted, not retried).
-async fn floor(http: &Http, admin: &ProjectAdmin, n: usize, prefix: &str) -> (Duration, Tally) {
+/// token request per new client. A 429 ends that client's calls (it is counted, not retried). With
+/// `kube`, each client's Kubernetes writes are made too, in the order an operator makes them.
+async fn floor(
+    http: &Http,
+    admin: &ProjectAdmin,
+    n: usize,
+    prefix: &str,
+    kube: Option<&KubeWrites<'_>>,
+) -> (Duration, Tally) {
     let token = http.token(&admin.client_id, &admin.client_secret).await;
     let tally = Tally::default();
     let started = Instant::now();
@@ -89,6 +158,10 @@ async fn floor(http: &Http, admin: &ProjectAdmin, n: usize, prefix: &str) -> (Du
                         }
                     }
                 };
+                let (policy_name, client_name) = (format!("policy-{i:05}"), format!("client-{i:05}"));
+                if let Some(kube) = kube {
+                    kube.finalizer(kube.namespace.policies(), &policy_name).await;
+                }
                 let policy = json!({"resourceType": "AccessPolicy", "name": format!("{prefix}/policy-{i:05}"),
                     "meta": {"tag": [{"system": TAG_SYSTEM, "code": format!("AccessPolicy/{prefix}/policy-{i:05}")}]},
                     "resource": [{"resourceType": "Patient", "readonly": true}]});
@@ -97,6 +170,11 @@ async fn floor(http: &Http, admin: &ProjectAdmin, n: usize, prefix: &str) -> (Du
                     return;
                 }
                 let policy_id = answer.json()["id"].as_str().unwrap().to_string();
+                if let Some(kube) = kube {
+                    kube.ready(kube.namespace.policies(), &policy_name).await;
+                    kube.created("AccessPolicy", &policy_name).await;
+                    kube.finalizer(kube.namespace.clients(), &client_name).await;
+                }
                 let secret = format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
                 let client = json!({"resourceType": "ClientApplication", "name": code, "secret": secret,
                     "meta": {"tag": tag}});
@@ -114,7 +192,14 @@ async fn floor(http: &Http, admin: &ProjectAdmin, n: usize, prefix: &str) -> (Du
                 if !count(&http.post("fhir/R4/ProjectMembership", token, &membership).await) {
                     return;
                 }
+                if let Some(kube) = kube {
+                    kube.secret(&client_name, &client_id, &secret).await;
+                }
                 count(&http.token_request(&client_id, &secret).await);
+                if let Some(kube) = kube {
+                    kube.ready(kube.namespace.clients(), &client_name).await;
+                    kube.created("ClientApplication", &client_name).await;
+                }
             }
         })
         .await;
@@ -373,7 +458,7 @@ async fn bench_converge_against_the_floor() {
     let floor_project = s.medplum.new_project("bench-floor").await;
     wait_until_quiet().await;
     let cpu = cpu_reading();
-    let (floor_time, floor_tally) = floor(s.http(), &floor_project, n, "floor").await;
+    let (floor_time, floor_tally) = floor(s.http(), &floor_project, n, "floor", None).await;
     println!("figure: floor: CPU used on this machine: {}", cpu_used(&cpu));
     let floor_requests = floor_tally.requests.load(Ordering::Relaxed);
     println!(
@@ -389,6 +474,33 @@ async fn bench_converge_against_the_floor() {
         // The floor spent this minute's auth and FHIR budgets: start the operator on fresh windows.
         tokio::time::sleep(Duration::from_secs(61)).await;
     }
+
+    // The floor with the Kubernetes writes any operator makes, where the API server shares the cores
+    // with Medplum: the same calls in a third project, and the writes for resources declared in a
+    // namespace nothing reconciles. Only with limits off: with them on, the limits bound everything.
+    let kube_floor_time = if rate_limits_on() {
+        None
+    } else {
+        let project = s.medplum.new_project("bench-floor-kube").await;
+        let unwatched = s.sharing("bench-floor-kube").await;
+        declare(&unwatched, 0, n).await;
+        wait_until_quiet().await;
+        let cpu = cpu_reading();
+        let writes = KubeWrites { namespace: &unwatched, tally: AtomicU64::new(0) };
+        let (time, tally) = floor(s.http(), &project, n, "floor-kube", Some(&writes)).await;
+        println!("figure: floor with Kubernetes writes: CPU used on this machine: {}", cpu_used(&cpu));
+        let writes = writes.tally.load(Ordering::Relaxed);
+        println!(
+            "figure: floor with Kubernetes writes: {n} clients in {:.1} s, {:.2} Medplum requests and {:.2} Kubernetes \
+             writes per client, {} refused with 429, {} failed",
+            time.as_secs_f64(),
+            tally.requests.load(Ordering::Relaxed) as f64 / n as f64,
+            writes as f64 / n as f64,
+            tally.refused.load(Ordering::Relaxed),
+            tally.failed.load(Ordering::Relaxed),
+        );
+        Some(time)
+    };
 
     // The operator: everything declared first, then it starts.
     declare(&s, 0, n).await;
@@ -421,6 +533,12 @@ async fn bench_converge_against_the_floor() {
             converged.as_secs_f64() / minimum.as_secs_f64().max(1.0),
             converged.as_secs_f64() / floor_minimum.unwrap().as_secs_f64().max(1.0),
             first.medplum_429
+        );
+    }
+    if let Some(kube_floor) = kube_floor_time {
+        println!(
+            "figure: operator: {:.2}x the floor with Kubernetes writes",
+            converged.as_secs_f64() / kube_floor.as_secs_f64()
         );
     }
     println!("figure: operator: CPU used on this machine: {}", cpu_used(&cpu));
