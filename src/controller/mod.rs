@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -325,7 +325,7 @@ fn new_controller<K: UsesConnection>(
 struct LastSeen(Mutex<HashMap<u64, u64>>);
 
 impl LastSeen {
-    fn identity(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+    fn identity(meta: &ObjectMeta) -> u64 {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::hash::DefaultHasher::new();
         (&meta.namespace, &meta.name, &meta.uid).hash(&mut hasher);
@@ -334,12 +334,12 @@ impl LastSeen {
 
     /// Records the object's `fingerprint`; whether it differs from the one recorded before (or
     /// none was).
-    fn changed(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, fingerprint: u64) -> bool {
+    fn changed(&self, meta: &ObjectMeta, fingerprint: u64) -> bool {
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         seen.insert(Self::identity(meta), fingerprint) != Some(fingerprint)
     }
 
-    fn forget(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    fn forget(&self, meta: &ObjectMeta) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&Self::identity(meta));
     }
 }
@@ -747,7 +747,7 @@ mod tests {
     #[test]
     fn only_a_changed_fingerprint_is_news() {
         let seen = LastSeen::default();
-        let meta = |uid: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        let meta = |uid: &str| ObjectMeta {
             name: Some("x".into()),
             namespace: Some("team-a".into()),
             uid: Some(uid.into()),

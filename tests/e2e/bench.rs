@@ -111,7 +111,7 @@ impl KubeWrites<'_> {
     async fn created(&self, kind: &str, name: &str) {
         let namespace = &self.namespace.ns.name;
         let event: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
-            "metadata": {"generateName": format!("{name}.")},
+            "metadata": {"name": format!("{name}.{:016x}", rand::random::<u64>())},
             "eventTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
             "reportingController": "medplum-operator", "reportingInstance": "medplum-operator",
             "action": "Create", "reason": "Created", "type": "Normal", "note": format!("created {kind} in Medplum"),
