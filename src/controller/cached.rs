@@ -134,6 +134,15 @@ mod tests {
                        "conditions": status["conditions"]}}));
         assert_eq!(client.connection_ref().name, "shared");
         assert!(client.grants("lab-reader") && !client.grants("lab"));
+        // The first client taken in is the dictionary: another one like it packs to a fraction.
+        let mut other = client.resource();
+        other.metadata.name = Some("billing-service".into());
+        let observed = other.status.as_mut().unwrap();
+        observed.client_id = Some("5ea9f487-ab48-4d3d-80ae-7ac170b43f2d".into());
+        observed.secret_fingerprint = Some("sha256:fedcba9876543210".into());
+        let json = serde_json::to_string(&other).unwrap();
+        let packed = Cached::of(other).rest.packed_len();
+        assert!(packed * 5 < json.len(), "{packed} bytes packed of {} of JSON", json.len());
         round_trip::<AccessPolicy>(json!({"apiVersion": "medplum.com/v1alpha1", "kind": "AccessPolicy",
             "metadata": metadata(), "spec": {"resources": [{"resourceType": "Patient", "readonly": true,
             "hiddenFields": ["note"]}], "ipAccessRules": [{"name": "office", "value": "10.0.0.0/8", "action": "allow"}]},
