@@ -19,8 +19,8 @@ use crate::crd::ConnectionRef;
 /// resyncs read), what triggers look up across the whole cache (its connection and the policies it
 /// grants), and the rest, spec and status, as [`Packed`] JSON. A reconcile gets the whole resource
 /// from [`Cached::resource`]. Typed, a ClientApplication took about 2.6 KB of the cache, most of it
-/// slots for fields it leaves unset and an allocation per string; its packed JSON takes about 150
-/// bytes.
+/// slots for fields it leaves unset and an allocation per string; packed, a client like the first
+/// one takes under 100 bytes (1.2 KB as JSON).
 #[derive(Clone, Debug)]
 pub struct Cached<K> {
     metadata: ObjectMeta,
@@ -51,6 +51,7 @@ impl<K: UsesConnection> Cached<K> {
 
     /// The whole resource, as it was taken in.
     pub fn resource(&self) -> K {
+        // `of` made this, so the kind's dictionary is already chosen.
         let json = self.rest.unpack(dictionary::<K>(""));
         let mut resource: K = serde_json::from_str(json.expose_secret()).expect("the cache reads back what it wrote");
         *resource.meta_mut() = self.metadata.clone();
