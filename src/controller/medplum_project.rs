@@ -48,6 +48,11 @@ pub enum ProjectError {
     Grant(#[from] GrantError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(
+        "Medplum's project already holds {} that the operator did not write, with another value; nothing of it is overwritten (remove it there, or declare another name)",
+        .0.join(", ")
+    )]
+    EntryConflict(Vec<String>),
     #[error("project secret {name}: Secret key {secret}/{key} does not hold {kind}")]
     InvalidValue { name: String, secret: String, key: String, kind: &'static str },
     #[error(transparent)]
@@ -64,6 +69,7 @@ impl ProjectError {
             Self::AlreadyDeclared(_) => "ProjectAlreadyDeclared",
             Self::Grant(e) => e.reason(),
             Self::Source(e) => e.reason(),
+            Self::EntryConflict(_) => "ProjectEntryConflict",
             Self::InvalidValue { .. } => "InvalidSecretValue",
             Self::Medplum(e) => e.reason(),
             Self::Kube(_) => "KubernetesApiError",
@@ -137,6 +143,8 @@ pub struct ProjectChange {
     pub secrets: Option<Vec<NamedEntry>>,
     pub registration: Option<Option<String>>,
     pub changed: Vec<String>,
+    /// Entries made by someone else that the change would overwrite: nothing may be written then.
+    pub conflicts: Vec<String>,
 }
 
 impl ProjectChange {
@@ -168,6 +176,8 @@ impl ProjectChange {
 
 /// `actual` with the `desired` entries in place (matched by name), the `owned` ones no longer desired
 /// left out when `remove` says so, and every other entry kept as it is; `None` when nothing changes.
+/// An entry the operator did not write is never overwritten: one of a desired name holding another
+/// value goes to `conflicts` (one holding the desired value is taken over: writing it destroys nothing).
 fn merge(
     actual: &[NamedEntry],
     desired: &[NamedEntry],
@@ -175,6 +185,7 @@ fn merge(
     remove: bool,
     what: &str,
     changed: &mut Vec<String>,
+    conflicts: &mut Vec<String>,
 ) -> Option<Vec<NamedEntry>> {
     let before = changed.len();
     let mut merged = Vec::new();
@@ -182,6 +193,9 @@ fn merge(
         match desired.iter().find(|d| d.name == entry.name) {
             Some(wanted) => {
                 if wanted.value() != entry.value() {
+                    if !owned.contains(&entry.name) {
+                        conflicts.push(format!("{what} {}", entry.name));
+                    }
                     changed.push(format!("{what} {}", entry.name));
                 }
                 merged.push(wanted.clone());
@@ -200,15 +214,16 @@ fn merge(
 /// What to change in `actual` for `desired`. `remove`: entries the operator wrote that the spec no
 /// longer lists go (deletion policy `Delete`).
 pub fn plan(actual: &ProjectResource, desired: &Desired, owned: &Owned, remove: bool) -> ProjectChange {
-    let mut changed = Vec::new();
-    let sites = merge(&actual.site, &desired.sites, owned.sites, remove, "site", &mut changed);
-    let secrets = merge(&actual.secret, &desired.secrets, owned.secrets, remove, "secret", &mut changed);
+    let (mut changed, mut conflicts) = (Vec::new(), Vec::new());
+    let sites = merge(&actual.site, &desired.sites, owned.sites, remove, "site", &mut changed, &mut conflicts);
+    let secrets =
+        merge(&actual.secret, &desired.secrets, owned.secrets, remove, "secret", &mut changed, &mut conflicts);
     let current = actual.default_patient_access_policy.as_ref().map(|r| r.reference.clone());
     let registration = desired.registration.clone().filter(|wanted| *wanted != current);
     if registration.is_some() {
         changed.push("defaultPatientAccessPolicy".into());
     }
-    ProjectChange { sites, secrets, registration, changed }
+    ProjectChange { sites, secrets, registration, changed, conflicts }
 }
 
 /// A project secret's entry: its value as the FHIR type the spec names.
@@ -316,6 +331,9 @@ async fn converge(
     let owned = (status.sites.clone(), status.secrets.clone());
     let remove = project.spec.deletion_policy == ProjectDeletionPolicy::Delete;
     let change = plan(&actual, &desired, &Owned { sites: &owned.0, secrets: &owned.1 }, remove);
+    if !change.conflicts.is_empty() {
+        return Err(ProjectError::EntryConflict(change.conflicts));
+    }
     let names = |entries: &[NamedEntry]| entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
     if !change.is_empty() {
         let mut intent = status.clone();
@@ -494,6 +512,29 @@ mod tests {
         // Orphan: what the spec no longer lists stays.
         let kept = plan(&actual, &desired, &Owned { sites: &[], secrets: &owned }, false);
         assert_eq!(kept.changed, ["secret SMTP_PASSWORD", "secret smtpPort added"]);
+        assert!(change.conflicts.is_empty() && kept.conflicts.is_empty());
+    }
+
+    #[test]
+    fn an_entry_made_by_hand_is_taken_over_only_when_it_holds_the_declared_value() {
+        let actual = project(
+            vec![json!({"name": "portal", "recaptchaSiteKey": "theirs"})],
+            vec![json!({"name": "SAME", "valueString": "v"}), json!({"name": "OTHER", "valueString": "theirs"})],
+            None,
+        );
+        let desired = Desired {
+            sites: vec![entry(json!({"name": "portal", "recaptchaSiteKey": "ours"}))],
+            secrets: vec![
+                entry(json!({"name": "SAME", "valueString": "v"})),
+                entry(json!({"name": "OTHER", "valueString": "ours"})),
+            ],
+            ..Default::default()
+        };
+        let change = plan(&actual, &desired, &Owned::default(), true);
+        assert_eq!(change.conflicts, ["site portal", "secret OTHER"]);
+        let owned = (vec!["portal".to_string()], vec!["OTHER".to_string()]);
+        let ours = plan(&actual, &desired, &Owned { sites: &owned.0, secrets: &owned.1 }, true);
+        assert!(ours.conflicts.is_empty(), "entries it wrote are its own to change: {:?}", ours.conflicts);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub(crate) mod client_application;
 pub(crate) mod connection;
 mod domain_configuration;
 mod events;
+mod foreign_secret;
 mod medplum_project;
 mod own_writes;
 mod packed;

@@ -1,13 +1,16 @@
 //! Reading values the operator needs from Secrets and ConfigMaps. Secret values go straight into
 //! redacting types; errors name the object and key, never a value.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, OwnerReference};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+use super::status::FIELD_MANAGER;
 
 /// Why a referenced value could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +152,41 @@ pub async fn read_ca_bundle(client: &Client, source: &CaSource) -> Result<Vec<u8
 /// Only Secrets with this label are watched (metadata only).
 pub const CLIENT_LABEL: &str = "medplum.com/client-application";
 
+/// The fields of a Secret that one field manager holds through server-side apply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeldFields {
+    pub data: BTreeSet<String>,
+    pub labels: BTreeSet<String>,
+    pub annotations: BTreeSet<String>,
+}
+
+impl HeldFields {
+    /// What `manager` holds by its Apply operations, read from `managedFields`.
+    pub fn of(entries: &[ManagedFieldsEntry], manager: &str) -> Self {
+        let mut held = Self::default();
+        let ours =
+            entries.iter().filter(|e| e.manager.as_deref() == Some(manager) && e.operation.as_deref() == Some("Apply"));
+        for fields in ours.filter_map(|e| e.fields_v1.as_ref()) {
+            let names = |path: &[&str]| -> Vec<String> {
+                let node = path.iter().try_fold(&fields.0, |node, step| node.get(step));
+                let Some(map) = node.and_then(|n| n.as_object()) else { return Vec::new() };
+                map.keys().filter_map(|k| k.strip_prefix("f:")).map(str::to_string).collect()
+            };
+            held.data.extend(names(&["f:data"]));
+            held.labels.extend(names(&["f:metadata", "f:labels"]));
+            held.annotations.extend(names(&["f:metadata", "f:annotations"]));
+        }
+        held
+    }
+}
+
+/// `sha256:` and the first 16 hex digits of the SHA-256 of a value: tells values apart, cannot reveal one.
+pub fn fingerprint(value: &SecretString) -> String {
+    let digest = Sha256::digest(value.expose_secret().as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
 /// A Secret the operator writes credentials to, as read: only the operator's keys are kept.
 #[derive(Default)]
 pub struct WrittenSecret {
@@ -156,7 +194,12 @@ pub struct WrittenSecret {
     /// Its `type` (`Opaque` for the ones the operator makes).
     pub type_: Option<String>,
     pub owner_uids: Vec<String>,
+    /// Every key of its data.
+    pub present: BTreeSet<String>,
+    /// The values of the operator's keys.
     pub values: BTreeMap<String, SecretString>,
+    /// What the operator's field manager holds in it.
+    pub held: HeldFields,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub resource_version: Option<String>,
@@ -217,13 +260,17 @@ fn written(secret: Secret, keys: &[&str]) -> WrittenSecret {
         resource_version: secret.metadata.resource_version,
         type_: secret.type_,
         owner_uids: secret.metadata.owner_references.unwrap_or_default().into_iter().map(|o| o.uid).collect(),
+        present: data.keys().cloned().collect(),
+        held: HeldFields::of(secret.metadata.managed_fields.as_deref().unwrap_or_default(), FIELD_MANAGER),
         values,
         labels: secret.metadata.labels.unwrap_or_default(),
         annotations: secret.metadata.annotations.unwrap_or_default(),
     }
 }
 
-/// Writes the operator's part of a Secret; returns the Secret as written (the values of `keys`).
+/// Writes the operator's part of a Secret; returns the Secret as written (the values of `keys`). Only
+/// the operator's own Secrets (`content.owner`) are written with force: into another's, the API server
+/// refuses to change a field that another manager holds (see [`super::foreign_secret`]).
 pub async fn apply_written(
     client: &Client,
     namespace: &str,
@@ -243,8 +290,40 @@ pub async fn apply_written(
     }
     let body =
         serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "data": data});
-    let params = PatchParams::apply(super::status::FIELD_MANAGER).force();
+    let params = PatchParams::apply(FIELD_MANAGER);
+    let params = if content.owner.is_some() { params.force() } else { params };
     let applied =
         Api::<Secret>::namespaced(client.clone(), namespace).patch(name, &params, &Patch::Apply(&body)).await?;
     Ok(written(applied, keys))
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn held_fields_are_those_of_the_managers_apply_operations() {
+        let entry = |manager: &str, operation: &str, fields: serde_json::Value| ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some(operation.into()),
+            fields_v1: Some(FieldsV1(fields)),
+            ..Default::default()
+        };
+        let entries = [
+            entry(
+                "medplum-operator",
+                "Apply",
+                json!({"f:data": {"f:ID": {}, "f:SECRET": {}}, "f:metadata": {"f:labels": {"f:team": {}}, "f:annotations": {"f:note": {}}}}),
+            ),
+            entry("kubectl-create", "Update", json!({"f:data": {"f:password": {}}})),
+            entry("medplum-operator", "Update", json!({"f:data": {"f:other": {}}})),
+        ];
+        let held = HeldFields::of(&entries, "medplum-operator");
+        assert_eq!(held.data, BTreeSet::from(["ID".to_string(), "SECRET".to_string()]));
+        assert_eq!(held.labels, BTreeSet::from(["team".to_string()]));
+        assert_eq!(held.annotations, BTreeSet::from(["note".to_string()]));
+    }
 }

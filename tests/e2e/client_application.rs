@@ -507,6 +507,13 @@ async fn a_foreign_secret_is_left_alone_unless_merging_is_asked_for() {
 
     let patch = json!({"spec": {"secret": {"name": "shared", "merge": true}}});
     s.clients().patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    // Merging needs the consent of the Secret's owner too.
+    let refused = s.wait_condition("app", "Ready", "False", Some("SecretMergeNotAllowed")).await;
+    let message = refused.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap().message;
+    assert!(message.contains("medplum.com/allow-merge: app"), "{message}");
+    assert_eq!(s.secret_object("shared").await.unwrap().resource_version(), version, "the Secret was not touched");
+    let consent = json!({"metadata": {"annotations": {"medplum.com/allow-merge": "app"}}});
+    secrets.patch("shared", &PatchParams::default(), &Patch::Merge(&consent)).await.unwrap();
     s.wait_ready("app").await;
     let merged = s.secret("shared").await.unwrap();
     assert_eq!(merged["DATABASE_URL"], "postgres://db");

@@ -17,10 +17,10 @@ use crate::support::fixtures::Setup;
 use crate::support::{Operator, ProjectAdmin, eventually, suffix};
 use medplum_operator::crd::{ClientApplication, ClusterMedplumConnection};
 
-struct Arena {
-    platform: Setup,
-    tenant: Setup,
-    neighbour: Setup,
+pub(crate) struct Arena {
+    pub(crate) platform: Setup,
+    pub(crate) tenant: Setup,
+    pub(crate) neighbour: Setup,
     /// The ClusterMedplumConnection's name and its credential (a project-admin client).
     connection: String,
     credential: ProjectAdmin,
@@ -28,7 +28,7 @@ struct Arena {
 }
 
 impl Arena {
-    async fn new(prefix: &str, limits: Value) -> Self {
+    pub(crate) async fn new(prefix: &str, limits: Value) -> Self {
         let platform = Setup::new(&format!("{prefix}-platform"), &[], json!({})).await;
         let tenant = platform.sharing(&format!("{prefix}-tenant")).await;
         let neighbour = platform.sharing(&format!("{prefix}-neighbour")).await;
@@ -67,7 +67,7 @@ impl Arena {
     }
 
     /// `spec` with `connectionRef` set to the cluster connection.
-    fn via(&self, mut spec: Value) -> Value {
+    pub(crate) fn via(&self, mut spec: Value) -> Value {
         spec["connectionRef"] = json!({"kind": "ClusterMedplumConnection", "name": self.connection});
         spec
     }
@@ -81,7 +81,7 @@ impl Arena {
         .await;
     }
 
-    async fn set_limits(&self, limits: Value) {
+    pub(crate) async fn set_limits(&self, limits: Value) {
         let patch = json!({"spec": {"limits": limits}});
         Api::<ClusterMedplumConnection>::all(self.platform.client.clone())
             .patch(&self.connection, &PatchParams::default(), &Patch::Merge(&patch))
@@ -90,19 +90,19 @@ impl Arena {
     }
 
     /// A policy in `s` through the cluster connection, once Ready; its Medplum id.
-    async fn policy(&self, s: &Setup, name: &str, resources: Value) -> String {
+    pub(crate) async fn policy(&self, s: &Setup, name: &str, resources: Value) -> String {
         s.create_policy(name, self.via(json!({"resources": resources}))).await;
         s.wait_policy(name, "True", None).await.status.unwrap().policy_id.unwrap()
     }
 
     /// A Medplum object as the project admin sees it (its `meta.versionId` tells whether it changed).
-    async fn medplum(&self, path: &str) -> Value {
+    pub(crate) async fn medplum(&self, path: &str) -> Value {
         self.platform.http().get(path, &self.platform.token).await.expect(200).json()
     }
 }
 
 /// The Ready condition's reason and message of a ClientApplication, once its status says False.
-async fn refused(s: &Setup, name: &str, reason: &str) -> String {
+pub(crate) async fn refused(s: &Setup, name: &str, reason: &str) -> String {
     let ca = s.wait_condition(name, "Ready", "False", Some(reason)).await;
     let message = ca.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap().message;
     println!("hostile path refused: {name}: {reason}: {message}");

@@ -14,6 +14,7 @@ mod dev;
 mod domain;
 mod export;
 mod hostile;
+mod hostile_secrets;
 mod least_privilege;
 mod limits;
 mod operations;

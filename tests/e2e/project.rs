@@ -13,11 +13,11 @@ use crate::support::fixtures::{Setup, WAIT, apply_secret};
 use crate::support::{Operator, eventually};
 use medplum_operator::crd::MedplumProject;
 
-fn projects(s: &Setup) -> Api<MedplumProject> {
+pub(crate) fn projects(s: &Setup) -> Api<MedplumProject> {
     Api::namespaced(s.client.clone(), &s.ns.name)
 }
 
-async fn create_project(s: &Setup, name: &str, spec: Value) {
+pub(crate) async fn create_project(s: &Setup, name: &str, spec: Value) {
     let object: MedplumProject = serde_json::from_value(json!({
         "apiVersion": "medplum.com/v1alpha1", "kind": "MedplumProject", "metadata": {"name": name}, "spec": spec
     }))
@@ -25,7 +25,7 @@ async fn create_project(s: &Setup, name: &str, spec: Value) {
     projects(s).create(&PostParams::default(), &object).await.unwrap();
 }
 
-async fn wait_project(s: &Setup, name: &str, status: &str, reason: Option<&str>) -> MedplumProject {
+pub(crate) async fn wait_project(s: &Setup, name: &str, status: &str, reason: Option<&str>) -> MedplumProject {
     eventually(WAIT, &format!("MedplumProject {name}: Ready={status} {reason:?}"), || async {
         let object = projects(s).get(name).await.ok()?;
         let ready = object.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?.clone();
@@ -36,12 +36,12 @@ async fn wait_project(s: &Setup, name: &str, status: &str, reason: Option<&str>)
 }
 
 /// The Project as its admin reads it.
-async fn read_project(s: &Setup) -> Value {
+pub(crate) async fn read_project(s: &Setup) -> Value {
     s.http().get(&format!("fhir/R4/Project/{}", s.admin.project_id), &s.token).await.expect(200).json()
 }
 
 /// A project secret's value, whatever its type; `None` without the entry.
-fn secret_value(project: &Value, name: &str) -> Option<Value> {
+pub(crate) fn secret_value(project: &Value, name: &str) -> Option<Value> {
     let entry = project["secret"].as_array()?.iter().find(|e| e["name"] == name)?;
     ["valueString", "valueInteger", "valueBoolean", "valueDecimal"].iter().find_map(|k| entry.get(*k).cloned())
 }

@@ -27,13 +27,14 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
 
 use super::access_policy::{GrantError, resolve_grants};
 use super::adoption::{self, AdoptionError};
 use super::connection::{CREDENTIALS_LABEL, UsableConnection, UseError, usable_connection};
+use super::foreign_secret::{self, Merge, Refusal};
 use super::secret::{
-    CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, read_secret_string, read_written,
+    CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, fingerprint, read_secret_string,
+    read_written,
 };
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::view::Seen;
@@ -93,8 +94,8 @@ pub enum ClientError {
     AdminNotAllowed,
     #[error(transparent)]
     Grant(#[from] GrantError),
-    #[error("Secret {name} {why}; refusing to write into it")]
-    SecretConflict { name: String, why: String },
+    #[error("Secret {name} {refusal}; refusing to write into it")]
+    SecretConflict { name: String, refusal: Refusal },
     #[error(transparent)]
     Adoption(#[from] AdoptionError),
     #[error(
@@ -122,7 +123,7 @@ impl ClientError {
             Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
             Self::AdminNotAllowed => "AdminNotAllowed",
             Self::Grant(e) => e.reason(),
-            Self::SecretConflict { .. } => "SecretConflict",
+            Self::SecretConflict { refusal, .. } => refusal.reason(),
             Self::Adoption(e) => e.reason(),
             Self::RestartTargetNotUsingSecret { .. } => "RestartTargetNotAllowed",
             Self::InvalidSpec(_) => "InvalidSpec",

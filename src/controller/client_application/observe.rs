@@ -57,24 +57,54 @@ pub(super) async fn find_client(
     Ok(Some(client))
 }
 
-/// Why the operator may not write its keys into the existing Secret, if it may not.
-pub(super) fn secret_refusal(secret: &WrittenSecret, d: &Desired, connection_secrets: &[String]) -> Option<String> {
+/// Why the operator may not write its keys into the existing Secret, if it may not: one that is not
+/// its own only with `merge`, and then as [`foreign_secret::refusal`] allows.
+pub(super) fn secret_refusal(
+    secret: &WrittenSecret,
+    d: &Desired,
+    status: Option<&ClientApplicationStatus>,
+    used_by_connection: bool,
+) -> Option<Refusal> {
     if !secret.exists || secret.owner_uids.contains(&d.owner.uid) {
         return None;
     }
     if !d.merge {
-        return Some("exists and was not made by the operator (set spec.secret.merge to write into it)".into());
+        return Some(Refusal::NotMerged);
     }
-    if let Some(type_) = secret.type_.as_deref().filter(|t| *t != "Opaque") {
-        return Some(format!("is of type {type_}; the operator writes only into Opaque Secrets"));
-    }
-    if let Some(other) = secret.labels.get(CLIENT_LABEL).filter(|owner| **owner != d.name) {
-        return Some(format!("holds the credentials of ClientApplication {other}"));
-    }
-    if secret.labels.contains_key(CREDENTIALS_LABEL) || connection_secrets.contains(&d.secret_name) {
-        return Some("holds a connection's credentials or CA bundle".into());
-    }
-    None
+    let keys = merge_keys(d, status);
+    let labels: Vec<(&str, Option<&str>)> = d
+        .labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+        .chain([(CLIENT_LABEL, Some(d.name.as_str()))])
+        .collect();
+    let annotations: Vec<(&str, Option<&str>)> = d
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+        .chain([(ISSUED_AT, None), (ROTATION_HANDLED, None)])
+        .collect();
+    let merge =
+        Merge { client: &d.name, client_label: CLIENT_LABEL, keys: &keys, labels: &labels, annotations: &annotations };
+    foreign_secret::refusal(secret, used_by_connection, &merge)
+}
+
+/// The keys a merge writes, each with the fingerprint of the value this client's credentials give it
+/// (known from the spec and the status; none for the pending key, which only the operator writes).
+fn merge_keys<'a>(d: &'a Desired, status: Option<&ClientApplicationStatus>) -> Vec<(&'a str, Option<String>)> {
+    let client_id = status.and_then(|s| s.client_id.as_deref());
+    let values = credentials_data(d, client_id.unwrap_or_default(), &SecretString::from(String::new()));
+    secret_keys(d)
+        .into_iter()
+        .map(|key| {
+            let known = match key {
+                k if k == d.keys.client_secret => status.and_then(|s| s.secret_fingerprint.clone()),
+                k if k == d.keys.client_id && client_id.is_none() => None,
+                k => values.get(k).map(fingerprint),
+            };
+            (key, known)
+        })
+        .collect()
 }
 
 /// The Secrets the namespace's MedplumConnections read (credentials and CA bundles).
@@ -133,10 +163,12 @@ pub(super) async fn observe(
 ) -> Result<Observed, ClientError> {
     let secret = read_written(&ctx.client, &d.namespace, &d.secret_name, &secret_keys(d)).await?;
     let foreign = secret.exists && !secret.owner_uids.contains(&d.owner.uid);
-    let used_by_connections =
-        if foreign && d.merge { connection_secrets(ctx, &d.namespace).await? } else { Vec::new() };
-    if let Some(why) = secret_refusal(&secret, d, &used_by_connections) {
-        return Err(ClientError::SecretConflict { name: d.secret_name.clone(), why });
+    let used_by_connection = foreign && d.merge && {
+        secret.labels.contains_key(CREDENTIALS_LABEL)
+            || connection_secrets(ctx, &d.namespace).await?.contains(&d.secret_name)
+    };
+    if let Some(refusal) = secret_refusal(&secret, d, ca.status.as_ref(), used_by_connection) {
+        return Err(ClientError::SecretConflict { name: d.secret_name.clone(), refusal });
     }
     let mut targets = Vec::new();
     for target in &d.restart_targets {

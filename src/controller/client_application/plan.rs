@@ -90,13 +90,6 @@ pub(super) fn identifier_of(tag: &Coding) -> Identifier {
     Identifier { system: tag.system.clone(), value: tag.code.clone() }
 }
 
-/// `sha256:` and 16 hex digits: tells secrets apart without revealing one (they are 256-bit random).
-pub(super) fn fingerprint(secret: &SecretString) -> String {
-    let digest = Sha256::digest(secret.expose_secret().as_bytes());
-    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
-}
-
 /// A new client secret: 256 random bits as 64 hex digits (no `:`, which Basic auth cannot carry).
 pub(super) fn generate_secret() -> SecretString {
     let bytes: [u8; 32] = rand::random();

@@ -1,6 +1,8 @@
 //! The plan is a function of what is observed: each state of a creation or a rotation, however it was
 //! reached (a crash included), leads to the same next step.
 
+use std::collections::BTreeSet;
+
 use super::*;
 use crate::crd::{Adopt, SecretKeys, WorkloadKind};
 use crate::medplum::CredentialProof;
@@ -64,10 +66,12 @@ fn secret(d: &Desired, current: Option<&str>, pending: Option<&str>, issued: Opt
         exists: true,
         type_: Some("Opaque".into()),
         owner_uids: vec!["uid-1".into()],
+        present: values.keys().cloned().collect(),
         values,
         labels,
         annotations,
         resource_version: Some("1".into()),
+        ..Default::default()
     }
 }
 
@@ -316,28 +320,37 @@ fn fingerprints_tell_secrets_apart_without_revealing_them() {
 }
 
 #[test]
-fn only_a_foreign_opaque_secret_no_connection_or_other_client_uses_is_merged_into() {
+fn a_foreign_secret_is_merged_into_only_with_merge_and_as_the_foreign_secret_rule_allows() {
     let mut d = desired();
-    let foreign = |labels: &[(&str, &str)], type_: &str| WrittenSecret {
+    let mut theirs = WrittenSecret {
         exists: true,
-        type_: Some(type_.into()),
+        type_: Some("Opaque".into()),
         owner_uids: vec!["someone-else".into()],
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        annotations: BTreeMap::from([(foreign_secret::ALLOW_MERGE.to_string(), d.name.clone())]),
         ..Default::default()
     };
-    let plain = foreign(&[], "Opaque");
-    assert!(secret_refusal(&plain, &d, &[]).unwrap().contains("set spec.secret.merge"));
+    assert_eq!(secret_refusal(&theirs, &d, None, false), Some(Refusal::NotMerged));
     d.merge = true;
-    assert_eq!(secret_refusal(&plain, &d, &[]), None);
-    assert!(secret_refusal(&foreign(&[], "kubernetes.io/service-account-token"), &d, &[]).unwrap().contains("Opaque"));
-    let other_client = foreign(&[(CLIENT_LABEL, "other")], "Opaque");
-    assert!(secret_refusal(&other_client, &d, &[]).unwrap().contains("ClientApplication other"));
-    let credentials = foreign(&[(CREDENTIALS_LABEL, "true")], "Opaque");
-    assert!(secret_refusal(&credentials, &d, &[]).unwrap().contains("connection"));
-    assert!(secret_refusal(&plain, &d, std::slice::from_ref(&d.secret_name)).unwrap().contains("connection"));
-    let mut own = plain;
+    assert_eq!(secret_refusal(&theirs, &d, None, false), None);
+    assert_eq!(secret_refusal(&theirs, &d, None, true), Some(Refusal::ConnectionCredentials));
+    // The keys it would write are checked against what is there, the client's own values recognised.
+    let status = ClientApplicationStatus { client_id: Some("c1".into()), ..Default::default() };
+    for (key, value, conflict) in [
+        ("MEDPLUM_CLIENT_ID", "c1", false),
+        ("MEDPLUM_CLIENT_ID", "c0", true),
+        ("MEDPLUM_BASE_URL", "https://medplum.example.org/", false),
+        ("MEDPLUM_TOKEN_URL", "https://medplum.example.org/oauth2/token", false),
+        ("MEDPLUM_PROJECT_ID", "p2", true),
+        ("MEDPLUM_CLIENT_SECRET", "theirs", true),
+    ] {
+        theirs.present = BTreeSet::from([key.to_string()]);
+        theirs.values = BTreeMap::from([(key.to_string(), s(value))]);
+        let refusal = secret_refusal(&theirs, &d, Some(&status), false);
+        assert_eq!(matches!(refusal, Some(Refusal::KeyConflict(_))), conflict, "{key}={value}: {refusal:?}");
+    }
+    let mut own = theirs;
     own.owner_uids = vec![d.owner.uid.clone()];
-    assert_eq!(secret_refusal(&own, &d, std::slice::from_ref(&d.secret_name)), None, "its own Secret");
+    assert_eq!(secret_refusal(&own, &d, None, true), None, "its own Secret");
 }
 
 #[test]
