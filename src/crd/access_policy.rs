@@ -101,15 +101,19 @@ pub struct PolicyResource {
     pub readonly: Option<bool>,
     /// The interactions allowed; empty: all (or the read-only ones with `readonly`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
     pub interactions: Vec<Interaction>,
     /// Fields neither readable nor writable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(max = 256)))]
     pub hidden_fields: Vec<String>,
     /// Fields readable but not writable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(max = 256)))]
     pub readonly_fields: Vec<String>,
     /// FHIRPath invariants a written resource must satisfy (`%before`, `%after` available).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 1024)))]
     pub write_constraints: Vec<String>,
 }
 
@@ -156,6 +160,7 @@ impl Interaction {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct IpAccessRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub name: Option<String>,
     /// An address prefix such as `10.2.` or `192.168.1.7` (Medplum compares prefixes; no `/` ranges), or
     /// `*` for every address.

@@ -46,38 +46,47 @@ pub struct ClientApplicationSpec {
     pub display_name: Option<String>,
     /// Medplum `ClientApplication.description`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub description: Option<String>,
     /// Lifetime of access tokens, in Medplum's format (`30s`, `15m`, `1h`, `1d`); Medplum's default is 1h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+[smhdw]$"))]
+    #[schemars(length(max = 16))]
     pub access_token_lifetime: Option<String>,
     /// Lifetime of refresh tokens, in the same format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+[smhdw]$"))]
+    #[schemars(length(max = 16))]
     pub refresh_token_lifetime: Option<String>,
     /// Redirect URIs for the authorization code flow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 2048)))]
     pub redirect_uris: Vec<String>,
     /// Make PKCE optional for the authorization code flow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pkce_optional: Option<bool>,
     /// JWKS URI for `private_key_jwt` client authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     pub jwks_uri: Option<String>,
     /// Launch URI for the SMART EHR launch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     pub launch_uri: Option<String>,
     /// CORS origins allowed to use the client (Medplum `allowedOrigin`); empty allows all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 2048)))]
     pub allowed_origins: Vec<String>,
     /// Scopes used when a request names none (Medplum `defaultScope`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 256)))]
     pub default_scopes: Vec<String>,
     /// An external identity provider for the client's sign-in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_provider: Option<IdentityProvider>,
     /// What the client's ProjectMembership may do: AccessPolicy resources of this namespace, with parameters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub access: Vec<AccessGrant>,
     /// A membership without any policy, which Medplum treats as full access to the project. Only when
     /// the connection allows it (`spec.limits.allowUnrestrictedAccess`).
@@ -112,6 +121,7 @@ pub struct AccessGrant {
     pub policy_ref: LocalObjectRef,
     /// Values for the policy's `%name` variables.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub parameters: Vec<PolicyParameter>,
 }
 
@@ -131,7 +141,7 @@ pub struct LocalObjectRef {
 }]))]
 pub struct PolicyParameter {
     /// The variable name, without `%`.
-    #[schemars(regex(pattern = r"^[A-Za-z][A-Za-z0-9_-]*$"))]
+    #[schemars(regex(pattern = r"^[A-Za-z][A-Za-z0-9_-]*$"), length(max = 64))]
     pub name: String,
     /// Medplum puts it into the policy's JSON text as it is, so it may not hold `"`, `\` or control
     /// characters (they would change the policy itself, not only the value).
@@ -140,7 +150,7 @@ pub struct PolicyParameter {
     pub value_string: Option<String>,
     /// A FHIR reference, `<ResourceType>/<id>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$"))]
+    #[schemars(regex(pattern = r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$"), length(max = 130))]
     pub value_reference: Option<String>,
 }
 
@@ -149,9 +159,13 @@ pub struct PolicyParameter {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IdentityProvider<R = SecretKeyRef> {
+    #[schemars(length(min = 1, max = 2048))]
     pub authorize_url: String,
+    #[schemars(length(min = 1, max = 2048))]
     pub token_url: String,
+    #[schemars(length(min = 1, max = 2048))]
     pub user_info_url: String,
+    #[schemars(length(min = 1, max = 256))]
     pub client_id: String,
     /// Where the identity provider's client secret is (Medplum requires one).
     pub client_secret_ref: R,
@@ -197,14 +211,14 @@ pub struct SecretSpec {
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "self.all(k, !k.startsWith('medplum.com/') && k != 'app.kubernetes.io/managed-by')",
         "message": "medplum.com/ labels and app.kubernetes.io/managed-by are the operator's"
-    }]))]
+    }], "maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 63}))]
     pub labels: BTreeMap<String, String>,
     /// Extra annotations on the Secret (not `medplum.com/` ones: the operator keeps its state there).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "self.all(k, !k.startsWith('medplum.com/'))",
         "message": "medplum.com/ annotations are the operator's"
-    }]))]
+    }], "maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
     pub annotations: BTreeMap<String, String>,
     /// Write the keys into an existing Secret that the operator does not own, leaving its other keys alone.
     /// Without it, an existing Secret not made by the operator is never touched. Even with it, only an
@@ -218,19 +232,19 @@ pub struct SecretSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeys {
     #[serde(default = "key_base_url")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
     pub base_url: String,
     #[serde(default = "key_client_id")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
     pub client_id: String,
     #[serde(default = "key_client_secret")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
     pub client_secret: String,
     #[serde(default = "key_token_url")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
     pub token_url: String,
     #[serde(default = "key_project_id")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
     pub project_id: String,
 }
 
@@ -269,16 +283,17 @@ impl Default for SecretKeys {
 pub struct RotationSpec {
     /// Rotate this long after the current secret was issued (`720h`); unset: only on request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"), length(max = 32))]
     pub interval: Option<String>,
     /// How long the previous secret keeps working after the Secret switched to the new one; in any
     /// case it works until every restart target rolled out.
     #[serde(default = "default_grace_period")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"), length(max = 32))]
     pub grace_period: String,
     /// Workloads restarted (pod template annotation, as `kubectl rollout restart` does) whenever the
     /// Secret's credentials change; the previous secret is retired only after they rolled out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub restart_targets: Vec<RestartTarget>,
 }
 

@@ -105,8 +105,31 @@ pub struct ClusterCaBundleRef {
 pub struct AllowedNamespaces {
     /// Exact namespace names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000), inner(length(max = 63)))]
     pub names: Vec<String>,
     /// Namespaces whose labels match this selector. An empty selector (`{}`) matches every namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded_label_selector")]
     pub selector: Option<LabelSelector>,
+}
+
+/// A Kubernetes label selector, with the bounds Kubernetes gives labels (a key of at most 317
+/// characters: a 253-character prefix, `/` and a 63-character name; values of at most 63).
+fn bounded_label_selector(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "description": "A label selector: matchLabels and matchExpressions, ANDed.",
+        "properties": {
+            "matchLabels": {"type": "object", "maxProperties": 64,
+                            "additionalProperties": {"type": "string", "maxLength": 63}},
+            "matchExpressions": {"type": "array", "maxItems": 32, "items": {
+                "type": "object", "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string", "maxLength": 317},
+                    "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "maxItems": 64, "items": {"type": "string", "maxLength": 63}}
+                }
+            }}
+        }
+    })
 }

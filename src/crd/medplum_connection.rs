@@ -79,6 +79,7 @@ pub struct ConnectionLimits {
     /// The resource types and interactions that AccessPolicies made through this connection may grant.
     /// Unset: any but the project administration types above. A policy granting anything else is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 200))]
     pub allowed_resources: Option<Vec<ResourceCeiling>>,
     /// Which existing Medplum objects resources may take over (`spec.adopt`). Default: none.
     #[serde(default, skip_serializing_if = "AdoptionLimits::is_none")]
@@ -93,20 +94,20 @@ pub struct ConnectionLimits {
 pub struct AdoptionLimits {
     /// ClientApplications that may be adopted, by id.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000))]
+    #[schemars(length(max = 1000), inner(length(max = 64)))]
     pub client_ids: Vec<String>,
     /// AccessPolicies that may be adopted, by id. An adopted policy is rewritten as its resource says,
     /// for every membership that has it, so list only policies the namespace may decide for all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000))]
+    #[schemars(length(max = 1000), inner(length(max = 64)))]
     pub policy_ids: Vec<String>,
     /// Members ProjectUsers may adopt, by email: `ada@example.org`, or `@example.org` for a whole domain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000))]
+    #[schemars(length(max = 1000), inner(length(max = 320)))]
     pub user_emails: Vec<String>,
     /// Members ProjectUsers may adopt, by external id.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1000))]
+    #[schemars(length(max = 1000), inner(length(max = 256)))]
     pub user_external_ids: Vec<String>,
     /// An adopted ClientApplication may keep its current secret (`spec.adopt.secret: Keep`), which hands
     /// a secret someone else already holds to the namespace. Default: adoption always rotates the secret.
@@ -152,10 +153,11 @@ impl AdoptionLimits {
 pub struct ResourceCeiling {
     /// A resource type, or `*` for every type.
     #[serde(rename = "resourceType")]
-    #[schemars(regex(pattern = r"^(\*|[A-Z][A-Za-z]+)$"))]
+    #[schemars(regex(pattern = r"^(\*|[A-Z][A-Za-z]+)$"), length(max = 64))]
     pub resource_type: String,
     /// The interactions that may be granted; empty: all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
     pub interactions: Vec<super::access_policy::Interaction>,
 }
 

@@ -42,12 +42,14 @@ pub struct MedplumProjectSpec {
     /// here and never written by the operator are left alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 20))]
     pub sites: Vec<Site>,
     /// Project secrets (`Project.secret`, what Bots read as `event.secrets`), each from a key of a
     /// Secret of this namespace, matched by name; entries not listed here and never written by the
     /// operator are left alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(length(max = 100))]
     pub secrets: Vec<ProjectSecret>,
     /// What deletion of the resource (or of an entry from `sites` or `secrets`) does in Medplum.
     #[serde(default)]
@@ -78,9 +80,11 @@ pub struct Site {
     pub name: String,
     /// Host names of the app, e.g. `portal.example.org`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20), inner(length(max = 253)))]
     pub domains: Vec<String>,
     /// The public reCAPTCHA site key the app's sign-up page uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub recaptcha_site_key: Option<String>,
     /// Where the reCAPTCHA secret key is (a key of a Secret of this namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]

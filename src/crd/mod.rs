@@ -105,3 +105,52 @@ impl Default for ConnectionRef {
         Self { kind: ConnectionKind::MedplumConnection, name: "default".into() }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    /// The paths under `schema` where a string has no `maxLength` (and no `enum`), a list no
+    /// `maxItems`, or a map no `maxProperties`.
+    fn unbounded(schema: &Value, path: &str, found: &mut Vec<String>) {
+        match schema.get("type").and_then(Value::as_str) {
+            Some("string") if schema.get("maxLength").is_none() && schema.get("enum").is_none() => {
+                found.push(format!("{path}: string without maxLength"))
+            }
+            Some("array") => {
+                if schema.get("maxItems").is_none() {
+                    found.push(format!("{path}: list without maxItems"));
+                }
+                unbounded(&schema["items"], &format!("{path}[]"), found);
+            }
+            Some("object") => {
+                if let Some(values) = schema.get("additionalProperties").filter(|v| v.is_object()) {
+                    if schema.get("maxProperties").is_none() {
+                        found.push(format!("{path}: map without maxProperties"));
+                    }
+                    unbounded(values, &format!("{path}{{}}"), found);
+                }
+                for (name, property) in schema.get("properties").and_then(Value::as_object).into_iter().flatten() {
+                    unbounded(property, &format!("{path}.{name}"), found);
+                }
+            }
+            _ => {}
+        }
+        for alternative in ["anyOf", "oneOf", "allOf"].iter().filter_map(|k| schema.get(*k)?.as_array()).flatten() {
+            unbounded(alternative, path, found);
+        }
+    }
+
+    /// Every string, list and map a user writes is bounded at apply time, so an object too large for
+    /// Medplum, or for a worker to converge quickly, never gets in.
+    #[test]
+    fn every_string_list_and_map_of_every_spec_is_bounded() {
+        let mut found = Vec::new();
+        for crd in super::all() {
+            let kind = &crd.spec.names.kind;
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+            unbounded(&schema["openAPIV3Schema"]["properties"]["spec"], &format!("{kind}.spec"), &mut found);
+        }
+        assert!(found.is_empty(), "unbounded:\n{}", found.join("\n"));
+    }
+}

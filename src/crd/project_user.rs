@@ -64,6 +64,7 @@ pub struct ProjectUserSpec {
     pub admin: bool,
     /// AccessPolicy resources of this namespace the membership gets, with parameters.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub access: Vec<AccessGrant>,
     /// A membership without any policy (full access); only when the connection allows it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
