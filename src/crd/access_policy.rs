@@ -94,7 +94,7 @@ pub struct PolicyResource {
     /// replaced by the membership's parameters. Only plain parameters and the `:not` and `:missing`
     /// modifiers, no chained parameters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 2048))]
+    #[schemars(length(min = 1, max = 1024))]
     pub criteria: Option<String>,
     /// Read only (read, search, history).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,15 +105,15 @@ pub struct PolicyResource {
     pub interactions: Vec<Interaction>,
     /// Fields neither readable nor writable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 100), inner(length(max = 256)))]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
     pub hidden_fields: Vec<String>,
     /// Fields readable but not writable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 100), inner(length(max = 256)))]
+    #[schemars(length(max = 16), inner(length(max = 64)))]
     pub readonly_fields: Vec<String>,
     /// FHIRPath invariants a written resource must satisfy (`%before`, `%after` available).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(length(max = 1024)))]
+    #[schemars(length(max = 4), inner(length(max = 256)))]
     pub write_constraints: Vec<String>,
 }
 

@@ -5,6 +5,7 @@ mod support;
 
 mod access_policy;
 mod bench;
+mod bounds;
 mod chart;
 mod client_application;
 mod connection;
