@@ -51,12 +51,15 @@ fn parse_cluster_id(text: &str) -> Result<String, String> {
     if valid { Ok(text.to_string()) } else { Err(format!("cluster id {text:?} must be 1-63 letters, digits or '-'")) }
 }
 
-/// What adopting an exported client does with its current secret.
+/// What adopting an exported client does with its current secret. Spelled as `spec.adopt.secret` in
+/// the CRDs (`Keep`, `Rotate`); any case is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SecretOnAdoption {
     /// Keep it (the connection must allow it: `spec.limits.adoption.allowKeepSecret`).
+    #[value(name = "Keep")]
     Keep,
     /// Replace it; the current one keeps working through the grace period.
+    #[value(name = "Rotate")]
     Rotate,
 }
 
@@ -79,7 +82,7 @@ pub struct ExportArgs {
     #[arg(long, env = "CLUSTER_ID", default_value = "default", value_parser = parse_cluster_id)]
     pub cluster_id: String,
     /// What adoption does with each client's current secret.
-    #[arg(long, value_enum, default_value_t = SecretOnAdoption::Rotate)]
+    #[arg(long, value_enum, ignore_case = true, default_value_t = SecretOnAdoption::Rotate)]
     pub adopt_secret: SecretOnAdoption,
     /// Write one file per resource into a folder per kind here, instead of printing one stream.
     #[arg(short, long)]
@@ -186,5 +189,166 @@ mod tests {
         assert!(settings.watch_namespaces.is_empty());
         assert_eq!(settings.resync_interval, Duration::from_secs(300));
         assert_eq!(settings.http_address.to_string(), "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn adopt_secret_takes_the_crd_spelling_and_lowercase() {
+        for (value, expected) in
+            [("Keep", SecretOnAdoption::Keep), ("keep", SecretOnAdoption::Keep), ("Rotate", SecretOnAdoption::Rotate)]
+        {
+            let cli = Cli::try_parse_from(["medplum-operator", "export", "-n", "a", "--adopt-secret", value]).unwrap();
+            let Command::Export(args) = cli.command else { panic!("expected export") };
+            assert_eq!(args.adopt_secret, expected, "{value}");
+        }
+        assert!(Cli::try_parse_from(["medplum-operator", "export", "-n", "a", "--adopt-secret", "Forget"]).is_err());
+    }
+}
+
+/// The README's command lines and its flag table, and the `--help` texts, against the parser: they
+/// cannot drift apart.
+#[cfg(test)]
+mod documented {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn readme() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md")
+    }
+
+    /// The command lines in `text`: inline code and code block lines that run the binary (also as
+    /// `cargo run -- ...`), without the binary's name.
+    fn command_lines(text: &str) -> Vec<String> {
+        let (mut block_lines, mut prose) = (Vec::new(), String::new());
+        let mut in_block = false;
+        for line in text.lines() {
+            if line.trim_start().starts_with("```") {
+                in_block = !in_block;
+            } else if in_block {
+                block_lines.push(line.trim());
+            } else {
+                prose.push_str(line);
+                prose.push(' ');
+            }
+        }
+        // Inline code may run over a line break.
+        let spans = prose.split('`').skip(1).step_by(2).chain(block_lines);
+        spans
+            .flat_map(|s| s.split(" && "))
+            .filter_map(|span| {
+                let span = span.split(" #").next().unwrap_or_default().trim();
+                let rest = span.strip_prefix("medplum-operator ").or_else(|| span.strip_prefix("cargo run -- "))?;
+                rest.split_whitespace().next().is_some_and(|w| !w.starts_with('-')).then(|| rest.to_string())
+            })
+            .collect()
+    }
+
+    /// A synopsis as invocations: optional groups (`[a | b]`) left out, then each alternative of each
+    /// group on its own; each `A|B` value in turn; placeholders (`NAME`, `FILE_OR_DIR`, `<id>`) filled.
+    fn invocations(synopsis: &str) -> Vec<Vec<String>> {
+        // Parts: a plain word, or a group of alternatives, each a list of words.
+        enum Part {
+            Word(String),
+            Group(Vec<Vec<String>>),
+        }
+        let mut parts = Vec::new();
+        let mut rest = synopsis;
+        while let Some(start) = rest.find('[') {
+            parts.extend(rest[..start].split_whitespace().map(|w| Part::Word(w.into())));
+            let end = start + rest[start..].find(']').expect("a closed group");
+            let alternatives = rest[start + 1..end].split(" | ");
+            parts.push(Part::Group(alternatives.map(|a| a.split_whitespace().map(String::from).collect()).collect()));
+            rest = &rest[end + 1..];
+        }
+        parts.extend(rest.split_whitespace().map(|w| Part::Word(w.into())));
+        let fill = |word: &str, choice: usize| -> String {
+            let values: Vec<&str> = word.split('|').collect();
+            let word = values[choice.min(values.len() - 1)];
+            let placeholder =
+                word.starts_with('<') || (word.len() > 1 && word.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+            if placeholder { "x".into() } else { word.into() }
+        };
+        let words = |chosen: Option<(usize, usize, usize)>| -> Vec<String> {
+            let mut out = Vec::new();
+            for (i, part) in parts.iter().enumerate() {
+                match part {
+                    Part::Word(w) => out.push(fill(w, 0)),
+                    Part::Group(alternatives) => {
+                        if let Some((group, alternative, value)) = chosen.filter(|(g, _, _)| *g == i) {
+                            let _ = group;
+                            out.extend(alternatives[alternative].iter().map(|w| fill(w, value)));
+                        }
+                    }
+                }
+            }
+            out
+        };
+        let mut all = vec![words(None)];
+        for (i, part) in parts.iter().enumerate() {
+            let Part::Group(alternatives) = part else { continue };
+            for (a, alternative) in alternatives.iter().enumerate() {
+                let values = alternative.iter().map(|w| w.split('|').count()).max().unwrap_or(1);
+                all.extend((0..values).map(|v| words(Some((i, a, v)))));
+            }
+        }
+        all
+    }
+
+    fn parses(line: &str, source: &str) {
+        for args in invocations(line) {
+            let argv = std::iter::once("medplum-operator".to_string()).chain(args.clone());
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{source}: `medplum-operator {}` (from `{line}`) does not parse:\n{e}", args.join(" "));
+            }
+        }
+    }
+
+    #[test]
+    fn the_readmes_command_lines_parse() {
+        let lines = command_lines(&readme());
+        for expected in ["export -n team-a", "diff -n team-a", "crds --dir crds", "run"] {
+            assert!(lines.iter().any(|l| l.starts_with(expected)), "the README shows `{expected}`: {lines:?}");
+        }
+        for line in &lines {
+            parses(line, "README.md");
+        }
+        let synopsis = lines.iter().find(|l| l.starts_with("export")).unwrap();
+        assert!(invocations(synopsis).iter().any(|a| a.ends_with(&["--adopt-secret".into(), "Keep".into()])));
+    }
+
+    #[test]
+    fn the_readmes_flag_table_is_the_run_commands() {
+        let command = Cli::command();
+        let run = command.find_subcommand("run").expect("run");
+        let mut rows = 0;
+        for row in readme().lines().filter(|l| l.starts_with("| `--")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let flag = cells[1].trim_matches('`').trim_start_matches("--");
+            let arg = run.get_arguments().find(|a| a.get_long() == Some(flag));
+            let arg = arg.unwrap_or_else(|| panic!("README documents --{flag}, which `run` does not take"));
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(env.as_deref(), Some(cells[2].trim_matches('`')), "--{flag}: its environment variable");
+            let default: Vec<String> =
+                arg.get_default_values().iter().map(|d| d.to_string_lossy().into_owned()).collect();
+            let literal = cells[3].strip_prefix('`').and_then(|d| d.strip_suffix('`')).filter(|d| !d.contains('`'));
+            if let Some(documented) = literal {
+                assert_eq!(default, [documented], "--{flag}: its default");
+            }
+            rows += 1;
+        }
+        let documented = run.get_arguments().filter(|a| a.get_long().is_some_and(|l| l != "help")).count();
+        assert_eq!(rows, documented, "every flag of `run` is in the README's table");
+    }
+
+    #[test]
+    fn the_help_texts_command_lines_parse() {
+        let mut command = Cli::command();
+        let mut help = command.render_long_help().to_string();
+        for sub in command.get_subcommands_mut() {
+            help.push_str(&sub.render_long_help().to_string());
+        }
+        for line in command_lines(&help) {
+            parses(&line, "--help");
+        }
     }
 }
