@@ -57,6 +57,9 @@ fi
 
 export MEDPLUM_OPERATOR_SKIP_LOG=$skips
 
+# The image the chart runs: tests/e2e/image.rs checks its build and runs the chart's pods from it.
+bash hack/image.sh >&2
+
 started=$EPOCHREALTIME
 set +e
 cargo test "${selection[@]}" "$@" 2>&1 | tee "$output"

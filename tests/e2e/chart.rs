@@ -13,12 +13,12 @@ use serde_json::{Value, json};
 
 use crate::support::cluster::kubeconfig;
 use crate::support::tools::{self, chart};
-use crate::support::{MedplumTarget, Operator, TestNamespace, cluster_client, eventually, suffix};
+use crate::support::{MedplumTarget, Operator, ProjectAdmin, TestNamespace, cluster_client, eventually, suffix};
 use medplum_operator::crd::{
     self, AccessPolicy, ClientApplication, ClusterMedplumConnection, DomainConfiguration, MedplumConnection,
 };
 
-fn helm_template(release: &str, namespace: &str, sets: &[&str], only: Option<&str>) -> String {
+pub(crate) fn helm_template(release: &str, namespace: &str, sets: &[&str], only: Option<&str>) -> String {
     let chart = chart();
     let mut args =
         vec!["template", release, chart.to_str().unwrap(), "--namespace", namespace, "--kube-version", "1.37.2"];
@@ -141,7 +141,7 @@ async fn chart_lints_rejects_wrong_values_and_installs_under_restricted_pod_secu
 }
 
 /// One rule of the rendered RBAC: (document index, rule index) and a description.
-struct Rule {
+pub(crate) struct Rule {
     document: usize,
     index: usize,
     what: String,
@@ -181,7 +181,7 @@ fn rules_of(documents: &[serde_yaml::Value]) -> Vec<Rule> {
 }
 
 /// Applies the RBAC (without `removed`), a ServiceAccount, and returns a kubeconfig with its token.
-async fn service_account_kubeconfig(
+pub(crate) async fn service_account_kubeconfig(
     release: &str,
     namespace: &str,
     credentials: &str,
@@ -279,13 +279,13 @@ async fn happened(client: &Client, namespace: &str, cluster_name: &str, what: &s
 /// Everything the operator does, through connections of both kinds (TLS with CA bundles from
 /// ConfigMaps, credentials of the cluster connection in another namespace), a restart target, Events
 /// and a deletion. Ok with the time it took, or what did not happen.
-async fn scenario(
+pub(crate) async fn scenario(
     client: &Client,
     namespace: &str,
     credentials: &str,
     medplum: &MedplumTarget,
     ca: &str,
-) -> Result<Duration, String> {
+) -> Result<(Duration, ProjectAdmin), String> {
     let started = Instant::now();
     let admin = medplum.new_project(&format!("rbac-{namespace}")).await;
     for ns in [namespace, credentials] {
@@ -452,7 +452,7 @@ async fn scenario(
     if gone.is_err() {
         return Err("DomainConfiguration deletion (finalizer)".into());
     }
-    Ok(started.elapsed())
+    Ok((started.elapsed(), admin))
 }
 
 /// Runs the scenario with the chart's RBAC minus `removed`, in fresh namespaces.
@@ -470,15 +470,22 @@ async fn run_with_rbac(removed: Option<&Rule>) -> Result<Duration, String> {
     let lease = format!("{release}-medplum-operator");
     let args = ["--leader-election", "--leader-election-namespace", &ns.name, "--leader-election-lease-name", &lease];
     let operator = Operator::spawn(&ns.name, &args, &[("KUBECONFIG", &config)]).await;
-    let result = scenario(&client, &ns.name, &credentials.name, &medplum, &ca).await;
+    let result = scenario(&client, &ns.name, &credentials.name, &medplum, &ca).await.map(|(took, _)| took);
     if result.is_err() && std::env::var_os("OPERATOR_LOGS").is_some() {
         eprintln!("{}", operator.logs());
     }
     // Cleanups may be blocked without the rule: drop finalizers so the namespaces can go.
+    release_leftovers(&ns.name, &release);
+    result
+}
+
+/// What a scenario leaves that its namespaces do not take with them: finalizers its cleanup may not
+/// have released, and the release's cluster-wide RBAC.
+pub(crate) fn release_leftovers(namespace: &str, release: &str) {
     for kind in ["clientapplications", "accesspolicies", "medplumconnections"] {
         let _ = tools::run(
             "kubectl",
-            &["patch", kind, "--all", "-n", &ns.name, "--type", "merge", "-p", r#"{"metadata":{"finalizers":null}}"#],
+            &["patch", kind, "--all", "-n", namespace, "--type", "merge", "-p", r#"{"metadata":{"finalizers":null}}"#],
             None,
         );
     }
@@ -487,7 +494,7 @@ async fn run_with_rbac(removed: Option<&Rule>) -> Result<Duration, String> {
         &[
             "patch",
             "domainconfiguration",
-            &format!("shared-{}", ns.name),
+            &format!("shared-{namespace}"),
             "--type",
             "merge",
             "-p",
@@ -500,7 +507,6 @@ async fn run_with_rbac(removed: Option<&Rule>) -> Result<Duration, String> {
         &["delete", "clusterrole,clusterrolebinding", "-l", &format!("app.kubernetes.io/instance={release}")],
         None,
     );
-    result
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ mod domain;
 mod export;
 mod hostile;
 mod hostile_secrets;
+mod image;
 mod least_privilege;
 mod limits;
 mod operations;
