@@ -12,7 +12,8 @@
 #   default: test-server real real-limits memory
 #
 # BENCH_CLIENTS (default 1000) clients per converge run, BENCH_RESYNC_SECONDS (default 60) the resync
-# interval of the steady-state window, BENCH_OBJECTS (default 10000) for memory. Output also goes to
+# interval of the steady-state window, BENCH_OBJECTS (default 10000) for memory. BENCH_IMAGE=1 runs the
+# operator from its container image (hack/image.sh), as the chart's container under podman. Output also goes to
 # .cache/bench/<target>.log. The real Medplum's state is $MEDPLUM_STATE_DIR (see hack/real-medplum.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,6 +54,11 @@ rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || true
 cargo build --release --tests --bins --quiet
 cargo build --profile dist --quiet --target x86_64-unknown-linux-musl --bin medplum-operator
 export OPERATOR_BINARY=$root/target/x86_64-unknown-linux-musl/dist/medplum-operator
+if [[ ${BENCH_IMAGE:-} == 1 ]]; then
+  OPERATOR_IMAGE=$(bash hack/image.sh | awk '{print $1}')
+  export OPERATOR_IMAGE
+  echo "bench.sh: the operator runs from the image $OPERATOR_IMAGE" >&2
+fi
 for target in "${targets[@]}"; do
   [[ $target == real-limits ]] && limits_changed=true
   echo "bench.sh: $target (BENCH_CLIENTS=${BENCH_CLIENTS:-1000})" >&2

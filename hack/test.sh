@@ -26,10 +26,12 @@ if [[ ! -f $CONTROLPLANE_DIR/api.port ]]; then
   started_here=true
 fi
 medplum_started_here=false
+node_started_here=false
 skips=$(mktemp)
 output=$(mktemp)
 cleanup() {
   rm -f "$skips" "$output"
+  if $node_started_here; then bash hack/node/stop.sh; fi
   if $started_here; then bash hack/controlplane/stop.sh; fi
   if $medplum_started_here; then bash hack/real-medplum.sh stop >/dev/null 2>&1 || true; fi
 }
@@ -57,8 +59,11 @@ fi
 
 export MEDPLUM_OPERATOR_SKIP_LOG=$skips
 
-# The image the chart runs: tests/e2e/image.rs checks its build and runs the chart's pods from it.
+# The image the chart runs: tests/e2e/image.rs checks its build and runs the chart's pods from it
+# under podman; tests/e2e/node.rs runs the chart's Deployment on a real kubelet with containerd.
 bash hack/image.sh >&2
+[[ -f $CONTROLPLANE_DIR/node/kubelet.pid ]] || node_started_here=true
+bash hack/node/start.sh >/dev/null
 
 started=$EPOCHREALTIME
 set +e

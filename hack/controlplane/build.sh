@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm from the
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, etcd, kwok and helm from the
 # Go module proxy into
 # .cache/controlplane/<versions>/bin and prints that folder. Binaries already there are not rebuilt,
 # so a warm run returns at once.
@@ -37,7 +37,7 @@ write_module() {
   {
     printf 'module local/controlplane\n\ngo 1.26.0\n\n'
     printf 'tool (\n\tk8s.io/kubernetes/cmd/kube-apiserver\n\tk8s.io/kubernetes/cmd/kube-controller-manager\n'
-    printf '\tk8s.io/kubernetes/cmd/kube-scheduler\n'
+    printf '\tk8s.io/kubernetes/cmd/kube-scheduler\n\tk8s.io/kubernetes/cmd/kubelet\n'
     printf '\tk8s.io/kubernetes/cmd/kubectl\n\tgo.etcd.io/etcd/server/v3\n)\n\n'
     printf 'require (\n\tk8s.io/kubernetes %s\n\tgo.etcd.io/etcd/server/v3 %s\n)\n\n' "$KUBERNETES_VERSION" "$ETCD_VERSION"
     grep -E '^\s+k8s\.io/[a-z0-9-]+ v0\.0\.0$' "$kmod" | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
@@ -57,6 +57,7 @@ build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
 build kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
 build kubectl k8s.io/kubernetes/cmd/kubectl
+build kubelet k8s.io/kubernetes/cmd/kubelet
 build etcd go.etcd.io/etcd/server/v3
 # kwok (fake nodes whose pods turn Running and Ready) and helm have module graphs of their own, so
 # their dependencies never move Kubernetes'.

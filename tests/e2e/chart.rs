@@ -12,24 +12,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::support::cluster::kubeconfig;
-use crate::support::tools::{self, chart};
+use crate::support::tools::{self, chart, helm_template};
 use crate::support::{MedplumTarget, Operator, ProjectAdmin, TestNamespace, cluster_client, eventually, suffix};
 use medplum_operator::crd::{
     self, AccessPolicy, ClientApplication, ClusterMedplumConnection, DomainConfiguration, MedplumConnection,
 };
-
-pub(crate) fn helm_template(release: &str, namespace: &str, sets: &[&str], only: Option<&str>) -> String {
-    let chart = chart();
-    let mut args =
-        vec!["template", release, chart.to_str().unwrap(), "--namespace", namespace, "--kube-version", "1.37.2"];
-    for set in sets {
-        args.extend(["--set", set]);
-    }
-    if let Some(template) = only {
-        args.extend(["--show-only", template]);
-    }
-    tools::ok("helm", &args, None)
-}
 
 #[test]
 fn chart_crds_match_the_generated_ones() {

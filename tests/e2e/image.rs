@@ -18,31 +18,11 @@ use serde_json::{Value, json};
 use medplum_operator::config::parse_duration;
 use medplum_operator::crd::ClientApplication;
 
-use crate::chart::{helm_template, release_leftovers, scenario, service_account_kubeconfig};
+use crate::chart::{release_leftovers, scenario, service_account_kubeconfig};
 use crate::support::cluster::kubeconfig;
+use crate::support::container::{chart_container, pid, podman, podman_ok, run_args, status_kib};
 use crate::support::fixtures::TAG_SYSTEM;
 use crate::support::{MedplumTarget, TestNamespace, cluster_client, eventually, suffix, tools};
-
-/// podman, or a panic that names the package: these tests never skip.
-fn podman(args: &[&str]) -> std::process::Output {
-    Command::new("podman")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("podman is needed to run the operator's image (apt-get install podman): {e}"))
-}
-
-fn podman_ok(args: &[&str]) -> String {
-    let output = podman(args);
-    assert!(output.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-/// A soft limit of this process (`Max open files`, `Max processes`): podman may not raise one.
-fn limit(name: &str) -> u64 {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
-    line[name.len()..].split_whitespace().next().unwrap().parse().unwrap_or(4096)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -54,13 +34,7 @@ fn rendered_container(release: &str, namespace: &str, credentials: &str) -> Valu
     let sets =
         [format!("watchNamespaces={{{namespace}}}"), format!("credentialNamespaces={{{credentials}}}"), selector];
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-    let yaml = helm_template(release, namespace, &sets, Some("templates/deployment.yaml"));
-    let deployment: Value = serde_yaml::from_str(&yaml).unwrap();
-    let pod = &deployment["spec"]["template"]["spec"];
-    let mut container = pod["containers"][0].clone();
-    container["podSecurityContext"] = pod["securityContext"].clone();
-    container["terminationGracePeriodSeconds"] = pod.get("terminationGracePeriodSeconds").cloned().unwrap_or(json!(30));
-    container
+    chart_container(release, namespace, &sets)
 }
 
 /// The ServiceAccount volume a kubelet projects: a TokenRequest token, the cluster CA, the namespace.
@@ -97,30 +71,8 @@ impl Pod {
                 .unwrap(),
         )
         .unwrap();
-        let security = &container["securityContext"];
-        let pod_security = &container["podSecurityContext"];
-        let user = format!("{}:{}", pod_security["runAsUser"], pod_security["runAsGroup"]);
-        let mut args: Vec<String> =
-            ["run", "--detach", "--name", name, "--runtime", "/usr/sbin/runc", "--network", "host"]
-                .map(String::from)
-                .into();
-        args.extend(["--user".into(), user]);
-        if security["readOnlyRootFilesystem"] == json!(true) {
-            args.push("--read-only".into());
-        }
-        for capability in security["capabilities"]["drop"].as_array().into_iter().flatten() {
-            args.extend(["--cap-drop".into(), capability.as_str().unwrap().into()]);
-        }
-        if security["allowPrivilegeEscalation"] == json!(false) {
-            args.extend(["--security-opt".into(), "no-new-privileges".into()]);
-        }
-        // RuntimeDefault: the runtime's default seccomp profile, which podman applies unless told otherwise.
-        assert_eq!(security["seccompProfile"]["type"], "RuntimeDefault");
-        // runc refuses an nproc limit above kernel.pid_max (measured: 32,768 runs, 32,769 does not).
-        let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
-        let (files, processes) = (limit("Max open files"), limit("Max processes").min(pid_max));
-        args.extend(["--ulimit".into(), format!("nofile={files}:{files}")]);
-        args.extend(["--ulimit".into(), format!("nproc={processes}:{processes}")]);
+        let mut args = run_args(container, name);
+        args.push("--detach".into());
         let mount = format!("{}:/var/run/secrets/kubernetes.io/serviceaccount:ro", volume.display());
         args.extend(["--volume".into(), mount]);
         let mut env = vec![
@@ -160,10 +112,7 @@ impl Pod {
 
     /// The resident set of the container's process, as the kernel counts it.
     fn rss_kib(&self) -> u64 {
-        let pid = podman_ok(&["inspect", "--format", "{{.State.Pid}}", &self.name]);
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        status_kib(pid(&self.name), "VmRSS")
     }
 
     fn exit_code(&self) -> String {

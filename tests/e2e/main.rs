@@ -19,6 +19,7 @@ mod hostile_secrets;
 mod image;
 mod least_privilege;
 mod limits;
+mod node;
 mod operations;
 mod outage;
 mod project;

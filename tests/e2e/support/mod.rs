@@ -2,6 +2,7 @@
 //! a real Medplum), Medplum bootstrap, and the operator as a child process.
 
 pub mod cluster;
+pub mod container;
 pub mod fixtures;
 pub mod medplum;
 pub mod operator;

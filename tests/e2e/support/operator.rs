@@ -1,19 +1,24 @@
-//! The operator binary as a child process, watching one test namespace, with its logs captured.
+//! The operator binary as a child process (or the image as a container), watching one test namespace,
+//! with its logs captured.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 
 use super::cluster::kubeconfig;
+use super::container::{self, podman, podman_ok};
 
 pub struct Operator {
     child: Child,
     logs: Arc<Mutex<String>>,
     pub address: SocketAddr,
+    /// The podman container it runs in, with `OPERATOR_IMAGE`.
+    container: Option<String>,
 }
 
 fn capture(stream: impl AsyncRead + Unpin + Send + 'static, logs: Arc<Mutex<String>>) {
@@ -40,22 +45,42 @@ impl Operator {
     }
 
     /// Starts the operator without waiting for readiness, with extra environment variables (a
-    /// `KUBECONFIG` among them replaces the admin one).
+    /// `KUBECONFIG` among them replaces the admin one). `OPERATOR_BINARY` runs another build of it (the
+    /// benchmarks measure the static binary the image ships); `OPERATOR_IMAGE` runs it from that image
+    /// as the chart's container, under podman (`hack/bench.sh` with `BENCH_IMAGE=1`).
     pub async fn spawn(namespace: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let selector = format!("medplum-operator-test={namespace}");
-        // `OPERATOR_BINARY` runs another build of the operator (the benchmarks measure the static
-        // release binary the container image ships).
-        let binary = std::env::var_os("OPERATOR_BINARY")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_medplum-operator").into());
-        let mut child = Command::new(binary)
-            .args(["run", "--watch-namespaces", namespace, "--cluster-connection-selector", &selector])
-            .args(["--http-address", "127.0.0.1:0", "--log-format", "json"])
-            .args(extra_args)
-            .env("KUBECONFIG", kubeconfig())
-            .env("RUST_LOG", std::env::var("OPERATOR_RUST_LOG").unwrap_or_else(|_| "debug".into()))
-            .env("POD_NAME", format!("operator-{namespace}"))
-            .envs(env.iter().copied())
+        let mut args: Vec<String> =
+            ["run", "--watch-namespaces", namespace, "--cluster-connection-selector", &selector]
+                .map(String::from)
+                .into();
+        args.extend(["--http-address", "127.0.0.1:0", "--log-format", "json"].map(String::from));
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        let log_level = std::env::var("OPERATOR_RUST_LOG").unwrap_or_else(|_| "debug".into());
+        let mut vars: Vec<(String, String)> = vec![
+            ("KUBECONFIG".into(), kubeconfig().display().to_string()),
+            ("RUST_LOG".into(), log_level),
+            ("POD_NAME".into(), format!("operator-{namespace}")),
+        ];
+        for (key, value) in env {
+            vars.retain(|(k, _)| k != key);
+            vars.push((key.to_string(), value.to_string()));
+        }
+        let (mut command, container) = match std::env::var("OPERATOR_IMAGE") {
+            Ok(image) => {
+                let name = format!("operator-{namespace}-{}", super::suffix());
+                (in_container(&image, &name, &args, &vars), Some(name))
+            }
+            Err(_) => {
+                let binary = std::env::var_os("OPERATOR_BINARY")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| env!("CARGO_BIN_EXE_medplum-operator").into());
+                let mut command = Command::new(binary);
+                command.args(&args).envs(vars);
+                (command, None)
+            }
+        };
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -75,7 +100,7 @@ impl Operator {
             }
         })
         .await;
-        Self { child, logs, address }
+        Self { child, logs, address, container }
     }
 
     pub fn logs(&self) -> String {
@@ -119,14 +144,22 @@ impl Operator {
 
     /// SIGKILL: no cleanup at all, as a crash or an OOM kill would do.
     pub async fn kill(&mut self) {
-        let _ = self.child.kill().await;
+        match &self.container {
+            Some(name) => drop(podman(&["kill", "--signal", "KILL", name])),
+            None => drop(self.child.kill().await),
+        }
     }
 
     /// SIGTERM: a graceful stop; returns the exit status.
     pub async fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
-        assert!(status.success());
+        match &self.container {
+            Some(name) => drop(podman_ok(&["kill", "--signal", "TERM", name])),
+            None => {
+                let pid = self.child.id().expect("running").to_string();
+                let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+                assert!(status.success());
+            }
+        }
         self.wait_exit(timeout).await
     }
 
@@ -143,14 +176,65 @@ impl Operator {
     }
 
     fn status_kib(&self, field: &str) -> u64 {
-        let pid = self.child.id().expect("running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+        let pid = match &self.container {
+            Some(name) => container::pid(name),
+            None => self.child.id().expect("running"),
+        };
+        container::status_kib(pid, field)
     }
+}
+
+/// `podman run` of `image` as the chart's container (its user, read-only root filesystem, no
+/// capabilities, no new privileges; host networking), with `args` and `vars`. A kubeconfig in `vars`
+/// is mounted into it, made self-contained (certificates inline) and readable by the pod's user only.
+fn in_container(image: &str, name: &str, args: &[String], vars: &[(String, String)]) -> Command {
+    static CHART: OnceLock<serde_json::Value> = OnceLock::new();
+    let chart = CHART.get_or_init(|| container::chart_container("operator", "default", &[]));
+    let mut run = container::run_args(chart, name);
+    run.push("--rm".into());
+    for (key, value) in vars {
+        let value = if key == "KUBECONFIG" {
+            let inside = format!("/var/run/medplum-operator-test/{name}.kubeconfig");
+            let file = self_contained_kubeconfig(Path::new(value), name);
+            run.extend(["--volume".into(), format!("{}:{inside}:ro", file.display())]);
+            inside
+        } else {
+            value.clone()
+        };
+        run.extend(["--env".into(), format!("{key}={value}")]);
+    }
+    run.push(image.into());
+    run.extend(args.iter().cloned());
+    let mut command = Command::new("podman");
+    command.args(run);
+    command
+}
+
+/// A copy of a kubeconfig with the files it names inlined, owned by the pod's user (65532), mode 0400.
+fn self_contained_kubeconfig(path: &Path, name: &str) -> PathBuf {
+    use base64::Engine;
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let inline = |section: &mut serde_yaml::Value, key: &str| {
+        if let Some(file) = section.get(key).and_then(|v| v.as_str()).map(String::from) {
+            let data = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&file).unwrap());
+            let map = section.as_mapping_mut().unwrap();
+            map.remove(key);
+            map.insert(format!("{key}-data").into(), data.into());
+        }
+    };
+    for entry in config["clusters"].as_sequence_mut().into_iter().flatten() {
+        inline(&mut entry["cluster"], "certificate-authority");
+    }
+    for entry in config["users"].as_sequence_mut().into_iter().flatten() {
+        inline(&mut entry["user"], "client-certificate");
+        inline(&mut entry["user"], "client-key");
+    }
+    let file = std::env::temp_dir().join(format!("medplum-operator-{name}.kubeconfig"));
+    std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400)).unwrap();
+    std::os::unix::fs::chown(&file, Some(65532), Some(65532)).expect("chown to the pod's user");
+    file
 }
 
 /// A test that fails shows the end of its operators' logs (debug level, secret-free: the tests check
@@ -162,6 +246,10 @@ impl Drop for Operator {
             let lines: Vec<&str> = logs.lines().collect();
             let tail = &lines[lines.len().saturating_sub(80)..];
             eprintln!("the last {} lines of the operator's log:\n{}", tail.len(), tail.join("\n"));
+        }
+        if let Some(name) = &self.container {
+            let _ = podman(&["rm", "--force", "--time", "0", name]);
+            let _ = std::fs::remove_file(std::env::temp_dir().join(format!("medplum-operator-{name}.kubeconfig")));
         }
     }
 }

@@ -21,6 +21,20 @@ pub fn chart() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("charts/medplum-operator")
 }
 
+/// `helm template` of the chart for `release` in `namespace` with `--set` values, or one template of it.
+pub fn helm_template(release: &str, namespace: &str, sets: &[&str], only: Option<&str>) -> String {
+    let chart = chart();
+    let mut args =
+        vec!["template", release, chart.to_str().unwrap(), "--namespace", namespace, "--kube-version", "1.37.2"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    if let Some(template) = only {
+        args.extend(["--show-only", template]);
+    }
+    ok("helm", &args, None)
+}
+
 /// Runs a tool of the control plane with the admin kubeconfig, feeding `stdin`.
 pub fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
