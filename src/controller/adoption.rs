@@ -12,8 +12,8 @@
 use crate::crd::ConnectionLimits;
 use crate::medplum::{AccessPolicyResource, Coding, Identifier, MedplumClient, MedplumError, MembershipResource};
 
-use super::access_policy::{check_limits, medplum_grants};
 use super::connection::UsableConnection;
+use super::tenancy::{check_limits, medplum_grants};
 
 /// The start of the system of every tag and identifier a medplum-operator writes, whatever its cluster id.
 const OPERATOR_SYSTEM: &str = "urn:medplum-operator:";

@@ -9,9 +9,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde_json::Value;
 
-use crate::controller::access_policy::{check_limits, medplum_grants, validate};
+use crate::controller::access_policy::validate;
 use crate::controller::adoption::managed_elsewhere;
 use crate::controller::ownership_tag;
+use crate::controller::tenancy::{check_limits, medplum_grants};
 use crate::crd::{
     AccessGrant, AccessPolicy, AccessPolicySpec, Adopt, AdoptPolicy, AdoptSecret, ClientApplication,
     ClientApplicationSpec, CompartmentRef, ConnectionLimits, ConnectionRef, DeletionPolicy, IdentityProvider,

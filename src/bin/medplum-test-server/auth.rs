@@ -286,7 +286,14 @@ pub async fn token(
         return outcome::token_error("Missing grant_type");
     };
     if grant_type == "authorization_code" {
-        return crate::register::exchange_code(&app, &form);
+        let mut store = app.store();
+        return match crate::register::redeem_code(&mut store, &form) {
+            Ok((login, profile)) => {
+                let project_ref = format!("Project/{}", login.project_id);
+                issue_token(&app, store, login, &project_ref, profile, 3600)
+            }
+            Err(refused) => refused,
+        };
     }
     if grant_type != "client_credentials" {
         return outcome::token_error("Unsupported grant type");

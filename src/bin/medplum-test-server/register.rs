@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
@@ -17,7 +17,7 @@ use sha2::Digest;
 
 use crate::App;
 use crate::outcome::{self, Outcome};
-use crate::store::{Login, Registration, new_id, now};
+use crate::store::{Login, Registration, Store, new_id, now};
 
 type Result<T> = std::result::Result<T, Outcome>;
 
@@ -111,13 +111,16 @@ pub async fn new_patient(State(app): State<Arc<App>>, Json(body): Json<Value>) -
     Ok(outcome::json(StatusCode::OK, &json!({"login": login, "code": code})))
 }
 
-/// The authorization code grant: the code of a finished registration, with its PKCE verifier.
-pub fn exchange_code(app: &App, form: &std::collections::HashMap<String, String>) -> Response {
-    let mut store = app.store();
+/// The authorization code grant: the code of a finished registration, with its PKCE verifier, redeemed
+/// for the login its token is issued for (by auth.rs, with the membership's profile), or the error.
+pub fn redeem_code(
+    store: &mut Store,
+    form: &std::collections::HashMap<String, String>,
+) -> std::result::Result<(Login, Value), Response> {
     let code = form.get("code").map(String::as_str).unwrap_or_default();
     let found = store.registrations.iter().find(|(_, r)| !code.is_empty() && r.code.as_deref() == Some(code));
     let Some((login_id, registration)) = found.map(|(id, r)| (id.clone(), r.clone())) else {
-        return outcome::token_error("Invalid code");
+        return Err(outcome::token_error("Invalid code"));
     };
     let verifier = form.get("code_verifier").map(String::as_str).unwrap_or_default();
     let expected = match registration.code_challenge_method.as_str() {
@@ -125,10 +128,10 @@ pub fn exchange_code(app: &App, form: &std::collections::HashMap<String, String>
         _ => verifier.to_string(),
     };
     if registration.code_challenge.is_empty() || expected != registration.code_challenge {
-        return outcome::token_error("Invalid code verifier");
+        return Err(outcome::token_error("Invalid code verifier"));
     }
     let Some(membership_id) = registration.membership_id.clone() else {
-        return outcome::token_error("Invalid code");
+        return Err(outcome::token_error("Invalid code"));
     };
     // A code is good for one token.
     store.registrations.remove(&login_id);
@@ -143,8 +146,7 @@ pub fn exchange_code(app: &App, form: &std::collections::HashMap<String, String>
         issued_at,
         expires_at: issued_at + 3600,
     };
-    let project_ref = format!("Project/{}", registration.project_id);
-    crate::auth::issue_token(app, store, login, &project_ref, profile, 3600).into_response()
+    Ok((login, profile))
 }
 
 /// `POST /auth/setpassword`: the user of a security request sets a password, once.
