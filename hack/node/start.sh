@@ -60,6 +60,10 @@ fi
 "${ctr[@]}" images import "$image_archive" >/dev/null
 
 if ! running kubelet; then
+  if other=$(pgrep -x kubelet); then
+    echo "node/start.sh: a kubelet already runs here (pid $other); two would share the cgroupfs hierarchy" >&2
+    exit 1
+  fi
   cat >"$state/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -73,9 +77,19 @@ authentication:
   webhook: {enabled: false}
 authorization: {mode: AlwaysAllow}
 readOnlyPort: 0
-port: 10250
+# A free port on 127.0.0.1, not 10250: nothing but this machine's tests talks to it. (One such node at
+# a time per machine: two kubelets would share the cgroupfs hierarchy.)
+port: $(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+address: 127.0.0.1
 healthzPort: 0
 enforceNodeAllocatable: []
+# Container logs go here (the API server has no client certificate for the kubelet: no kubectl logs).
+podLogsDir: $state/pod-logs
+# The images come from hack/image.sh, not from a registry: the kubelet must not collect them, nor
+# evict the test's pods, when the development disk runs full.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: 1Mi}
 registerWithTaints:
 - {key: medplum-operator-test/node, value: real, effect: NoSchedule}
 YAML

@@ -84,11 +84,36 @@ fn restart_count(pod: &Pod) -> i32 {
     pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).map_or(0, |c| c[0].restart_count)
 }
 
+/// The node's state folder, beside the control plane's kubeconfig.
+fn node_dir() -> std::path::PathBuf {
+    kubeconfig().parent().unwrap().join("node")
+}
+
+/// The end of the operator container's log, as the kubelet wrote it (hack/node/start.sh's podLogsDir).
+fn container_log(pod: &Pod) -> String {
+    let meta = &pod.metadata;
+    let pod_dir = format!(
+        "{}_{}_{}",
+        meta.namespace.as_deref().unwrap(),
+        meta.name.as_deref().unwrap(),
+        meta.uid.as_deref().unwrap()
+    );
+    let dir = node_dir().join("pod-logs").join(pod_dir).join("operator");
+    let text: String = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .collect();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(80)..].join("\n")
+}
+
 /// The host PID of the pod's operator container, from containerd.
 fn container_pid(pod: &Pod) -> u32 {
     let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).unwrap();
     let id = statuses[0].container_id.as_deref().unwrap().trim_start_matches("containerd://").to_string();
-    let socket = format!("{}/node/containerd.sock", std::env::var("CONTROLPLANE_DIR").unwrap());
+    let socket = node_dir().join("containerd.sock").display().to_string();
     let output = Command::new("ctr")
         .args(["--address", &socket, "--namespace", "k8s.io", "tasks", "ls"])
         .output()
@@ -122,11 +147,7 @@ async fn the_charts_deployment_runs_on_a_real_kubelet() {
 
     let (took, _admin) = match scenario(&client, &ns.name, &credentials.name, &medplum, &ca).await {
         Ok(done) => done,
-        Err(what) => {
-            let name = pod.metadata.name.as_deref().unwrap();
-            let logs = tools::run("kubectl", &["logs", "-n", &ns.name, name, "--tail", "80"], None);
-            panic!("on the real node, this did not happen: {what}\n{}", String::from_utf8_lossy(&logs.stdout));
-        }
+        Err(what) => panic!("on the real node, this did not happen: {what}\n{}", container_log(&pod)),
     };
     println!("figure: the chart scenario converged from the pod on the real node in {took:?}");
     let pid = container_pid(&pod);
