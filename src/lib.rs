@@ -4,6 +4,7 @@ pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod export;
+pub mod failure;
 pub mod leader;
 pub mod medplum;
 pub mod metrics;

@@ -12,67 +12,23 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::adoption::{self, AdoptionError};
-use super::connection::{UsableConnection, UseError, usable_connection};
+use super::connection::{UsableConnection, usable_connection};
+use super::failure::ResourceError;
 use super::status::{ConditionState, READY, apply_status, set_condition};
-use super::tenancy::{check_limits, medplum_grants, spec_grants};
+use super::tenancy::{self, check_limits, medplum_grants};
 use super::view::Seen;
 use super::{CleanupVia, Context, Error, ReconcileStream, UsesConnection, cleanup_via, event};
 use crate::crd::{
-    AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, ConnectionLimits, IpAction, MedplumProject,
-    PolicyDeletionPolicy, ProjectUser,
+    AccessGrant, AccessPolicy, AccessPolicySpec, ClientApplication, IpAction, MedplumProject, PolicyDeletionPolicy,
+    ProjectUser,
 };
+use crate::failure::Failure;
 use crate::medplum::{
     AccessPolicyResource, Coding, Expression, IpAccessRuleEntry, MedplumError, MembershipAccess, MembershipParameter,
     MembershipResource, PolicyResourceEntry, Ref, SUBSETTED,
 };
 
 pub const KIND: &str = "AccessPolicy";
-
-/// Why an AccessPolicy is not (yet) as specified in Medplum.
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
-    #[error(transparent)]
-    Connection(#[from] UseError),
-    #[error("spec.resources[{index}].criteria: {message}")]
-    InvalidCriteria { index: usize, message: String },
-    #[error("spec.ipAccessRules[{index}]: {message}")]
-    InvalidIpRule { index: usize, message: String },
-    #[error("exceeds the connection's limits: {0}")]
-    ExceedsLimits(String),
-    #[error("Medplum keeps {0} different from the spec after an update")]
-    NotConverging(String),
-    #[error(transparent)]
-    Adoption(#[from] AdoptionError),
-    #[error(transparent)]
-    Medplum(#[from] MedplumError),
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-}
-
-impl PolicyError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Connection(e) => e.reason(),
-            Self::InvalidCriteria { .. } => "InvalidCriteria",
-            Self::InvalidIpRule { .. } => "InvalidIpRule",
-            Self::ExceedsLimits(_) => "ExceedsConnectionLimits",
-            Self::NotConverging(_) => "NotConverging",
-            Self::Adoption(e) => e.reason(),
-            Self::Medplum(e) => e.reason(),
-            Self::Kube(_) => "KubernetesApiError",
-        }
-    }
-
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Connection(e) => e.is_transient(),
-            Self::Adoption(e) => e.is_transient(),
-            Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
-            Self::Kube(_) => true,
-            _ => false,
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Validation (pure)
@@ -114,17 +70,17 @@ pub fn check_criteria(resource_type: &str, criteria: &str) -> Result<(), String>
 
 /// Checks the spec for what the CRD schema cannot say: criteria, and IP rules (repeated from the
 /// schema, so that a stored object that predates a rule is refused too).
-pub fn validate(spec: &AccessPolicySpec) -> Result<(), PolicyError> {
+pub fn validate(spec: &AccessPolicySpec) -> Result<(), ResourceError> {
     for (index, resource) in spec.resources.iter().enumerate() {
         if let Some(criteria) = &resource.criteria {
             check_criteria(&resource.resource_type, criteria)
-                .map_err(|message| PolicyError::InvalidCriteria { index, message })?;
+                .map_err(|message| ResourceError::InvalidCriteria { index, message })?;
         }
     }
     for (index, rule) in spec.ip_access_rules.iter().enumerate() {
         if rule.value.contains('/') {
             let message = format!("{:?} is a CIDR range; Medplum matches address prefixes, e.g. \"10.2.\"", rule.value);
-            return Err(PolicyError::InvalidIpRule { index, message });
+            return Err(ResourceError::InvalidIpRule { index, message });
         }
     }
     if let Some(last) = spec.ip_access_rules.last().filter(|r| r.action != IpAction::Block) {
@@ -133,15 +89,9 @@ pub fn validate(spec: &AccessPolicySpec) -> Result<(), PolicyError> {
             "the last rule ({:?}) allows; Medplum allows any address no rule matches, so end with a block rule",
             last.value
         );
-        return Err(PolicyError::InvalidIpRule { index, message });
+        return Err(ResourceError::InvalidIpRule { index, message });
     }
     Ok(())
-}
-
-/// Checks that the policy grants nothing beyond the connection's limits.
-pub fn check_ceiling(spec: &AccessPolicySpec, limits: &ConnectionLimits) -> Result<(), PolicyError> {
-    check_limits(&spec_grants(spec), limits, |index| format!("spec.resources[{index}]"))
-        .map_err(PolicyError::ExceedsLimits)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -239,8 +189,8 @@ pub enum GrantError {
     Kube(#[from] kube::Error),
 }
 
-impl GrantError {
-    pub fn reason(&self) -> &'static str {
+impl Failure for GrantError {
+    fn reason(&self) -> &'static str {
         match self {
             Self::NotFound { .. } => "PolicyNotFound",
             Self::NotReady { .. } => "PolicyNotReady",
@@ -250,7 +200,7 @@ impl GrantError {
         }
     }
 
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         matches!(self, Self::NotReady { .. } | Self::Kube(_))
     }
 }
@@ -360,14 +310,14 @@ async fn read_policy(
 }
 
 /// Creates or updates the policy; returns it and the Events to publish.
-async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResource, Vec<Event>), PolicyError> {
+async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResource, Vec<Event>), ResourceError> {
     let namespace = ap.namespace().unwrap_or_default();
     let usable = usable_connection(ctx, &namespace, &ap.spec.connection_ref).await?;
     validate(&ap.spec)?;
-    check_ceiling(&ap.spec, &usable.limits)?;
+    tenancy::policy(&ap.spec, &usable.limits)?;
     let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ap.name_any());
     let result = converge_policy(&usable, ap, &tag).await;
-    if let Err(PolicyError::Medplum(e)) = &result
+    if let Err(ResourceError::Medplum(e)) = &result
         && e.leaves_object_uncertain()
     {
         usable.view.doubt::<AccessPolicyResource>(&tag.code);
@@ -379,7 +329,7 @@ async fn converge_policy(
     usable: &UsableConnection,
     ap: &AccessPolicy,
     tag: &Coding,
-) -> Result<(AccessPolicyResource, Vec<Event>), PolicyError> {
+) -> Result<(AccessPolicyResource, Vec<Event>), ResourceError> {
     let desired = desired_policy(ap, tag);
     let medplum = &usable.client;
     let mut events = Vec::new();
@@ -408,7 +358,7 @@ async fn converge_policy(
     usable.view.record(&updated);
     let left = policy_drift(&desired, &updated);
     if !left.is_empty() {
-        return Err(PolicyError::NotConverging(left.join(", ")));
+        return Err(ResourceError::NotConverging(left.join(", ")));
     }
     if events.is_empty() {
         let observed = ap.status.as_ref().and_then(|s| s.observed_generation);
@@ -474,9 +424,8 @@ async fn apply(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
             Ok(Action::await_change())
         }
         Err(e) => {
-            write_status(ctx, ap, None, ConditionState::new(READY, false, e.reason(), e.to_string())).await?;
-            let rate_limited = matches!(e, PolicyError::Medplum(MedplumError::RateLimited { .. }));
-            Ok(ctx.retry(KIND, ap, e.reason(), &e.to_string(), e.is_transient(), rate_limited))
+            write_status(ctx, ap, None, ConditionState::not_ready(&e)).await?;
+            Ok(ctx.retry(KIND, ap, &e))
         }
     }
 }
@@ -600,7 +549,7 @@ pub fn controller(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::IpAccessRule;
+    use crate::crd::{ConnectionLimits, IpAccessRule};
 
     fn spec(value: serde_json::Value) -> AccessPolicySpec {
         serde_json::from_value(value).unwrap()
@@ -646,15 +595,15 @@ mod tests {
         let limits = |ceiling: serde_json::Value| -> ConnectionLimits {
             serde_json::from_value(serde_json::json!({"allowedResources": ceiling})).unwrap()
         };
-        assert!(check_ceiling(&policy, &ConnectionLimits::default()).is_ok());
+        assert!(tenancy::policy(&policy, &ConnectionLimits::default()).is_ok());
         let reads =
             limits(serde_json::json!([{"resourceType": "*", "interactions": ["read", "vread", "history", "search"]}]));
-        assert!(check_ceiling(&policy, &reads).is_ok());
+        assert!(tenancy::policy(&policy, &reads).is_ok());
         let no_patients = limits(serde_json::json!([{"resourceType": "Observation"}]));
-        let message = check_ceiling(&policy, &no_patients).unwrap_err().to_string();
+        let message = tenancy::policy(&policy, &no_patients).unwrap_err().to_string();
         assert!(message.contains("grants Patient, which the connection does not allow"), "{message}");
         let writes = spec(serde_json::json!({"resources": [{"resourceType": "Observation"}]}));
-        let message = check_ceiling(&writes, &reads).unwrap_err().to_string();
+        let message = tenancy::policy(&writes, &reads).unwrap_err().to_string();
         assert!(message.contains("grants create, update, delete on Observation"), "{message}");
     }
 
@@ -663,9 +612,9 @@ mod tests {
         let admin = ConnectionLimits { allow_admin: true, ..Default::default() };
         for resource_type in ["*", "ClientApplication", "AccessPolicy", "Bot"] {
             let policy = spec(serde_json::json!({"resources": [{"resourceType": resource_type, "readonly": true}]}));
-            let message = check_ceiling(&policy, &ConnectionLimits::default()).unwrap_err().to_string();
+            let message = tenancy::policy(&policy, &ConnectionLimits::default()).unwrap_err().to_string();
             assert!(message.contains("administers the project"), "{resource_type}: {message}");
-            assert!(check_ceiling(&policy, &admin).is_ok(), "{resource_type}");
+            assert!(tenancy::policy(&policy, &admin).is_ok(), "{resource_type}");
         }
     }
 

@@ -14,6 +14,7 @@ use crate::medplum::{AccessPolicyResource, Coding, Identifier, MedplumClient, Me
 
 use super::connection::UsableConnection;
 use super::tenancy::{check_limits, medplum_grants};
+use crate::failure::Failure;
 
 /// The start of the system of every tag and identifier a medplum-operator writes, whatever its cluster id.
 const OPERATOR_SYSTEM: &str = "urn:medplum-operator:";
@@ -52,8 +53,8 @@ pub enum AdoptionError {
     Medplum(#[from] MedplumError),
 }
 
-impl AdoptionError {
-    pub fn reason(&self) -> &'static str {
+impl Failure for AdoptionError {
+    fn reason(&self) -> &'static str {
         match self {
             Self::NotAllowed { .. } => "AdoptionNotAllowed",
             Self::KeepSecretNotAllowed => "KeepSecretNotAllowed",
@@ -65,7 +66,7 @@ impl AdoptionError {
         }
     }
 
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         matches!(self, Self::Medplum(e) if e.is_transient())
     }
 }

@@ -27,6 +27,7 @@ use super::{Context, Error, ReconcileStream};
 use crate::crd::{
     AllowedNamespaces, ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, MedplumConnection,
 };
+use crate::failure::Failure;
 use crate::medplum::{ClientCredentials, FhirResource, Me, MedplumClient, MedplumError};
 
 /// Label that opts a connection's credentials Secret into a metadata-only watch, so that edits to it
@@ -69,8 +70,8 @@ pub enum UseError {
     Kube(#[from] kube::Error),
 }
 
-impl UseError {
-    pub fn reason(&self) -> &'static str {
+impl Failure for UseError {
+    fn reason(&self) -> &'static str {
         match self {
             Self::NotFound { .. } => "ConnectionNotFound",
             Self::NotReady { .. } => "ConnectionNotReady",
@@ -79,7 +80,7 @@ impl UseError {
         }
     }
 
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         matches!(self, Self::NotReady { .. } | Self::Kube(_))
     }
 }
@@ -408,8 +409,8 @@ pub enum ConnectionError {
     ProjectNotFound(String),
 }
 
-impl ConnectionError {
-    pub fn reason(&self) -> &'static str {
+impl Failure for ConnectionError {
+    fn reason(&self) -> &'static str {
         match self {
             Self::Source(e) => e.reason(),
             Self::Medplum(e) => e.reason(),
@@ -420,7 +421,7 @@ impl ConnectionError {
         }
     }
 
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
             Self::Source(e) => e.is_transient(),
             Self::Medplum(e) => e.is_transient(),
@@ -428,8 +429,8 @@ impl ConnectionError {
         }
     }
 
-    fn is_rate_limit(&self) -> bool {
-        matches!(self, Self::Medplum(MedplumError::RateLimited { .. }))
+    fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::Medplum(e) if e.is_rate_limited())
     }
 }
 
@@ -480,7 +481,7 @@ pub fn desired_status(
                 format!("authenticated as ClientApplication/{}, project admin of {project}", v.client_id),
             )
         }
-        Err(e) => ConditionState::new(READY, false, e.reason(), e.to_string()),
+        Err(e) => ConditionState::not_ready(e),
     };
     status.conditions = set_condition(&status.conditions, condition, generation, now);
     status.observed_generation = generation;
@@ -752,7 +753,7 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
             // A rate limit window is 60 s in Medplum; retrying sooner only burns the budget. Unlike
             // other resources, transient failures are capped at the resync interval too: everything
             // using the connection waits for it to recover.
-            let floor = if e.is_rate_limit() { std::time::Duration::from_secs(60) } else { Default::default() };
+            let floor = if e.is_rate_limited() { std::time::Duration::from_secs(60) } else { Default::default() };
             let delay = ctx.backoff.next_delay(&backoff_key, floor).min(ctx.settings.resync_interval.max(floor));
             let namespace = key.namespace.as_deref().unwrap_or_default();
             if e.is_transient() {

@@ -20,6 +20,7 @@ use super::status::FIELD_MANAGER;
 use super::{connection, events, medplum_project, status, view};
 use crate::config::Settings;
 use crate::crd::AccessPolicy;
+use crate::failure::Failure;
 use crate::metrics::Metrics;
 
 /// Failures that end a reconcile early; they are retried with backoff.
@@ -178,17 +179,10 @@ impl Context {
     /// When to try again after a reconcile that ended in a not-Ready status: exponential backoff (at
     /// least 60 s after a 429, Medplum's window), capped at the resync interval for what only a change
     /// can fix. Logged at warn for transient failures, info for refusals.
-    pub(crate) fn retry(
-        &self,
-        kind: &'static str,
-        obj: &impl Resource,
-        reason: &str,
-        message: &str,
-        transient: bool,
-        rate_limited: bool,
-    ) -> Action {
+    pub(crate) fn retry(&self, kind: &'static str, obj: &impl Resource, failure: &impl Failure) -> Action {
         let (name, namespace) = (obj.name_any(), obj.namespace().unwrap_or_default());
-        let floor = if rate_limited { Duration::from_secs(60) } else { Duration::ZERO };
+        let (reason, message, transient) = (failure.reason(), failure.to_string(), failure.is_transient());
+        let floor = if failure.is_rate_limited() { Duration::from_secs(60) } else { Duration::ZERO };
         let delay = self.backoff.next_delay(&format!("{kind}/{namespace}/{name}"), floor);
         let delay = if transient { delay } else { delay.min(self.settings.resync_interval.max(floor)) };
         if transient {

@@ -18,57 +18,16 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
 use super::adoption::{self, AdoptionError};
-use super::connection::{ConnectionKey, UseError, usable_cluster_connection};
-use super::secret::{SOURCE_LABEL, SourceError, read_secret_string};
+use super::connection::{ConnectionKey, usable_cluster_connection};
+use super::failure::ResourceError;
+use super::secret::{SOURCE_LABEL, read_secret_string};
 use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::tenancy;
 use super::{CLEANUP_FINALIZER, CleanupVia, Context, Error, ReconcileStream, cleanup_through, event};
 use crate::crd::{ClusterMedplumConnection, ConnectionKind, DomainConfiguration, DomainDeletionPolicy};
 use crate::medplum::{Coding, DomainConfigurationResource, MedplumError, SUBSETTED};
 
 pub const KIND: &str = "DomainConfiguration";
-
-/// Why a DomainConfiguration cannot be reconciled now.
-#[derive(Debug, thiserror::Error)]
-pub enum DomainError {
-    #[error(transparent)]
-    Connection(#[from] UseError),
-    #[error(
-        "ClusterMedplumConnection {0} does not hold a super admin's credential (spec.superAdminCredential); Medplum lets only super admins manage domain configurations"
-    )]
-    NotSuperAdmin(String),
-    #[error(
-        "Medplum has DomainConfiguration/{id} for {domain}, which the operator does not manage; set spec.adopt to take it over"
-    )]
-    AlreadyExists { domain: String, id: String },
-    #[error(transparent)]
-    Adoption(#[from] AdoptionError),
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Medplum(#[from] MedplumError),
-}
-
-impl DomainError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Connection(e) => e.reason(),
-            Self::NotSuperAdmin(_) => "SuperAdminRequired",
-            Self::AlreadyExists { .. } => "AlreadyExists",
-            Self::Adoption(e) => e.reason(),
-            Self::Source(e) => e.reason(),
-            Self::Medplum(e) => e.reason(),
-        }
-    }
-
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Connection(e) => e.is_transient(),
-            Self::Source(e) => e.is_transient(),
-            Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
-            _ => false,
-        }
-    }
-}
 
 /// The ownership tag of a cluster-scoped resource: `<Kind>/<name>`.
 fn tag(ctx: &Context, dc: &DomainConfiguration) -> Coding {
@@ -126,12 +85,10 @@ async fn find_own(
 }
 
 /// Makes Medplum hold what `dc` says; returns the DomainConfiguration's id.
-async fn converge(ctx: &Context, dc: &DomainConfiguration, events: &mut Vec<Event>) -> Result<String, DomainError> {
+async fn converge(ctx: &Context, dc: &DomainConfiguration, events: &mut Vec<Event>) -> Result<String, ResourceError> {
     let connection = &dc.spec.connection_ref.name;
     let usable = usable_cluster_connection(ctx, connection).await?;
-    if !usable.super_admin {
-        return Err(DomainError::NotSuperAdmin(connection.clone()));
-    }
+    tenancy::domain_configuration(connection, usable.super_admin)?;
     let r = &dc.spec.identity_provider.client_secret_ref;
     let client_secret = read_secret_string(&ctx.client, &r.namespace, &r.name, &r.key).await?;
     let tag = tag(ctx, dc);
@@ -151,7 +108,7 @@ async fn converge(ctx: &Context, dc: &DomainConfiguration, events: &mut Vec<Even
                     }
                     if !dc.spec.adopt {
                         let id = existing.id.clone().unwrap_or_default();
-                        return Err(DomainError::AlreadyExists { domain: desired.domain.clone(), id });
+                        return Err(ResourceError::DomainAlreadyExists { domain: desired.domain.clone(), id });
                     }
                     Some(existing)
                 }
@@ -221,9 +178,8 @@ async fn apply(dc: &DomainConfiguration, ctx: &Context) -> Result<Action, Error>
             Ok(Action::requeue(ctx.settings.resync_interval))
         }
         Err(e) => {
-            write_status(ctx, dc, None, ConditionState::new(READY, false, e.reason(), e.to_string())).await?;
-            let rate_limited = matches!(e, DomainError::Medplum(MedplumError::RateLimited { .. }));
-            Ok(ctx.retry(KIND, dc, e.reason(), &e.to_string(), e.is_transient(), rate_limited))
+            write_status(ctx, dc, None, ConditionState::not_ready(&e)).await?;
+            Ok(ctx.retry(KIND, dc, &e))
         }
     }
 }

@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::secret::{WrittenSecret, fingerprint};
+use crate::failure::Failure;
 
 /// Annotation by which a Secret's owner lets one ClientApplication (its name, same namespace) merge into
 /// the Secret.
@@ -58,13 +59,16 @@ pub enum Refusal {
     KeyConflict(Vec<String>),
 }
 
-impl Refusal {
-    pub fn reason(&self) -> &'static str {
+impl Failure for Refusal {
+    fn reason(&self) -> &'static str {
         match self {
             Self::NoConsent { .. } => "SecretMergeNotAllowed",
             Self::KeyConflict(_) => "SecretKeyConflict",
             _ => "SecretConflict",
         }
+    }
+    fn is_transient(&self) -> bool {
+        false
     }
 }
 

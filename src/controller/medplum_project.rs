@@ -21,10 +21,12 @@ use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use super::access_policy::{GrantError, resolve_grants};
-use super::connection::{UsableConnection, UseError, usable_connection};
-use super::secret::{SOURCE_LABEL, SourceError, read_secret_string};
+use super::access_policy::resolve_grants;
+use super::connection::{UsableConnection, usable_connection};
+use super::failure::ResourceError;
+use super::secret::{SOURCE_LABEL, read_secret_string};
 use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::tenancy;
 use super::{Cached, CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
 use crate::crd::{
     AccessGrant, MedplumProject, MedplumProjectStatus, OriginalRegistration, ProjectDeletionPolicy, ProjectSecretType,
@@ -32,61 +34,6 @@ use crate::crd::{
 use crate::medplum::{MedplumError, NamedEntry, ProjectResource};
 
 pub const KIND: &str = "MedplumProject";
-
-/// Why a MedplumProject is not (yet) as specified in Medplum.
-#[derive(Debug, thiserror::Error)]
-pub enum ProjectError {
-    #[error(transparent)]
-    Connection(#[from] UseError),
-    #[error(
-        "project-level settings concern the whole project, which the connection does not allow (spec.limits.allowProjectSettings)"
-    )]
-    NotAllowed,
-    #[error("MedplumProject {0} already declares this project's settings; a project has one MedplumProject")]
-    AlreadyDeclared(String),
-    #[error(transparent)]
-    Grant(#[from] GrantError),
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(
-        "Medplum's project already holds {} that the operator did not write, with another value; nothing of it is overwritten (remove it there, or declare another name)",
-        .0.join(", ")
-    )]
-    EntryConflict(Vec<String>),
-    #[error("project secret {name}: Secret key {secret}/{key} does not hold {kind}")]
-    InvalidValue { name: String, secret: String, key: String, kind: &'static str },
-    #[error(transparent)]
-    Medplum(#[from] MedplumError),
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-}
-
-impl ProjectError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Connection(e) => e.reason(),
-            Self::NotAllowed => "ProjectSettingsNotAllowed",
-            Self::AlreadyDeclared(_) => "ProjectAlreadyDeclared",
-            Self::Grant(e) => e.reason(),
-            Self::Source(e) => e.reason(),
-            Self::EntryConflict(_) => "ProjectEntryConflict",
-            Self::InvalidValue { .. } => "InvalidSecretValue",
-            Self::Medplum(e) => e.reason(),
-            Self::Kube(_) => "KubernetesApiError",
-        }
-    }
-
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Connection(e) => e.is_transient(),
-            Self::Grant(e) => e.is_transient(),
-            Self::Source(e) => e.is_transient(),
-            Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
-            Self::Kube(_) => true,
-            _ => false,
-        }
-    }
-}
 
 /// Which MedplumProject declares each project (`<base URL> <project id>`): the oldest one.
 #[derive(Default)]
@@ -238,7 +185,7 @@ fn secret_entry(name: &str, kind: ProjectSecretType, value: &SecretString) -> Op
 }
 
 /// The spec, with the values of its Secrets and the id of its registration policy.
-async fn desired(ctx: &Context, project: &MedplumProject) -> Result<Desired, ProjectError> {
+async fn desired(ctx: &Context, project: &MedplumProject) -> Result<Desired, ResourceError> {
     let namespace = project.namespace().unwrap_or_default();
     let spec = &project.spec;
     let registration = match &spec.patient_registration {
@@ -271,7 +218,7 @@ async fn desired(ctx: &Context, project: &MedplumProject) -> Result<Desired, Pro
     for s in &spec.secrets {
         let r = &s.secret_key_ref;
         let value = read_secret_string(&ctx.client, &namespace, &r.name, &r.key).await?;
-        let entry = secret_entry(&s.name, s.r#type, &value).ok_or_else(|| ProjectError::InvalidValue {
+        let entry = secret_entry(&s.name, s.r#type, &value).ok_or_else(|| ResourceError::InvalidSecretValue {
             name: s.name.clone(),
             secret: r.name.clone(),
             key: r.key.clone(),
@@ -318,13 +265,11 @@ async fn converge(
     project: &MedplumProject,
     status: &mut MedplumProjectStatus,
     events: &mut Vec<Event>,
-) -> Result<(), ProjectError> {
+) -> Result<(), ResourceError> {
     let namespace = project.namespace().unwrap_or_default();
     let usable = usable_connection(ctx, &namespace, &project.spec.connection_ref).await?;
-    if !usable.limits.allow_project_settings {
-        return Err(ProjectError::NotAllowed);
-    }
-    ctx.project_claims.claim(&claim_key(&usable), claim_of(project)).map_err(ProjectError::AlreadyDeclared)?;
+    tenancy::project_settings(&usable.limits)?;
+    ctx.project_claims.claim(&claim_key(&usable), claim_of(project)).map_err(ResourceError::ProjectAlreadyDeclared)?;
     status.project_id = Some(usable.project_id.clone());
     let desired = desired(ctx, project).await?;
     let actual = read_project(&usable).await?;
@@ -332,7 +277,7 @@ async fn converge(
     let remove = project.spec.deletion_policy == ProjectDeletionPolicy::Delete;
     let change = plan(&actual, &desired, &Owned { sites: &owned.0, secrets: &owned.1 }, remove);
     if !change.conflicts.is_empty() {
-        return Err(ProjectError::EntryConflict(change.conflicts));
+        return Err(ResourceError::ProjectEntryConflict(change.conflicts));
     }
     let names = |entries: &[NamedEntry]| entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
     if !change.is_empty() {
@@ -366,7 +311,7 @@ async fn apply(project: &MedplumProject, ctx: &Context) -> Result<Action, Error>
     let result = converge(ctx, project, &mut status, &mut events).await;
     let ready = match &result {
         Ok(()) => ConditionState::new(READY, true, "Ready", "Medplum's project holds the declared settings"),
-        Err(e) => ConditionState::new(READY, false, e.reason(), e.to_string()),
+        Err(e) => ConditionState::not_ready(e),
     };
     status.conditions = set_condition(&status.conditions, ready, project.metadata.generation, Timestamp::now());
     status.observed_generation = project.metadata.generation;
@@ -381,10 +326,7 @@ async fn apply(project: &MedplumProject, ctx: &Context) -> Result<Action, Error>
             ctx.succeeded(KIND, project);
             Ok(Action::await_change())
         }
-        Err(e) => {
-            let rate_limited = matches!(e, ProjectError::Medplum(MedplumError::RateLimited { .. }));
-            Ok(ctx.retry(KIND, project, e.reason(), &e.to_string(), e.is_transient(), rate_limited))
-        }
+        Err(e) => Ok(ctx.retry(KIND, project, &e)),
     }
 }
 

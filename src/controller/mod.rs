@@ -11,6 +11,7 @@ pub(crate) mod connection;
 mod context;
 mod domain_configuration;
 mod events;
+mod failure;
 mod foreign_secret;
 mod medplum_project;
 mod own_writes;

@@ -11,10 +11,12 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
-use super::access_policy::{GrantError, resolve_grants};
+use super::access_policy::resolve_grants;
 use super::adoption::{self, AdoptionError};
-use super::connection::{UsableConnection, UseError, usable_connection};
+use super::connection::{UsableConnection, usable_connection};
+use super::failure::ResourceError;
 use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::tenancy;
 use super::view::Seen;
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
 use crate::crd::{ProjectUser, ProjectUserStatus, UserDeletionPolicy, UserScope};
@@ -24,60 +26,6 @@ use crate::medplum::{
 };
 
 pub const KIND: &str = "ProjectUser";
-
-/// Why a ProjectUser is not (yet) as specified in Medplum.
-#[derive(Debug, thiserror::Error)]
-pub enum UserError {
-    #[error(transparent)]
-    Connection(#[from] UseError),
-    #[error(transparent)]
-    Grant(#[from] GrantError),
-    #[error(
-        "spec.admin asks for a project administrator, which the connection does not allow (spec.limits.allowAdmin)"
-    )]
-    AdminNotAllowed,
-    #[error(
-        "spec.unrestrictedAccess asks for a membership without any policy (full access), which the connection does not allow (spec.limits.allowUnrestrictedAccess)"
-    )]
-    UnrestrictedAccessNotAllowed,
-    #[error("this person is already a member of the project; set spec.adopt: true to take that membership over")]
-    AlreadyMember,
-    #[error(transparent)]
-    Adoption(#[from] AdoptionError),
-    #[error("Medplum keeps {0} different from the spec after an update")]
-    NotConverging(String),
-    #[error(transparent)]
-    Medplum(#[from] MedplumError),
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-}
-
-impl UserError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Connection(e) => e.reason(),
-            Self::Grant(e) => e.reason(),
-            Self::AdminNotAllowed => "AdminNotAllowed",
-            Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
-            Self::AlreadyMember => "AlreadyMember",
-            Self::Adoption(e) => e.reason(),
-            Self::NotConverging(_) => "NotConverging",
-            Self::Medplum(e) => e.reason(),
-            Self::Kube(_) => "KubernetesApiError",
-        }
-    }
-
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Connection(e) => e.is_transient(),
-            Self::Grant(e) => e.is_transient(),
-            Self::Adoption(e) => e.is_transient(),
-            Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
-            Self::Kube(_) => true,
-            _ => false,
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------
 // What should exist (pure)
@@ -253,14 +201,10 @@ async fn converge(
     ctx: &Context,
     user: &ProjectUser,
     usable: &UsableConnection,
-) -> Result<(MembershipResource, Vec<Event>), UserError> {
+) -> Result<(MembershipResource, Vec<Event>), ResourceError> {
     let namespace = user.namespace().unwrap_or_default();
-    if user.spec.admin && !usable.limits.allow_admin {
-        return Err(UserError::AdminNotAllowed);
-    }
-    if user.spec.unrestricted_access && !usable.limits.allow_unrestricted_access {
-        return Err(UserError::UnrestrictedAccessNotAllowed);
-    }
+    tenancy::admin(&usable.limits, user.spec.admin.then_some("spec.admin asks for a project administrator"))?;
+    tenancy::unrestricted_access(&usable.limits, user.spec.unrestricted_access)?;
     let access = resolve_grants(ctx, &namespace, &user.spec.connection_ref, &user.spec.access).await?;
     let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
     let medplum = &usable.client;
@@ -287,7 +231,7 @@ async fn converge(
                 identifiers.push(adoption::adopted_identifier(&identifier));
                 m
             }
-            Err(MedplumError::Conflict { .. }) => return Err(UserError::AlreadyMember),
+            Err(MedplumError::Conflict { .. }) => return Err(ResourceError::AlreadyMember),
             Err(e) => return Err(e.into()),
         },
     };
@@ -301,7 +245,7 @@ async fn converge(
         usable.view.record(&updated);
         let left = membership_drift(&access, user.spec.admin, &identifiers, &updated);
         if !left.is_empty() {
-            return Err(UserError::NotConverging(left.join(", ")));
+            return Err(ResourceError::NotConverging(left.join(", ")));
         }
         if events.is_empty() {
             let observed = user.status.as_ref().and_then(|s| s.observed_generation);
@@ -354,7 +298,7 @@ async fn apply(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
     let result = match usable_connection(ctx, &namespace, &user.spec.connection_ref).await {
         Ok(usable) => {
             let result = converge(ctx, user, &usable).await;
-            if let Err(UserError::Medplum(e)) = &result
+            if let Err(ResourceError::Medplum(e)) = &result
                 && e.leaves_object_uncertain()
             {
                 let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
@@ -379,9 +323,8 @@ async fn apply(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
             Ok(Action::await_change())
         }
         Err(e) => {
-            write_status(ctx, user, None, ConditionState::new(READY, false, e.reason(), e.to_string())).await?;
-            let rate_limited = matches!(e, UserError::Medplum(MedplumError::RateLimited { .. }));
-            Ok(ctx.retry(KIND, user, e.reason(), &e.to_string(), e.is_transient(), rate_limited))
+            write_status(ctx, user, None, ConditionState::not_ready(&e)).await?;
+            Ok(ctx.retry(KIND, user, &e))
         }
     }
 }

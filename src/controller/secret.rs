@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use super::status::FIELD_MANAGER;
+use crate::failure::Failure;
 
 /// Why a referenced value could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +26,8 @@ pub enum SourceError {
     Api { kind: &'static str, namespace: String, name: String, source: Box<kube::Error> },
 }
 
-impl SourceError {
-    pub fn reason(&self) -> &'static str {
+impl Failure for SourceError {
+    fn reason(&self) -> &'static str {
         match self {
             Self::NotFound { kind: "Secret", .. } => "SecretNotFound",
             Self::NotFound { .. } => "ConfigMapNotFound",
@@ -37,7 +38,7 @@ impl SourceError {
     }
 
     /// Kubernetes API failures other than "forbidden" may pass on their own.
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         match self {
             Self::Api { source, .. } => match &**source {
                 kube::Error::Api(status) => status.code >= 500 || status.code == 429,

@@ -10,6 +10,8 @@ use kube::api::{Api, Patch, PatchParams};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::failure::Failure;
+
 /// The one field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "medplum-operator";
 
@@ -27,6 +29,11 @@ pub struct ConditionState {
 impl ConditionState {
     pub fn new(type_: &'static str, status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
         Self { type_, status, reason: reason.into(), message: message.into() }
+    }
+
+    /// Ready=False for `failure`.
+    pub fn not_ready(failure: &impl Failure) -> Self {
+        Self::new(READY, false, failure.reason(), failure.to_string())
     }
 }
 

@@ -5,7 +5,76 @@
 use std::collections::BTreeSet;
 
 use crate::crd::{AccessPolicySpec, ConnectionLimits, Interaction, PolicyResource};
+use crate::failure::Failure;
 use crate::medplum::AccessPolicyResource;
+
+/// A rule of this module that a resource breaks: what the connection does not let its namespace have.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// Names what asks for a project administrator.
+    #[error("{0}, which the connection does not allow (spec.limits.allowAdmin)")]
+    Admin(&'static str),
+    #[error(
+        "spec.unrestrictedAccess asks for a membership without any policy (full access), which the connection does not allow (spec.limits.allowUnrestrictedAccess)"
+    )]
+    UnrestrictedAccess,
+    #[error("exceeds the connection's limits: {0}")]
+    ExceedsLimits(String),
+    #[error(
+        "project-level settings concern the whole project, which the connection does not allow (spec.limits.allowProjectSettings)"
+    )]
+    ProjectSettings,
+    #[error(
+        "ClusterMedplumConnection {0} does not hold a super admin's credential (spec.superAdminCredential); Medplum lets only super admins manage domain configurations"
+    )]
+    SuperAdminRequired(String),
+}
+
+impl Failure for Denied {
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Admin(_) => "AdminNotAllowed",
+            Self::UnrestrictedAccess => "UnrestrictedAccessNotAllowed",
+            Self::ExceedsLimits(_) => "ExceedsConnectionLimits",
+            Self::ProjectSettings => "ProjectSettingsNotAllowed",
+            Self::SuperAdminRequired(_) => "SuperAdminRequired",
+        }
+    }
+
+    /// A rule waits for a change of the resource or of the connection.
+    fn is_transient(&self) -> bool {
+        false
+    }
+}
+
+/// What `asks_admin` names asks for a project administrator: only with `allowAdmin`.
+pub fn admin(limits: &ConnectionLimits, asks_admin: Option<&'static str>) -> Result<(), Denied> {
+    match asks_admin {
+        Some(what) if !limits.allow_admin => Err(Denied::Admin(what)),
+        _ => Ok(()),
+    }
+}
+
+/// A membership without any policy is full access: only with `allowUnrestrictedAccess`.
+pub fn unrestricted_access(limits: &ConnectionLimits, unrestricted: bool) -> Result<(), Denied> {
+    if unrestricted && !limits.allow_unrestricted_access { Err(Denied::UnrestrictedAccess) } else { Ok(()) }
+}
+
+/// An AccessPolicy grants nothing beyond the connection's limits.
+pub fn policy(spec: &AccessPolicySpec, limits: &ConnectionLimits) -> Result<(), Denied> {
+    check_limits(&spec_grants(spec), limits, |index| format!("spec.resources[{index}]")).map_err(Denied::ExceedsLimits)
+}
+
+/// Project-level settings (MedplumProject) concern every namespace of the project.
+pub fn project_settings(limits: &ConnectionLimits) -> Result<(), Denied> {
+    if limits.allow_project_settings { Ok(()) } else { Err(Denied::ProjectSettings) }
+}
+
+/// Domain configurations are server-wide: only through a cluster connection with a super admin's
+/// credential, which no namespace can write.
+pub fn domain_configuration(connection: &str, super_admin: bool) -> Result<(), Denied> {
+    if super_admin { Ok(()) } else { Err(Denied::SuperAdminRequired(connection.to_string())) }
+}
 
 /// Resource types whose holders administer the project: with them a member can read every client's
 /// secret (`ClientApplication`), rewrite the policies of others (`AccessPolicy`), or change code that runs

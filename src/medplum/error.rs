@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use crate::failure::Failure;
+
 /// What went wrong talking to Medplum. Messages never contain credentials or tokens: request
 /// bodies are never quoted, and server messages are taken from OperationOutcome text only.
 #[derive(Debug, thiserror::Error)]
@@ -36,34 +38,8 @@ fn retry_hint(retry_after: &Option<Duration>) -> String {
     retry_after.map(|d| format!(", retry after {}s", d.as_secs())).unwrap_or_default()
 }
 
-impl MedplumError {
-    /// Worth retrying with backoff: the same request may succeed later without any change.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Unreachable { .. } | Self::RateLimited { .. } | Self::ServerError { .. } | Self::Protocol { .. }
-        )
-    }
-
-    /// After this answer to a write, what the operator last saw of the object may no longer be
-    /// what Medplum holds: the write may have happened without an answer (network, 5xx, a broken
-    /// body), someone else wrote since (412), or the object went (404, 410), and also a 409, which
-    /// Medplum gives for a write that lost a race with another transaction.
-    pub fn leaves_object_uncertain(&self) -> bool {
-        matches!(
-            self,
-            Self::Unreachable { .. }
-                | Self::ServerError { .. }
-                | Self::Protocol { .. }
-                | Self::PreconditionFailed { .. }
-                | Self::NotFound
-                | Self::Gone
-                | Self::Conflict { .. }
-        )
-    }
-
-    /// CamelCase reason for conditions and Events.
-    pub fn reason(&self) -> &'static str {
+impl Failure for MedplumError {
+    fn reason(&self) -> &'static str {
         match self {
             Self::Unreachable { .. } => "MedplumUnreachable",
             Self::RateLimited { .. } => "MedplumRateLimited",
@@ -79,6 +55,37 @@ impl MedplumError {
             Self::Protocol { .. } => "MedplumProtocolError",
             Self::Settings { .. } => "InvalidSettings",
         }
+    }
+
+    /// The same request may succeed later without any change.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. } | Self::RateLimited { .. } | Self::ServerError { .. } | Self::Protocol { .. }
+        )
+    }
+
+    fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::RateLimited { .. })
+    }
+}
+
+impl MedplumError {
+    /// After this answer to a write, what the operator last saw of the object may no longer be
+    /// what Medplum holds: the write may have happened without an answer (network, 5xx, a broken
+    /// body), someone else wrote since (412), or the object went (404, 410), and also a 409, which
+    /// Medplum gives for a write that lost a race with another transaction.
+    pub fn leaves_object_uncertain(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. }
+                | Self::ServerError { .. }
+                | Self::Protocol { .. }
+                | Self::PreconditionFailed { .. }
+                | Self::NotFound
+                | Self::Gone
+                | Self::Conflict { .. }
+        )
     }
 
     /// Short label for metrics.

@@ -11,7 +11,7 @@ pub(super) async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Act
     };
     let tag = crate::controller::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ca.name_any());
     let medplum = &usable.client;
-    let result: Result<(String, &str), ClientError> = async {
+    let result: Result<(String, &str), ResourceError> = async {
         let tag_query = format!("{}|{}", tag.system, tag.code);
         let mut clients = medplum.search::<ClientApplicationResource>(&[("_tag", &tag_query)]).await?;
         let Some(client) = clients.pop() else {

@@ -32,7 +32,7 @@ impl Reconciler<'_> {
     }
 
     /// Writes the operator's part of the Secret; `o` then holds the Secret as the API server returned it.
-    async fn write_secret(&self, content: &SecretContent, o: &mut Observed) -> Result<(), ClientError> {
+    async fn write_secret(&self, content: &SecretContent, o: &mut Observed) -> Result<(), ResourceError> {
         let (d, client, own) = (&self.d, &self.ctx.client, &self.ctx.own_writes);
         // The write's watch event may come before its answer: expected by the metadata it will show
         // (server-side apply keeps other managers' labels and annotations).
@@ -58,7 +58,7 @@ impl Reconciler<'_> {
         step: &Step,
         o: &mut Observed,
         now: Timestamp,
-    ) -> Result<Option<Duration>, ClientError> {
+    ) -> Result<Option<Duration>, ResourceError> {
         let d = &self.d;
         match step {
             Step::StoreNewSecret { handled } => {
@@ -253,7 +253,7 @@ impl Reconciler<'_> {
                 {
                     Ok(proof) => o.verified = Some(proof),
                     Err(MedplumError::InvalidCredentials { description }) => {
-                        return Err(ClientError::CredentialRejected(description));
+                        return Err(ResourceError::CredentialRejected(description));
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -289,7 +289,7 @@ pub(super) enum Outcome {
     Waiting(Step, Duration),
 }
 
-pub(super) async fn converge(r: &mut Reconciler<'_>, o: &mut Observed) -> Result<Outcome, ClientError> {
+pub(super) async fn converge(r: &mut Reconciler<'_>, o: &mut Observed) -> Result<Outcome, ResourceError> {
     let mut updates: Vec<Step> = Vec::new();
     for _ in 0..MAX_STEPS {
         let now = Timestamp::now();
@@ -300,7 +300,7 @@ pub(super) async fn converge(r: &mut Reconciler<'_>, o: &mut Observed) -> Result
                     Step::UpdateClient { fields } | Step::UpdateMembership { fields } => fields.join(", "),
                     _ => unreachable!(),
                 };
-                return Err(ClientError::NotConverging(fields));
+                return Err(ResourceError::NotConverging(fields));
             }
             updates.push(step.clone());
         }
@@ -311,7 +311,7 @@ pub(super) async fn converge(r: &mut Reconciler<'_>, o: &mut Observed) -> Result
             Ok(Some(wait)) => return Ok(Outcome::Waiting(step, wait)),
             Ok(None) => {}
             Err(e) => {
-                if let ClientError::Medplum(e) = &e
+                if let ResourceError::Medplum(e) = &e
                     && e.leaves_object_uncertain()
                 {
                     r.usable.view.doubt::<ClientApplicationResource>(&r.d.tag.code);
@@ -321,5 +321,5 @@ pub(super) async fn converge(r: &mut Reconciler<'_>, o: &mut Observed) -> Result
             }
         }
     }
-    Err(ClientError::NotConverging("the reconcile (too many steps)".into()))
+    Err(ResourceError::NotConverging("the reconcile (too many steps)".into()))
 }

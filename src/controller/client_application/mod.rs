@@ -28,15 +28,16 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::access_policy::{GrantError, resolve_grants};
+use super::access_policy::resolve_grants;
 use super::adoption::{self, AdoptionError};
-use super::connection::{CREDENTIALS_LABEL, UsableConnection, UseError, usable_connection};
+use super::connection::{CREDENTIALS_LABEL, UsableConnection, usable_connection};
+use super::failure::ResourceError;
 use super::foreign_secret::{self, Merge, Refusal};
 use super::secret::{
-    CLIENT_LABEL, SecretContent, SourceError, WrittenSecret, apply_written, fingerprint, read_secret_string,
-    read_written,
+    CLIENT_LABEL, SecretContent, WrittenSecret, apply_written, fingerprint, read_secret_string, read_written,
 };
 use super::status::{ConditionState, READY, apply_status, set_condition};
+use super::tenancy;
 use super::view::Seen;
 use super::workload::{self, Stall, TargetState};
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, crash_point, event};
@@ -79,76 +80,6 @@ const ROLLOUT_POLL: Duration = Duration::from_secs(5);
 /// A reconcile carries out at most this many steps; a correct plan needs far fewer.
 const MAX_STEPS: usize = 24;
 
-/// Why a ClientApplication cannot be reconciled now.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(transparent)]
-    Connection(#[from] UseError),
-    #[error(
-        "spec.unrestrictedAccess asks for a membership without any policy (full access), which the connection does not allow (spec.limits.allowUnrestrictedAccess)"
-    )]
-    UnrestrictedAccessNotAllowed,
-    #[error(
-        "spec.onBehalfOf makes the client's membership a project administrator (Medplum allows X-Medplum-On-Behalf-Of only to them), which the connection does not allow (spec.limits.allowAdmin)"
-    )]
-    AdminNotAllowed,
-    #[error(transparent)]
-    Grant(#[from] GrantError),
-    #[error("Secret {name} {refusal}; refusing to write into it")]
-    SecretConflict { name: String, refusal: Refusal },
-    #[error(transparent)]
-    Adoption(#[from] AdoptionError),
-    #[error(
-        "restart target {target} does not use Secret {secret} (no volume, env or envFrom of its pod template refers to it); only workloads that use the credentials are restarted"
-    )]
-    RestartTargetNotUsingSecret { target: String, secret: String },
-    #[error("invalid spec: {0}")]
-    InvalidSpec(String),
-    #[error("Medplum refused the credentials in the Secret: {0}")]
-    CredentialRejected(String),
-    #[error("Medplum keeps {0} different from the spec after an update")]
-    NotConverging(String),
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Medplum(#[from] MedplumError),
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-}
-
-impl ClientError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Connection(e) => e.reason(),
-            Self::UnrestrictedAccessNotAllowed => "UnrestrictedAccessNotAllowed",
-            Self::AdminNotAllowed => "AdminNotAllowed",
-            Self::Grant(e) => e.reason(),
-            Self::SecretConflict { refusal, .. } => refusal.reason(),
-            Self::Adoption(e) => e.reason(),
-            Self::RestartTargetNotUsingSecret { .. } => "RestartTargetNotAllowed",
-            Self::InvalidSpec(_) => "InvalidSpec",
-            Self::CredentialRejected(_) => "CredentialRejected",
-            Self::NotConverging(_) => "NotConverging",
-            Self::Source(e) => e.reason(),
-            Self::Medplum(e) => e.reason(),
-            Self::Kube(_) => "KubernetesApiError",
-        }
-    }
-
-    /// Retried with exponential backoff; the others wait for a change (or the resync).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
-            Self::Source(e) => e.is_transient(),
-            Self::Connection(e) => e.is_transient(),
-            Self::Grant(e) => e.is_transient(),
-            Self::Adoption(e) => e.is_transient(),
-            Self::Kube(_) => true,
-            _ => false,
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------
 // What should exist (pure)
 
@@ -177,8 +108,8 @@ pub struct Desired {
     pub adopt: Option<crate::crd::Adopt>,
 }
 
-fn parse_duration(field: &str, text: &str) -> Result<Duration, ClientError> {
-    crate::config::parse_duration(text).map_err(|e| ClientError::InvalidSpec(format!("{field}: {e}")))
+fn parse_duration(field: &str, text: &str) -> Result<Duration, ResourceError> {
+    crate::config::parse_duration(text).map_err(|e| ResourceError::InvalidSpec(format!("{field}: {e}")))
 }
 
 /// The managed fields of the Medplum ClientApplication for a spec.
@@ -216,13 +147,10 @@ pub fn desired_client(
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
 
-async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnection) -> Result<Desired, ClientError> {
-    if ca.spec.unrestricted_access && !usable.limits.allow_unrestricted_access {
-        return Err(ClientError::UnrestrictedAccessNotAllowed);
-    }
-    if ca.spec.on_behalf_of && !usable.limits.allow_admin {
-        return Err(ClientError::AdminNotAllowed);
-    }
+async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnection) -> Result<Desired, ResourceError> {
+    tenancy::unrestricted_access(&usable.limits, ca.spec.unrestricted_access)?;
+    let on_behalf_of = "spec.onBehalfOf makes the client's membership a project administrator (Medplum allows X-Medplum-On-Behalf-Of only to them)";
+    tenancy::admin(&usable.limits, ca.spec.on_behalf_of.then_some(on_behalf_of))?;
     let namespace = ca.namespace().unwrap_or_default();
     let name = ca.name_any();
     let access = resolve_grants(ctx, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;
@@ -276,7 +204,7 @@ fn desired_status(
     ca: &ClientApplication,
     d: Option<&Desired>,
     o: Option<&Observed>,
-    result: &Result<Outcome, ClientError>,
+    result: &Result<Outcome, ResourceError>,
     now: Timestamp,
 ) -> ClientApplicationStatus {
     let mut status = ca.status.clone().unwrap_or_default();
@@ -394,7 +322,7 @@ fn desired_status(
                 status.client_id.clone().unwrap_or_default()
             ),
         ),
-        Err(e) => ConditionState::new(READY, false, e.reason(), e.to_string()),
+        Err(e) => ConditionState::not_ready(e),
     };
     status.conditions = set_condition(&status.conditions, ready, generation, now);
     status.observed_generation = generation;
@@ -406,7 +334,7 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     let mut desired_state = None;
     let mut observed = None;
     let mut events = Vec::new();
-    let result: Result<Outcome, ClientError> = async {
+    let result: Result<Outcome, ResourceError> = async {
         let usable = usable_connection(ctx, &ca.namespace().unwrap_or_default(), &ca.spec.connection_ref).await?;
         let d = desired(ctx, ca, &usable).await?;
         let o = observe(ctx, ca, &d, &usable).await?;
@@ -455,10 +383,7 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
                 _ => Action::await_change(),
             })
         }
-        Err(e) => {
-            let rate_limited = matches!(e, ClientError::Medplum(MedplumError::RateLimited { .. }));
-            Ok(ctx.retry(KIND, ca, e.reason(), &e.to_string(), e.is_transient(), rate_limited))
-        }
+        Err(e) => Ok(ctx.retry(KIND, ca, &e)),
     }
 }
 

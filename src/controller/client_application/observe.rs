@@ -11,7 +11,7 @@ pub(super) async fn find_client(
     ca: &ClientApplication,
     d: &Desired,
     secret: &WrittenSecret,
-) -> Result<Option<ClientApplicationResource>, ClientError> {
+) -> Result<Option<ClientApplicationResource>, ResourceError> {
     let medplum = &usable.client;
     match usable.view.seen::<ClientApplicationResource>(&d.tag.code).await {
         Seen::Known(client) => return Ok(Some(client)),
@@ -126,7 +126,7 @@ async fn owned_membership(
     usable: &UsableConnection,
     d: &Desired,
     client: Option<&ClientApplicationResource>,
-) -> Result<Option<MembershipResource>, ClientError> {
+) -> Result<Option<MembershipResource>, ResourceError> {
     match usable.view.seen::<MembershipResource>(&d.tag.code).await {
         Seen::Known(membership)
             if membership.user.reference
@@ -149,7 +149,7 @@ async fn owned_membership(
 pub(super) async fn find_membership(
     medplum: &MedplumClient,
     client: Option<&ClientApplicationResource>,
-) -> Result<Option<MembershipResource>, ClientError> {
+) -> Result<Option<MembershipResource>, ResourceError> {
     let Some(id) = client.and_then(|c| c.id.as_deref()) else { return Ok(None) };
     let user = format!("ClientApplication/{id}");
     Ok(medplum.search::<MembershipResource>(&[("user", &user)]).await?.pop())
@@ -160,7 +160,7 @@ pub(super) async fn observe(
     ca: &ClientApplication,
     d: &Desired,
     usable: &UsableConnection,
-) -> Result<Observed, ClientError> {
+) -> Result<Observed, ResourceError> {
     let secret = read_written(&ctx.client, &d.namespace, &d.secret_name, &secret_keys(d)).await?;
     let foreign = secret.exists && !secret.owner_uids.contains(&d.owner.uid);
     let used_by_connection = foreign && d.merge && {
@@ -168,14 +168,14 @@ pub(super) async fn observe(
             || connection_secrets(ctx, &d.namespace).await?.contains(&d.secret_name)
     };
     if let Some(refusal) = secret_refusal(&secret, d, ca.status.as_ref(), used_by_connection) {
-        return Err(ClientError::SecretConflict { name: d.secret_name.clone(), refusal });
+        return Err(ResourceError::SecretConflict { name: d.secret_name.clone(), refusal });
     }
     let mut targets = Vec::new();
     for target in &d.restart_targets {
         let state = workload::observe(&ctx.client, &d.namespace, target, &d.secret_name).await?;
         if state.exists && !state.uses_secret {
             let target = format!("{:?}/{}", target.kind, target.name);
-            return Err(ClientError::RestartTargetNotUsingSecret { target, secret: d.secret_name.clone() });
+            return Err(ResourceError::RestartTargetNotUsingSecret { target, secret: d.secret_name.clone() });
         }
         targets.push(state);
     }
