@@ -11,11 +11,11 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::adoption::{self, AdoptionError};
+use super::adoption;
 use super::connection::{UsableConnection, usable_connection};
 use super::failure::ResourceError;
 use super::status::{ConditionState, READY, apply_status, set_condition};
-use super::tenancy::{self, check_limits, medplum_grants};
+use super::tenancy::{self, Adoptee};
 use super::view::Seen;
 use super::{CleanupVia, Context, Error, ReconcileStream, UsesConnection, cleanup_via, event};
 use crate::crd::{
@@ -314,7 +314,7 @@ async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResou
     let namespace = ap.namespace().unwrap_or_default();
     let usable = usable_connection(ctx, &namespace, &ap.spec.connection_ref).await?;
     validate(&ap.spec)?;
-    tenancy::policy(&ap.spec, &usable.limits)?;
+    tenancy::access_policy(&usable.limits, &ap.spec)?;
     let tag = super::ownership_tag(&ctx.settings.cluster_id, KIND, &namespace, &ap.name_any());
     let result = converge_policy(&usable, ap, &tag).await;
     if let Err(ResourceError::Medplum(e)) = &result
@@ -374,19 +374,14 @@ async fn adoptable_policy(
     usable: &UsableConnection,
     id: &str,
     own: &Coding,
-) -> Result<AccessPolicyResource, AdoptionError> {
+) -> Result<AccessPolicyResource, ResourceError> {
     let what = format!("AccessPolicy/{id}");
-    if !usable.limits.adoption.admits_policy(id) {
-        return Err(AdoptionError::NotAllowed { what });
-    }
+    tenancy::adoption(&usable.limits, &Adoptee::Policy { id }, &what)?;
     let found = usable.client.search::<AccessPolicyResource>(&[("_id", id), ("_project", &usable.project_id)]).await?;
-    let policy = found.into_iter().next().ok_or_else(|| AdoptionError::NotFound { what: what.clone() })?;
+    let policy = found.into_iter().next().ok_or_else(|| ResourceError::AdoptTargetNotFound { what: what.clone() })?;
     let marks = policy.meta.tag.iter().map(|t| (t.system.as_str(), t.code.as_str()));
-    if let Some(owner) = adoption::managed_elsewhere(marks, (&own.system, &own.code)) {
-        return Err(AdoptionError::ManagedElsewhere { what, owner });
-    }
-    check_limits(&medplum_grants(&policy), &usable.limits, |i| format!("its resource[{i}]"))
-        .map_err(|why| AdoptionError::BeyondLimits { what, why })?;
+    adoption::check_unmanaged(marks, (&own.system, &own.code), &what)?;
+    tenancy::adopted_policy(&usable.limits, &policy, &what, "its")?;
     Ok(policy)
 }
 
@@ -479,7 +474,7 @@ async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
         // An adopted policy was not made by the namespace: unless the connection allows it, deleting the
         // resource only releases it.
         let marker = adoption::adopted_marker(&tag);
-        let released = policy.meta.has_tag(&marker) && !usable.limits.adoption.allow_delete;
+        let released = !tenancy::may_delete(&usable.limits, policy.meta.has_tag(&marker));
         if ap.spec.deletion_policy == PolicyDeletionPolicy::Delete && !released {
             let members = medplum.search::<MembershipResource>(&[("access-policy", &policy_ref)]).await?;
             if !members.is_empty() {
@@ -549,7 +544,7 @@ pub fn controller(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{ConnectionLimits, IpAccessRule};
+    use crate::crd::IpAccessRule;
 
     fn spec(value: serde_json::Value) -> AccessPolicySpec {
         serde_json::from_value(value).unwrap()
@@ -585,37 +580,6 @@ mod tests {
         let mut open = ok.clone();
         open.ip_access_rules.pop();
         assert_eq!(validate(&open).unwrap_err().reason(), "InvalidIpRule");
-    }
-
-    #[test]
-    fn the_ceiling_limits_resource_types_and_interactions() {
-        let policy = spec(serde_json::json!({"resources": [
-            {"resourceType": "Observation", "readonly": true},
-            {"resourceType": "Patient", "interactions": ["read", "search"]}]}));
-        let limits = |ceiling: serde_json::Value| -> ConnectionLimits {
-            serde_json::from_value(serde_json::json!({"allowedResources": ceiling})).unwrap()
-        };
-        assert!(tenancy::policy(&policy, &ConnectionLimits::default()).is_ok());
-        let reads =
-            limits(serde_json::json!([{"resourceType": "*", "interactions": ["read", "vread", "history", "search"]}]));
-        assert!(tenancy::policy(&policy, &reads).is_ok());
-        let no_patients = limits(serde_json::json!([{"resourceType": "Observation"}]));
-        let message = tenancy::policy(&policy, &no_patients).unwrap_err().to_string();
-        assert!(message.contains("grants Patient, which the connection does not allow"), "{message}");
-        let writes = spec(serde_json::json!({"resources": [{"resourceType": "Observation"}]}));
-        let message = tenancy::policy(&writes, &reads).unwrap_err().to_string();
-        assert!(message.contains("grants create, update, delete on Observation"), "{message}");
-    }
-
-    #[test]
-    fn project_administration_needs_a_connection_that_allows_admin() {
-        let admin = ConnectionLimits { allow_admin: true, ..Default::default() };
-        for resource_type in ["*", "ClientApplication", "AccessPolicy", "Bot"] {
-            let policy = spec(serde_json::json!({"resources": [{"resourceType": resource_type, "readonly": true}]}));
-            let message = tenancy::policy(&policy, &ConnectionLimits::default()).unwrap_err().to_string();
-            assert!(message.contains("administers the project"), "{resource_type}: {message}");
-            assert!(tenancy::policy(&policy, &admin).is_ok(), "{resource_type}");
-        }
     }
 
     #[test]

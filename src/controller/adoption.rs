@@ -9,12 +9,11 @@
 //! An adopted object is marked as such in Medplum (a tag on a client, an identifier on a membership),
 //! so that its deletion, however much later, knows the namespace did not create it.
 
-use crate::crd::ConnectionLimits;
-use crate::medplum::{AccessPolicyResource, Coding, Identifier, MedplumClient, MedplumError, MembershipResource};
-
 use super::connection::UsableConnection;
-use super::tenancy::{check_limits, medplum_grants};
-use crate::failure::Failure;
+use super::failure::ResourceError;
+use super::tenancy;
+use crate::crd::ConnectionLimits;
+use crate::medplum::{AccessPolicyResource, Coding, Identifier, MedplumClient, MembershipResource};
 
 /// The start of the system of every tag and identifier a medplum-operator writes, whatever its cluster id.
 const OPERATOR_SYSTEM: &str = "urn:medplum-operator:";
@@ -30,47 +29,6 @@ pub fn adopted_identifier(ownership: &Identifier) -> Identifier {
     Identifier { system: format!("{}:adopted", ownership.system), value: ownership.value.clone() }
 }
 
-/// Why an object is not adopted.
-#[derive(Debug, thiserror::Error)]
-pub enum AdoptionError {
-    #[error("the connection does not allow adopting {what} (spec.limits.adoption)")]
-    NotAllowed { what: String },
-    #[error(
-        "spec.adopt.secret: Keep would hand the client's current secret to this namespace, which the connection does not allow (spec.limits.adoption.allowKeepSecret); adopt with secret: Rotate"
-    )]
-    KeepSecretNotAllowed,
-    #[error("{what} is the credential of {connection}; a connection's own credential is never adopted")]
-    ConnectionCredential { what: String, connection: String },
-    #[error(
-        "{what} is managed by a medplum-operator as {owner}; an object another resource or cluster manages is never adopted"
-    )]
-    ManagedElsewhere { what: String, owner: String },
-    #[error("{what} {why}; the connection's limits do not allow that, so it is not adopted")]
-    BeyondLimits { what: String, why: String },
-    #[error("Medplum found no {what} to adopt in the project")]
-    NotFound { what: String },
-    #[error(transparent)]
-    Medplum(#[from] MedplumError),
-}
-
-impl Failure for AdoptionError {
-    fn reason(&self) -> &'static str {
-        match self {
-            Self::NotAllowed { .. } => "AdoptionNotAllowed",
-            Self::KeepSecretNotAllowed => "KeepSecretNotAllowed",
-            Self::ConnectionCredential { .. } => "AdoptTargetIsConnectionCredential",
-            Self::ManagedElsewhere { .. } => "AlreadyManaged",
-            Self::BeyondLimits { .. } => "AdoptTargetBeyondLimits",
-            Self::NotFound { .. } => "AdoptTargetNotFound",
-            Self::Medplum(e) => e.reason(),
-        }
-    }
-
-    fn is_transient(&self) -> bool {
-        matches!(self, Self::Medplum(e) if e.is_transient())
-    }
-}
-
 /// The operator tag or identifier (`system`, `code`) on an object that is not `own` nor the marker
 /// of `own`: the object is managed by another resource or another cluster's operator.
 pub fn managed_elsewhere<'a>(marks: impl IntoIterator<Item = (&'a str, &'a str)>, own: (&str, &str)) -> Option<String> {
@@ -82,42 +40,45 @@ pub fn managed_elsewhere<'a>(marks: impl IntoIterator<Item = (&'a str, &'a str)>
         .map(|(system, code)| format!("{code} ({system})"))
 }
 
-/// Checks a membership's current access against the connection's limits: a project admin needs
-/// `allowAdmin`, a membership without any policy (full access) `allowUnrestrictedAccess`, and every
-/// policy it has must be within the limits as a policy made through the connection would be.
+/// Refuses `what` when another resource or cluster manages it (see `managed_elsewhere`).
+pub fn check_unmanaged<'a>(
+    marks: impl IntoIterator<Item = (&'a str, &'a str)>,
+    own: (&str, &str),
+    what: &str,
+) -> Result<(), ResourceError> {
+    match managed_elsewhere(marks, own) {
+        Some(owner) => Err(ResourceError::AlreadyManaged { what: what.to_string(), owner }),
+        None => Ok(()),
+    }
+}
+
+/// Checks a membership's current access, and every policy it has, against the connection's limits
+/// (`tenancy::adopted_membership`, `tenancy::adopted_policy`).
 pub async fn check_access(
     medplum: &MedplumClient,
     limits: &ConnectionLimits,
     membership: Option<&MembershipResource>,
     what: &str,
-) -> Result<(), AdoptionError> {
+) -> Result<(), ResourceError> {
     let Some(membership) = membership else { return Ok(()) };
-    let beyond = |why: String| AdoptionError::BeyondLimits { what: what.to_string(), why };
-    if membership.admin == Some(true) && !limits.allow_admin {
-        return Err(beyond("is a project admin (spec.limits.allowAdmin)".into()));
-    }
     let policies: Vec<&str> = membership
         .access_policy
         .iter()
         .chain(membership.access.iter().map(|a| &a.policy))
         .map(|r| r.reference.as_str())
         .collect();
-    if policies.is_empty() && !limits.allow_unrestricted_access {
-        return Err(beyond("has no access policy, which is full access (spec.limits.allowUnrestrictedAccess)".into()));
-    }
+    tenancy::adopted_membership(limits, membership.admin == Some(true), !policies.is_empty(), what)?;
     for reference in policies {
         let Some(policy) = medplum.read_reference::<AccessPolicyResource>(reference).await? else { continue };
-        check_limits(&medplum_grants(&policy), limits, |i| format!("its {reference} resource[{i}]")).map_err(beyond)?;
+        tenancy::adopted_policy(limits, &policy, what, &format!("its {reference}"))?;
     }
     Ok(())
 }
 
-/// The connection whose own credential is the ClientApplication `client_id`, if any this operator knows.
-pub fn credential_of(usable: &UsableConnection, known: &[(String, String)], client_id: &str) -> Option<String> {
-    if usable.client.client_id() == client_id {
-        return Some("the connection this resource uses".into());
-    }
-    known.iter().find(|(id, _)| id == client_id).map(|(_, connection)| connection.clone())
+/// Every connection's own credential as `(client id, connection)`, this resource's connection first.
+pub fn connection_credentials(usable: &UsableConnection, known: Vec<(String, String)>) -> Vec<(String, String)> {
+    let own = (usable.client.client_id().to_string(), "the connection this resource uses".to_string());
+    std::iter::once(own).chain(known).collect()
 }
 
 #[cfg(test)]

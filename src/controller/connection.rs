@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
@@ -22,11 +21,10 @@ use tracing::{info, warn};
 
 use super::secret::{CaSource, SourceError, read_ca_bundle, read_secret_strings};
 use super::status::{ConditionState, READY, apply_status, is_ready, set_condition};
+use super::tenancy::Admission;
 use super::view::{MedplumView, Owned};
 use super::{Context, Error, ReconcileStream};
-use crate::crd::{
-    AllowedNamespaces, ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, MedplumConnection,
-};
+use crate::crd::{ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, MedplumConnection};
 use crate::failure::Failure;
 use crate::medplum::{ClientCredentials, FhirResource, Me, MedplumClient, MedplumError};
 
@@ -266,54 +264,6 @@ impl ConnectionObject for ClusterMedplumConnection {
     fn admission(&self) -> Admission {
         Admission::Namespaces(self.spec.allowed_namespaces.clone())
     }
-}
-
-/// Which namespaces may use a connection.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Admission {
-    /// A MedplumConnection: its own namespace only.
-    Namespace(String),
-    /// A ClusterMedplumConnection: its `allowedNamespaces`.
-    Namespaces(AllowedNamespaces),
-}
-
-impl Admission {
-    /// Whether resources in `namespace` may use the connection, when its name alone decides; `None`
-    /// when its labels must be read.
-    pub fn admits_by_name(&self, namespace: &str) -> Option<bool> {
-        match self {
-            Self::Namespace(own) => Some(own == namespace),
-            Self::Namespaces(allowed) if allowed.names.iter().any(|n| n == namespace) => Some(true),
-            Self::Namespaces(allowed) => allowed.selector.is_none().then_some(false),
-        }
-    }
-
-    /// Whether resources in `namespace` (with these labels) may use the connection.
-    pub fn admits(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        match self {
-            Self::Namespace(own) => own == namespace,
-            Self::Namespaces(allowed) => {
-                allowed.names.iter().any(|n| n == namespace)
-                    || allowed.selector.as_ref().is_some_and(|selector| selector_matches(selector, labels))
-            }
-        }
-    }
-}
-
-/// Kubernetes label selector semantics: every matchLabels pair and every expression must hold.
-pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let pairs = selector.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    let expressions = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.as_deref().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    pairs && expressions
 }
 
 /// A verified connection, as dependents use it.

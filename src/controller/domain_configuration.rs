@@ -17,7 +17,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use super::adoption::{self, AdoptionError};
+use super::adoption;
 use super::connection::{ConnectionKey, usable_cluster_connection};
 use super::failure::ResourceError;
 use super::secret::{SOURCE_LABEL, read_secret_string};
@@ -103,9 +103,7 @@ async fn converge(ctx: &Context, dc: &DomainConfiguration, events: &mut Vec<Even
                 Some(existing) => {
                     let what = format!("DomainConfiguration/{}", existing.id.as_deref().unwrap_or_default());
                     let marks = existing.meta.tag.iter().map(|t| (t.system.as_str(), t.code.as_str()));
-                    if let Some(owner) = adoption::managed_elsewhere(marks, (&tag.system, &tag.code)) {
-                        return Err(AdoptionError::ManagedElsewhere { what, owner }.into());
-                    }
+                    adoption::check_unmanaged(marks, (&tag.system, &tag.code), &what)?;
                     if !dc.spec.adopt {
                         let id = existing.id.clone().unwrap_or_default();
                         return Err(ResourceError::DomainAlreadyExists { domain: desired.domain.clone(), id });

@@ -2,7 +2,6 @@
 //! Medplum, read by the status condition, the Event and the backoff.
 
 use super::access_policy::GrantError;
-use super::adoption::AdoptionError;
 use super::connection::UseError;
 use super::foreign_secret::Refusal;
 use super::secret::SourceError;
@@ -23,8 +22,12 @@ pub enum ResourceError {
     // What the namespace may not have, or take over.
     #[error(transparent)]
     Denied(#[from] Denied),
-    #[error(transparent)]
-    Adoption(#[from] AdoptionError),
+    #[error(
+        "{what} is managed by a medplum-operator as {owner}; an object another resource or cluster manages is never adopted"
+    )]
+    AlreadyManaged { what: String, owner: String },
+    #[error("Medplum found no {what} to adopt in the project")]
+    AdoptTargetNotFound { what: String },
     #[error("Secret {name} {refusal}; refusing to write into it")]
     SecretConflict { name: String, refusal: Refusal },
 
@@ -75,7 +78,8 @@ impl Failure for ResourceError {
             Self::Grant(e) => e.reason(),
             Self::Source(e) => e.reason(),
             Self::Denied(e) => e.reason(),
-            Self::Adoption(e) => e.reason(),
+            Self::AlreadyManaged { .. } => "AlreadyManaged",
+            Self::AdoptTargetNotFound { .. } => "AdoptTargetNotFound",
             Self::SecretConflict { refusal, .. } => refusal.reason(),
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::InvalidCriteria { .. } => "InvalidCriteria",
@@ -98,7 +102,6 @@ impl Failure for ResourceError {
             Self::Connection(e) => e.is_transient(),
             Self::Grant(e) => e.is_transient(),
             Self::Source(e) => e.is_transient(),
-            Self::Adoption(e) => e.is_transient(),
             // A 412 means someone wrote since the read: the next attempt reads again.
             Self::Medplum(e) => e.is_transient() || matches!(e, MedplumError::PreconditionFailed { .. }),
             Self::Kube(e) => e.is_transient(),

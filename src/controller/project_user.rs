@@ -12,11 +12,11 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
 use super::access_policy::resolve_grants;
-use super::adoption::{self, AdoptionError};
+use super::adoption;
 use super::connection::{UsableConnection, usable_connection};
 use super::failure::ResourceError;
 use super::status::{ConditionState, READY, apply_status, set_condition};
-use super::tenancy;
+use super::tenancy::{self, Adoptee};
 use super::view::Seen;
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
 use crate::crd::{ProjectUser, ProjectUserStatus, UserDeletionPolicy, UserScope};
@@ -178,21 +178,18 @@ async fn adoptable_membership(
     usable: &UsableConnection,
     user: &ProjectUser,
     own: &Identifier,
-) -> Result<MembershipResource, AdoptionError> {
+) -> Result<MembershipResource, ResourceError> {
     let spec = &user.spec;
     let who = spec.email.clone().or_else(|| spec.external_id.clone()).unwrap_or_default();
-    if !usable.limits.adoption.admits_user(spec.email.as_deref(), spec.external_id.as_deref()) {
-        return Err(AdoptionError::NotAllowed { what: format!("the membership of {who}") });
-    }
+    let member = Adoptee::Member { email: spec.email.as_deref(), external_id: spec.external_id.as_deref() };
+    tenancy::adoption(&usable.limits, &member, &format!("the membership of {who}"))?;
     let medplum = &usable.client;
     let membership = existing_membership(medplum, user, &usable.project_id)
         .await?
-        .ok_or_else(|| AdoptionError::NotFound { what: format!("membership of {who}") })?;
+        .ok_or_else(|| ResourceError::AdoptTargetNotFound { what: format!("membership of {who}") })?;
     let what = format!("ProjectMembership/{} of {who}", membership.id.as_deref().unwrap_or_default());
     let marks = membership.identifier.iter().map(|i| (i.system.as_str(), i.value.as_str()));
-    if let Some(owner) = adoption::managed_elsewhere(marks, (&own.system, &own.value)) {
-        return Err(AdoptionError::ManagedElsewhere { what, owner });
-    }
+    adoption::check_unmanaged(marks, (&own.system, &own.value), &what)?;
     adoption::check_access(medplum, &usable.limits, Some(&membership), &what).await?;
     Ok(membership)
 }
@@ -203,8 +200,7 @@ async fn converge(
     usable: &UsableConnection,
 ) -> Result<(MembershipResource, Vec<Event>), ResourceError> {
     let namespace = user.namespace().unwrap_or_default();
-    tenancy::admin(&usable.limits, user.spec.admin.then_some("spec.admin asks for a project administrator"))?;
-    tenancy::unrestricted_access(&usable.limits, user.spec.unrestricted_access)?;
+    tenancy::project_user(&usable.limits, &user.spec)?;
     let access = resolve_grants(ctx, &namespace, &user.spec.connection_ref, &user.spec.access).await?;
     let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
     let medplum = &usable.client;
@@ -355,7 +351,7 @@ async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
                 medplum.update(&id, &m, &version).await?;
                 (format!("left ProjectMembership/{id} in Medplum, no longer managed"), "Orphaned")
             }
-            _ if adopted && !usable.limits.adoption.allow_delete => {
+            _ if !tenancy::may_delete(&usable.limits, adopted) => {
                 medplum.update(&id, &m, &version).await?;
                 let note = format!(
                     "left adopted ProjectMembership/{id} of {} as it is, no longer managed: the connection does not \

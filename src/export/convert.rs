@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::controller::access_policy::validate;
 use crate::controller::adoption::managed_elsewhere;
 use crate::controller::ownership_tag;
-use crate::controller::tenancy::{check_limits, medplum_grants};
+use crate::controller::tenancy::{self, Adoptee, Denied};
 use crate::crd::{
     AccessGrant, AccessPolicy, AccessPolicySpec, Adopt, AdoptPolicy, AdoptSecret, ClientApplication,
     ClientApplicationSpec, CompartmentRef, ConnectionLimits, ConnectionRef, DeletionPolicy, IdentityProvider,
@@ -149,9 +149,13 @@ impl Names {
     /// Why the operator would not adopt the object as `name`, as it checks on apply: the connection
     /// does not list it (`unlisted`, the message; an object this namespace already manages needs no
     /// listing), or another resource or cluster's operator manages it.
-    fn refusal(&self, v: &Value, name: &str, listed: bool, unlisted: impl FnOnce() -> String) -> Option<String> {
-        if !listed && self.marked(v).is_none() {
-            return Some(unlisted());
+    /// Why `v` is not exported: the connection does not let it be adopted (`admitted`) and the
+    /// namespace did not adopt it before, or another resource or cluster manages it.
+    fn refusal(&self, v: &Value, name: &str, admitted: Result<(), Denied>) -> Option<String> {
+        if let Err(denied) = admitted.as_ref()
+            && self.marked(v).is_none()
+        {
+            return Some(denied.to_string());
         }
         let code = format!("{}/{}/{name}", self.kind, self.namespace);
         let marks = marks(v);
@@ -196,9 +200,8 @@ fn export_policies(snapshot: &Snapshot, target: &Target, out: &mut Export) -> Ha
         let id = str_of(v, "id").unwrap_or_default().to_string();
         let what = format!("AccessPolicy/{id} ({})", str_of(v, "name").unwrap_or("no name"));
         let name = names.name(v, str_of(v, "name"), "policy");
-        let refusal = names.refusal(v, &name, target.limits.adoption.admits_policy(&id), || {
-            format!("the connection does not list it in spec.limits.adoption.policyIds (add {id:?} to adopt it)")
-        });
+        let admitted = tenancy::adoption(&target.limits, &Adoptee::Policy { id: &id }, &what);
+        let refusal = names.refusal(v, &name, admitted);
         match (policy_spec(v, target), refusal) {
             (Err(why), _) | (Ok(_), Some(why)) => skip(out, what, why),
             (Ok(spec), None) => {
@@ -282,8 +285,7 @@ fn policy_spec(v: &Value, target: &Target) -> Result<AccessPolicySpec, String> {
     validate(&spec).map_err(|e| e.to_string())?;
     let policy: crate::medplum::AccessPolicyResource =
         serde_json::from_value(v.clone()).map_err(|e| format!("unreadable: {e}"))?;
-    check_limits(&medplum_grants(&policy), &target.limits, |i| format!("resource[{i}]"))
-        .map_err(|why| format!("beyond the connection's limits: {why}"))?;
+    tenancy::adopted_policy(&target.limits, &policy, "the policy", "its").map_err(|denied| denied.to_string())?;
     Ok(spec)
 }
 
@@ -331,16 +333,8 @@ fn membership_grants(
         access.push(AccessGrant { policy_ref: policy(reference)?, parameters });
     }
     let admin = m.get("admin").and_then(Value::as_bool).unwrap_or(false);
-    if admin && !limits.allow_admin {
-        return Err("it is a project admin, which the connection does not allow (spec.limits.allowAdmin)".into());
-    }
     let unrestricted = access.is_empty();
-    if unrestricted && !limits.allow_unrestricted_access {
-        return Err(
-            "its membership has no access policy (full access), which the connection does not allow (spec.limits.allowUnrestrictedAccess)"
-                .into(),
-        );
-    }
+    tenancy::adopted_membership(limits, admin, !unrestricted, "its membership").map_err(|denied| denied.to_string())?;
     Ok((access, unrestricted, admin))
 }
 
@@ -381,15 +375,15 @@ fn export_clients(
     for v in sorted(&snapshot.clients) {
         let id = str_of(v, "id").unwrap_or_default().to_string();
         let what = format!("ClientApplication/{id} ({})", str_of(v, "name").unwrap_or("no name"));
-        if id == target.credential_client_id {
-            skip(out, what, "the connection's own credential");
+        let credential = std::iter::once((target.credential_client_id.as_str(), "the connection"));
+        if let Err(denied) = tenancy::not_a_connection_credential(&id, credential, &what) {
+            skip(out, what, denied.to_string());
             continue;
         }
         let name = names.name(v, str_of(v, "name"), "client");
         let membership = memberships.get(format!("ClientApplication/{id}").as_str()).copied();
-        let refusal = names.refusal(v, &name, target.limits.adoption.admits_client(&id), || {
-            format!("the connection does not list it in spec.limits.adoption.clientIds (add {id:?} to adopt it)")
-        });
+        let admitted = tenancy::adoption(&target.limits, &Adoptee::Client { id: &id, keep_secret: false }, &what);
+        let refusal = names.refusal(v, &name, admitted);
         match (client_spec(v, membership, target, policy_names, &name), refusal) {
             (Err(why), _) | (Ok(_), Some(why)) => skip(out, what, why),
             (Ok(spec), None) => {
@@ -514,11 +508,8 @@ fn export_users(snapshot: &Snapshot, target: &Target, policy_names: &HashMap<Str
         let display = spec.email.clone().or_else(|| spec.external_id.clone());
         let display = display.as_deref().map(|d| d.split('@').next().unwrap_or(d));
         let name = names.name(m, display, "user");
-        let listed = target.limits.adoption.admits_user(spec.email.as_deref(), spec.external_id.as_deref());
-        let refusal = names.refusal(m, &name, listed, || {
-            let listing = if spec.external_id.is_some() { "userExternalIds" } else { "userEmails" };
-            format!("the connection does not list this person in spec.limits.adoption.{listing}")
-        });
+        let member = Adoptee::Member { email: spec.email.as_deref(), external_id: spec.external_id.as_deref() };
+        let refusal = names.refusal(m, &name, tenancy::adoption(&target.limits, &member, &what));
         match refusal {
             Some(why) => skip(out, what, why),
             None => out.users.push(ProjectUser { metadata: metadata(&name, &target.namespace), spec, status: None }),
@@ -631,8 +622,8 @@ fn export_project(snapshot: &Snapshot, target: &Target, policy_names: &HashMap<S
     if spec.patient_registration.is_none() && spec.sites.is_empty() {
         return;
     }
-    if !target.limits.allow_project_settings {
-        skip(out, what, "project settings need a connection with spec.limits.allowProjectSettings");
+    if let Err(denied) = tenancy::project_settings(&target.limits) {
+        skip(out, what, denied.to_string());
         return;
     }
     let name = Some(kube_name(str_of(project, "name").unwrap_or_default())).filter(|n| !n.is_empty());

@@ -248,7 +248,7 @@ async fn an_exported_project_is_taken_over_without_change() {
         (format!("AccessPolicy/{open_ip}"), "the last rule"),
         (format!("AccessPolicy/{unlisted_policy}"), "spec.limits.adoption.policyIds"),
         (format!("ClientApplication/{unlisted}"), "spec.limits.adoption.clientIds"),
-        (format!("ClientApplication/{}", s.admin.client_id), "the connection's own credential"),
+        (format!("ClientApplication/{}", s.admin.client_id), "a connection's own credential is never adopted"),
         ("grace@example.org".to_string(), "spec.limits.adoption.userEmails"),
         ("secret \"SMTP_PASSWORD\"".to_string(), "never exported"),
     ] {

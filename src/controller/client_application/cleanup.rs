@@ -30,7 +30,7 @@ pub(super) async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Act
         let adopted = client.meta.has_tag(&marker);
         let ending = match ca.spec.deletion_policy {
             DeletionPolicy::Orphan => Ending::Untag { released: false },
-            _ if adopted && !usable.limits.adoption.allow_delete => Ending::Untag { released: true },
+            _ if !tenancy::may_delete(&usable.limits, adopted) => Ending::Untag { released: true },
             DeletionPolicy::Delete => Ending::Delete,
             DeletionPolicy::Disable => Ending::Disable,
         };

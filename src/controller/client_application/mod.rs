@@ -29,7 +29,7 @@ use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::access_policy::resolve_grants;
-use super::adoption::{self, AdoptionError};
+use super::adoption;
 use super::connection::{CREDENTIALS_LABEL, UsableConnection, usable_connection};
 use super::failure::ResourceError;
 use super::foreign_secret::{self, Merge, Refusal};
@@ -37,7 +37,7 @@ use super::secret::{
     CLIENT_LABEL, SecretContent, WrittenSecret, apply_written, fingerprint, read_secret_string, read_written,
 };
 use super::status::{ConditionState, READY, apply_status, set_condition};
-use super::tenancy;
+use super::tenancy::{self, Adoptee};
 use super::view::Seen;
 use super::workload::{self, Stall, TargetState};
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, crash_point, event};
@@ -148,9 +148,7 @@ pub fn desired_client(
 // Reconcile
 
 async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnection) -> Result<Desired, ResourceError> {
-    tenancy::unrestricted_access(&usable.limits, ca.spec.unrestricted_access)?;
-    let on_behalf_of = "spec.onBehalfOf makes the client's membership a project administrator (Medplum allows X-Medplum-On-Behalf-Of only to them)";
-    tenancy::admin(&usable.limits, ca.spec.on_behalf_of.then_some(on_behalf_of))?;
+    tenancy::client_application(&usable.limits, &ca.spec)?;
     let namespace = ca.namespace().unwrap_or_default();
     let name = ca.name_any();
     let access = resolve_grants(ctx, &namespace, &ca.spec.connection_ref, &ca.spec.access).await?;

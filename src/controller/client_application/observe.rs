@@ -33,25 +33,18 @@ pub(super) async fn find_client(
     }
     let Some(adopt) = &d.adopt else { return Ok(None) };
     let what = format!("ClientApplication/{}", adopt.client_id);
-    let limits = &usable.limits.adoption;
-    if !limits.admits_client(&adopt.client_id) {
-        return Err(AdoptionError::NotAllowed { what }.into());
-    }
-    if adopt.secret == AdoptSecret::Keep && !limits.allow_keep_secret {
-        return Err(AdoptionError::KeepSecretNotAllowed.into());
-    }
-    if let Some(connection) = adoption::credential_of(usable, &ctx.connections.credentials(), &adopt.client_id) {
-        return Err(AdoptionError::ConnectionCredential { what, connection }.into());
-    }
+    let client_id = adopt.client_id.as_str();
+    let adoptee = Adoptee::Client { id: client_id, keep_secret: adopt.secret == AdoptSecret::Keep };
+    tenancy::adoption(&usable.limits, &adoptee, &what)?;
+    let credentials = adoption::connection_credentials(usable, ctx.connections.credentials());
+    tenancy::not_a_connection_credential(client_id, credentials.iter().map(|(i, c)| (i.as_str(), c.as_str())), &what)?;
     // Searched within the project: a super-admin connection could otherwise read any project's clients.
     let project = usable.project_id.as_str();
     let found =
         medplum.search::<ClientApplicationResource>(&[("_id", &adopt.client_id), ("_project", project)]).await?;
-    let client = found.into_iter().next().ok_or_else(|| AdoptionError::NotFound { what: what.clone() })?;
+    let client = found.into_iter().next().ok_or_else(|| ResourceError::AdoptTargetNotFound { what: what.clone() })?;
     let marks = client.meta.tag.iter().map(|t| (t.system.as_str(), t.code.as_str()));
-    if let Some(owner) = adoption::managed_elsewhere(marks, (&d.tag.system, &d.tag.code)) {
-        return Err(AdoptionError::ManagedElsewhere { what, owner }.into());
-    }
+    adoption::check_unmanaged(marks, (&d.tag.system, &d.tag.code), &what)?;
     let membership = find_membership(medplum, Some(&client)).await?;
     adoption::check_access(medplum, &usable.limits, membership.as_ref(), &what).await?;
     Ok(Some(client))
