@@ -34,8 +34,8 @@ pub use domain_configuration::{
     DomainDeletionPolicy, NamespacedSecretKeyRef,
 };
 pub use medplum_connection::{
-    AdoptionLimits, CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialsSecretRef, MedplumConnection,
-    MedplumConnectionSpec, ResourceCeiling,
+    AdoptionLimits, CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialsSecretRef, KeySelector,
+    MedplumConnection, MedplumConnectionSpec, ResourceCeiling,
 };
 pub use medplum_project::{
     MedplumProject, MedplumProjectSpec, MedplumProjectStatus, OriginalRegistration, PatientRegistration,
