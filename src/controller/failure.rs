@@ -1,9 +1,9 @@
 //! Why a resource is not (yet) as its spec says: one error type for every kind that writes to
 //! Medplum, read by the status condition, the Event and the backoff.
 
-use super::access_policy::GrantError;
 use super::connection::UseError;
 use super::foreign_secret::Refusal;
+use super::grants::GrantError;
 use super::secret::SourceError;
 use super::tenancy::Denied;
 use crate::failure::Failure;

@@ -21,9 +21,9 @@ use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use super::access_policy::resolve_grants;
 use super::connection::{UsableConnection, usable_connection};
 use super::failure::ResourceError;
+use super::grants::resolve_grants;
 use super::secret::{SOURCE_LABEL, read_secret_string};
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::tenancy;

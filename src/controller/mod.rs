@@ -13,6 +13,7 @@ mod domain_configuration;
 mod events;
 mod failure;
 mod foreign_secret;
+pub(crate) mod grants;
 mod medplum_project;
 mod own_writes;
 mod packed;

@@ -11,10 +11,10 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 
-use super::access_policy::resolve_grants;
 use super::adoption;
 use super::connection::{UsableConnection, usable_connection};
 use super::failure::ResourceError;
+use super::grants::resolve_grants;
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::tenancy::{self, Adoptee};
 use super::view::Seen;

@@ -14,9 +14,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{CommandError, Opened, open, recorded_policy_ids};
-use crate::controller::access_policy::{desired_policy, membership_access, policy_drift};
+use crate::controller::access_policy::{desired_policy, policy_drift};
 use crate::controller::adoption::adopted_identifier;
 use crate::controller::client_application::{client_drift, client_membership_drift, desired_client};
+use crate::controller::grants::membership_access;
 use crate::controller::ownership_tag;
 use crate::controller::project_user::{self, name_matches};
 use crate::crd::{AccessGrant, AccessPolicy, AdoptSecret, ClientApplication, ConnectionRef, ProjectUser};

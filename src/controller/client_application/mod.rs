@@ -28,11 +28,11 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::access_policy::resolve_grants;
 use super::adoption;
 use super::connection::{CREDENTIALS_LABEL, UsableConnection, usable_connection};
 use super::failure::ResourceError;
 use super::foreign_secret::{self, Merge, Refusal};
+use super::grants::resolve_grants;
 use super::secret::{
     CLIENT_LABEL, SecretContent, WrittenSecret, apply_written, fingerprint, read_secret_string, read_written,
 };
