@@ -247,54 +247,32 @@ pub trait UsesConnection:
     fn observed_generation(&self) -> Option<i64>;
 }
 
-impl UsesConnection for ClientApplication {
-    fn connection_ref(&self) -> &ConnectionRef {
-        &self.spec.connection_ref
-    }
-    fn granted(&self) -> Option<Vec<&str>> {
-        Some(self.spec.access.iter().map(|g| g.policy_ref.name.as_str()).collect())
-    }
-    fn observed_generation(&self) -> Option<i64> {
-        self.status.as_ref()?.observed_generation
-    }
+/// `UsesConnection` for a kind whose spec has `connectionRef` and whose status `observedGeneration`;
+/// `$granted` reads the policies it grants from `$spec`.
+macro_rules! uses_connection {
+    ($kind:ty, |$spec:ident| $granted:expr) => {
+        impl UsesConnection for $kind {
+            fn connection_ref(&self) -> &ConnectionRef {
+                &self.spec.connection_ref
+            }
+            fn granted(&self) -> Option<Vec<&str>> {
+                let $spec = &self.spec;
+                $granted
+            }
+            fn observed_generation(&self) -> Option<i64> {
+                self.status.as_ref()?.observed_generation
+            }
+        }
+    };
 }
 
-impl UsesConnection for AccessPolicy {
-    fn connection_ref(&self) -> &ConnectionRef {
-        &self.spec.connection_ref
-    }
-    fn granted(&self) -> Option<Vec<&str>> {
-        None
-    }
-    fn observed_generation(&self) -> Option<i64> {
-        self.status.as_ref()?.observed_generation
-    }
-}
-
-impl UsesConnection for MedplumProject {
-    fn connection_ref(&self) -> &ConnectionRef {
-        &self.spec.connection_ref
-    }
-    fn granted(&self) -> Option<Vec<&str>> {
-        let registration = self.spec.patient_registration.as_ref();
-        Some(registration.and_then(|r| r.access_policy_ref.as_ref()).map(|p| p.name.as_str()).into_iter().collect())
-    }
-    fn observed_generation(&self) -> Option<i64> {
-        self.status.as_ref()?.observed_generation
-    }
-}
-
-impl UsesConnection for ProjectUser {
-    fn connection_ref(&self) -> &ConnectionRef {
-        &self.spec.connection_ref
-    }
-    fn granted(&self) -> Option<Vec<&str>> {
-        Some(self.spec.access.iter().map(|g| g.policy_ref.name.as_str()).collect())
-    }
-    fn observed_generation(&self) -> Option<i64> {
-        self.status.as_ref()?.observed_generation
-    }
-}
+uses_connection!(ClientApplication, |spec| Some(spec.access.iter().map(|g| g.policy_ref.name.as_str()).collect()));
+uses_connection!(ProjectUser, |spec| Some(spec.access.iter().map(|g| g.policy_ref.name.as_str()).collect()));
+uses_connection!(AccessPolicy, |_spec| None);
+uses_connection!(MedplumProject, |spec| {
+    let registration = spec.patient_registration.as_ref();
+    Some(registration.and_then(|r| r.access_policy_ref.as_ref()).map(|p| p.name.as_str()).into_iter().collect())
+});
 
 /// Reconciles the resources that grant a policy whenever the AccessPolicy controller's cache took in
 /// a change of it (a policy appearing in Medplum above all).

@@ -1,6 +1,21 @@
 //! Deletion: the deletion policy in Medplum, then the Secret.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+
+use super::KIND;
+use super::observe::find_membership;
+use super::plan::identifier_of;
+use crate::controller::adoption;
+use crate::controller::failure::ResourceError;
+use crate::controller::secret::{SecretContent, apply_written, read_written};
+use crate::controller::tenancy::{self};
+use crate::controller::{CleanupVia, Context, Error, cleanup_via, event};
+use crate::crd::{ClientApplication, DeletionPolicy};
+use crate::medplum::{ClientApplicationResource, MembershipResource};
 
 pub(super) async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     let reference = ca.object_ref(&());

@@ -26,38 +26,30 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 use super::adoption;
-use super::connection::{CREDENTIALS_LABEL, UsableConnection, usable_connection};
+use super::connection::{UsableConnection, usable_connection};
 use super::failure::ResourceError;
-use super::foreign_secret::{self, Merge, Refusal};
 use super::grants::resolve_grants;
-use super::secret::{
-    CLIENT_LABEL, SecretContent, WrittenSecret, apply_written, fingerprint, read_secret_string, read_written,
-};
+use super::secret::{CLIENT_LABEL, fingerprint, read_secret_string};
 use super::status::{ConditionState, READY, apply_status, set_condition};
-use super::tenancy::{self, Adoptee};
-use super::view::Seen;
-use super::workload::{self, Stall, TargetState};
-use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, crash_point, event};
-use crate::crd::{
-    AdoptSecret, ClientApplication, ClientApplicationStatus, DeletionPolicy, MedplumConnection, RestartTarget,
-};
-use crate::medplum::{
-    ClientApplicationResource, ClientCredentials, Coding, CredentialProof, Identifier, MedplumClient, MedplumError,
-    MembershipAccess, MembershipResource, Ref,
-};
+use super::tenancy::{self};
+use super::workload::Stall;
+use super::{Context, Error, ReconcileStream, event};
+use crate::crd::{ClientApplication, ClientApplicationStatus, RestartTarget};
+use crate::medplum::{ClientApplicationResource, Coding, CredentialProof, MembershipAccess};
 
 mod cleanup;
 mod execute;
 mod observe;
 mod plan;
 
-use cleanup::*;
-use execute::*;
-use observe::*;
-use plan::*;
+use cleanup::cleanup;
+use execute::{Outcome, Reconciler, converge, reason_of_proof};
+use observe::observe;
+use plan::{Observed, Step};
+
 pub(crate) use plan::{client_drift, membership_drift as client_membership_drift};
 
 pub const KIND: &str = "ClientApplication";
@@ -225,88 +217,9 @@ fn desired_status(
             _ => None,
         };
         let print = status.secret_fingerprint.clone().unwrap_or_default();
-        let verified = match o.verified {
-            Some(proof) => ConditionState::new(
-                CREDENTIAL_VERIFIED,
-                true,
-                reason_of_proof(proof),
-                match proof {
-                    CredentialProof::Authenticated => format!(
-                        "Medplum authenticated a request made with the credentials in Secret {} ({print})",
-                        d.secret_name
-                    ),
-                    CredentialProof::TokenIssued => {
-                        format!("Medplum issued a token for the credentials in Secret {} ({print})", d.secret_name)
-                    }
-                    CredentialProof::AddressNotAllowed => format!(
-                        "Medplum accepted the secret in Secret {} ({print}) and refused a token only because the \
-                         client's IP rules block the operator's address; tokens work from the addresses they allow",
-                        d.secret_name
-                    ),
-                },
-            ),
-            None => ConditionState::new(
-                CREDENTIAL_VERIFIED,
-                false,
-                "NotVerified",
-                "the credentials in the Secret were not verified yet",
-            ),
-        };
+        let verified = verified_condition(d, o, &print);
         status.conditions = set_condition(&status.conditions, verified, generation, now);
-        let retiring = o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some());
-        let rotating = match result {
-            Ok(Outcome::Waiting(Step::WaitForRollout { target, stalled: None }, _)) => ConditionState::new(
-                "Rotating",
-                true,
-                "WaitingForRollout",
-                format!("the previous secret is retired once {target} rolled out and the grace period passed"),
-            ),
-            // Never cut off a consumer that still runs on the previous secret: a stalled rollout keeps
-            // it working, for as long as it takes, and says so.
-            Ok(Outcome::Waiting(Step::WaitForRollout { target, stalled: Some(Stall::Paused) }, _)) => {
-                ConditionState::new(
-                    "Rotating",
-                    true,
-                    ROLLOUT_PAUSED,
-                    format!(
-                        "{target} is paused, so its pods still use the previous secret, which keeps working until \
-                         it is resumed and rolled out"
-                    ),
-                )
-            }
-            Ok(Outcome::Waiting(
-                Step::WaitForRollout { target, stalled: Some(Stall::DeadlineExceeded { since }) },
-                _,
-            )) => ConditionState::new(
-                "Rotating",
-                true,
-                ROLLOUT_STUCK,
-                format!(
-                    "{target} has exceeded its progress deadline (since {since}): pods of its new template are \
-                         not Ready. The previous secret keeps working until it rolls out; fix or roll back the \
-                         workload"
-                ),
-            ),
-            Ok(Outcome::Waiting(Step::WaitForGrace { until }, _)) => ConditionState::new(
-                "Rotating",
-                true,
-                "GracePeriod",
-                format!("the previous secret keeps working until {until}"),
-            ),
-            _ if o.pending().is_some() => ConditionState::new(
-                "Rotating",
-                true,
-                "NewSecretStored",
-                "a new secret is stored and being handed to Medplum",
-            ),
-            _ if retiring => ConditionState::new(
-                "Rotating",
-                true,
-                "RetiringPreviousSecret",
-                "the previous secret still works until it is retired",
-            ),
-            _ => ConditionState::new("Rotating", false, "Idle", "no rotation in progress"),
-        };
+        let rotating = rotating_condition(o, result);
         status.conditions = set_condition(&status.conditions, rotating, generation, now);
     }
     let ready = match result {
@@ -325,6 +238,93 @@ fn desired_status(
     status.conditions = set_condition(&status.conditions, ready, generation, now);
     status.observed_generation = generation;
     status
+}
+
+/// `CredentialVerified`: what Medplum proved about the credentials in the Secret (`print`: their
+/// fingerprint).
+fn verified_condition(d: &Desired, o: &Observed, print: &str) -> ConditionState {
+    match o.verified {
+        Some(proof) => ConditionState::new(
+            CREDENTIAL_VERIFIED,
+            true,
+            reason_of_proof(proof),
+            match proof {
+                CredentialProof::Authenticated => format!(
+                    "Medplum authenticated a request made with the credentials in Secret {} ({print})",
+                    d.secret_name
+                ),
+                CredentialProof::TokenIssued => {
+                    format!("Medplum issued a token for the credentials in Secret {} ({print})", d.secret_name)
+                }
+                CredentialProof::AddressNotAllowed => format!(
+                    "Medplum accepted the secret in Secret {} ({print}) and refused a token only because the \
+                     client's IP rules block the operator's address; tokens work from the addresses they allow",
+                    d.secret_name
+                ),
+            },
+        ),
+        None => ConditionState::new(
+            CREDENTIAL_VERIFIED,
+            false,
+            "NotVerified",
+            "the credentials in the Secret were not verified yet",
+        ),
+    }
+}
+
+/// `Rotating`: where a rotation stands, and why it waits.
+fn rotating_condition(o: &Observed, result: &Result<Outcome, ResourceError>) -> ConditionState {
+    let retiring = o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some());
+    match result {
+        Ok(Outcome::Waiting(Step::WaitForRollout { target, stalled: None }, _)) => ConditionState::new(
+            "Rotating",
+            true,
+            "WaitingForRollout",
+            format!("the previous secret is retired once {target} rolled out and the grace period passed"),
+        ),
+        // Never cut off a consumer that still runs on the previous secret: a stalled rollout keeps
+        // it working, for as long as it takes, and says so.
+        Ok(Outcome::Waiting(Step::WaitForRollout { target, stalled: Some(Stall::Paused) }, _)) => ConditionState::new(
+            "Rotating",
+            true,
+            ROLLOUT_PAUSED,
+            format!(
+                "{target} is paused, so its pods still use the previous secret, which keeps working until \
+                     it is resumed and rolled out"
+            ),
+        ),
+        Ok(Outcome::Waiting(Step::WaitForRollout { target, stalled: Some(Stall::DeadlineExceeded { since }) }, _)) => {
+            ConditionState::new(
+                "Rotating",
+                true,
+                ROLLOUT_STUCK,
+                format!(
+                    "{target} has exceeded its progress deadline (since {since}): pods of its new template are \
+                     not Ready. The previous secret keeps working until it rolls out; fix or roll back the \
+                     workload"
+                ),
+            )
+        }
+        Ok(Outcome::Waiting(Step::WaitForGrace { until }, _)) => ConditionState::new(
+            "Rotating",
+            true,
+            "GracePeriod",
+            format!("the previous secret keeps working until {until}"),
+        ),
+        _ if o.pending().is_some() => ConditionState::new(
+            "Rotating",
+            true,
+            "NewSecretStored",
+            "a new secret is stored and being handed to Medplum",
+        ),
+        _ if retiring => ConditionState::new(
+            "Rotating",
+            true,
+            "RetiringPreviousSecret",
+            "the previous secret still works until it is retired",
+        ),
+        _ => ConditionState::new("Rotating", false, "Idle", "no rotation in progress"),
+    }
 }
 
 async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {

@@ -1,7 +1,23 @@
 //! Observing the Secret, the restart targets and the Medplum client and membership, with the
 //! refusals (foreign Secrets, workloads that do not use it, adoption) that come before any write.
 
-use super::*;
+use kube::api::Api;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::execute::{proof_of_reason, secret_keys};
+use super::plan::{Observed, credentials_data};
+use super::{CREDENTIAL_VERIFIED, Desired, ISSUED_AT, ROTATION_HANDLED};
+use crate::controller::Context;
+use crate::controller::adoption;
+use crate::controller::connection::{CREDENTIALS_LABEL, UsableConnection};
+use crate::controller::failure::ResourceError;
+use crate::controller::foreign_secret::{self, Merge, Refusal};
+use crate::controller::secret::{CLIENT_LABEL, WrittenSecret, fingerprint, read_written};
+use crate::controller::tenancy::{self, Adoptee};
+use crate::controller::view::Seen;
+use crate::controller::workload::{self};
+use crate::crd::{AdoptSecret, ClientApplication, ClientApplicationStatus, MedplumConnection};
+use crate::medplum::{ClientApplicationResource, MedplumClient, MembershipResource};
 
 /// Finds the Medplum client: by the id in status, else by the ownership tag, else the one to adopt,
 /// once adoption checks found nothing against it.

@@ -1,6 +1,17 @@
 //! What is there, and the next step: pure functions of what was observed and what should exist.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use k8s_openapi::jiff::Timestamp;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{Desired, ISSUED_AT, MANAGED_BY, PENDING_KEY, ROTATION_HANDLED};
+use crate::controller::secret::{CLIENT_LABEL, SecretContent, WrittenSecret};
+use crate::controller::workload::{Stall, TargetState};
+use crate::crd::AdoptSecret;
+use crate::medplum::{
+    ClientApplicationResource, Coding, CredentialProof, Identifier, MembershipAccess, MembershipResource,
+};
 
 pub(super) fn secret_eq(a: Option<&SecretString>, b: Option<&SecretString>) -> bool {
     match (a, b) {

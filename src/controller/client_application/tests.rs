@@ -3,9 +3,18 @@
 
 use std::collections::BTreeSet;
 
+use super::observe::secret_refusal;
+use super::plan::{
+    Observed, Step, client_body, credentials_data, generate_secret, identifier_of, plan, settled_content,
+};
+use secrecy::ExposeSecret;
+
 use super::*;
-use crate::crd::{Adopt, SecretKeys, WorkloadKind};
-use crate::medplum::CredentialProof;
+use crate::controller::foreign_secret::{self, Refusal};
+use crate::controller::secret::WrittenSecret;
+use crate::controller::workload::TargetState;
+use crate::crd::{Adopt, AdoptSecret, SecretKeys, WorkloadKind};
+use crate::medplum::{CredentialProof, MembershipResource, Ref};
 
 const T0: i64 = 1_800_000_000;
 
