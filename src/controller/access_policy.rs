@@ -167,6 +167,34 @@ fn policy_body(desired: &AccessPolicyResource, actual: &AccessPolicyResource) ->
     body
 }
 
+/// The next thing to do for a policy, decided from what is observed of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Medplum holds no policy of this resource and none is to be adopted.
+    Create,
+    /// Take `id` over; it is checked against the limits before anything is written.
+    Adopt {
+        id: String,
+    },
+    /// Medplum's policy differs from the spec in these fields.
+    Update {
+        fields: Vec<&'static str>,
+    },
+    Done,
+}
+
+/// What follows from `observed` (the policy of this resource in Medplum, if any) for `desired`.
+pub fn plan(desired: &AccessPolicyResource, observed: Option<&AccessPolicyResource>, adopt: Option<&str>) -> Step {
+    match (observed, adopt) {
+        (None, Some(id)) => Step::Adopt { id: id.to_string() },
+        (None, None) => Step::Create,
+        (Some(actual), _) => match policy_drift(desired, actual) {
+            fields if fields.is_empty() => Step::Done,
+            fields => Step::Update { fields },
+        },
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
 
@@ -215,47 +243,60 @@ async fn converge(ctx: &Context, ap: &AccessPolicy) -> Result<(AccessPolicyResou
     result
 }
 
+/// Observes the policy, then carries out the plan's steps until it is done (at most adopt, update).
 async fn converge_policy(
     usable: &UsableConnection,
     ap: &AccessPolicy,
     tag: &Coding,
 ) -> Result<(AccessPolicyResource, Vec<Event>), ResourceError> {
     let desired = desired_policy(ap, tag);
-    let medplum = &usable.client;
+    let adopt = ap.spec.adopt.as_ref().map(|a| a.policy_id.as_str());
+    let mut observed = find_policy(usable, ap, tag).await?;
     let mut events = Vec::new();
-    let actual = match (find_policy(usable, ap, tag).await?, &ap.spec.adopt) {
-        (Some(actual), _) => actual,
-        (None, Some(adopt)) => {
-            let adopted = adoptable_policy(usable, &adopt.policy_id, tag).await?;
-            let note = format!("took over Medplum AccessPolicy/{}", adopt.policy_id);
-            events.push(event(EventType::Normal, "Adopted", "Adopt", note));
-            adopted
-        }
-        (None, None) => {
-            let condition = format!("_tag={}|{}", tag.system, tag.code);
-            let created = usable.create_owned(&desired, &tag.code, &condition).await?;
-            let note = format!("created Medplum AccessPolicy/{}", created.id.as_deref().unwrap_or_default());
-            return Ok((created, vec![event(EventType::Normal, "Created", "Create", note)]));
-        }
-    };
-    let drift = policy_drift(&desired, &actual);
-    if drift.is_empty() {
-        return Ok((actual, events));
+    let mut updated = false;
+    loop {
+        let actual = match plan(&desired, observed.as_ref(), adopt) {
+            Step::Done => return Ok((observed.expect("planned done with a policy"), events)),
+            Step::Update { fields } if updated => return Err(ResourceError::NotConverging(fields.join(", "))),
+            Step::Create => {
+                let condition = format!("_tag={}|{}", tag.system, tag.code);
+                let created = usable.create_owned(&desired, &tag.code, &condition).await?;
+                let note = format!("created Medplum AccessPolicy/{}", created.id.as_deref().unwrap_or_default());
+                events.push(event(EventType::Normal, "Created", "Create", note));
+                created
+            }
+            Step::Adopt { id } => {
+                let adopted = adoptable_policy(usable, &id, tag).await?;
+                events.push(event(
+                    EventType::Normal,
+                    "Adopted",
+                    "Adopt",
+                    format!("took over Medplum AccessPolicy/{id}"),
+                ));
+                adopted
+            }
+            Step::Update { fields } => {
+                let actual = observed.as_ref().expect("planned an update with a policy");
+                let id = actual.id.clone().unwrap_or_default();
+                let version = actual.meta.version_id.clone().unwrap_or_default();
+                let written = usable.client.update(&id, &policy_body(&desired, actual), &version).await?;
+                usable.view.record(&written);
+                if events.is_empty() {
+                    let observed_generation = ap.status.as_ref().and_then(|s| s.observed_generation);
+                    let target = format!("AccessPolicy/{id}");
+                    events.push(super::update_event(
+                        observed_generation,
+                        ap.metadata.generation,
+                        &target,
+                        &fields.join(", "),
+                    ));
+                }
+                updated = true;
+                written
+            }
+        };
+        observed = Some(actual);
     }
-    let id = actual.id.clone().unwrap_or_default();
-    let version = actual.meta.version_id.clone().unwrap_or_default();
-    let updated = medplum.update(&id, &policy_body(&desired, &actual), &version).await?;
-    usable.view.record(&updated);
-    let left = policy_drift(&desired, &updated);
-    if !left.is_empty() {
-        return Err(ResourceError::NotConverging(left.join(", ")));
-    }
-    if events.is_empty() {
-        let observed = ap.status.as_ref().and_then(|s| s.observed_generation);
-        let target = format!("AccessPolicy/{id}");
-        events.push(super::update_event(observed, ap.metadata.generation, &target, &drift.join(", ")));
-    }
-    Ok((updated, events))
 }
 
 /// The AccessPolicy `id` of the connection's project, once the connection's adoption limits and the
@@ -471,6 +512,43 @@ mod tests {
         let mut open = ok.clone();
         open.ip_access_rules.pop();
         assert_eq!(validate(&open).unwrap_err().reason(), "InvalidIpRule");
+    }
+
+    #[test]
+    fn the_plan_follows_from_what_medplum_holds() {
+        let ap: AccessPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "medplum.com/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": "reader", "namespace": "team-a"},
+            "spec": {"resources": [{"resourceType": "Patient", "readonly": true}]}
+        }))
+        .unwrap();
+        let tag = crate::controller::ownership_tag("default", KIND, "team-a", "reader");
+        let desired = desired_policy(&ap, &tag);
+        let stored = |edit: &dyn Fn(&mut AccessPolicyResource)| {
+            let mut p = policy_body(&desired, &desired);
+            p.id = Some("p1".into());
+            edit(&mut p);
+            p
+        };
+        let other_tag = Coding { system: "https://example.org/tags".into(), code: "x".into() };
+        let update = |fields: &[&'static str]| Step::Update { fields: fields.to_vec() };
+        let rows: [(&str, Option<AccessPolicyResource>, Option<&str>, Step); 7] = [
+            ("nothing in Medplum", None, None, Step::Create),
+            ("nothing of ours, adopt one", None, Some("p9"), Step::Adopt { id: "p9".into() }),
+            ("ours, as declared", Some(stored(&|_| ())), None, Step::Done),
+            ("ours, adopted before", Some(stored(&|_| ())), Some("p1"), Step::Done),
+            ("someone else's tag beside ours", Some(stored(&|p| p.meta.tag.push(other_tag.clone()))), None, Step::Done),
+            ("edited in the console", Some(stored(&|p| p.resource[0].readonly = None)), None, update(&["resource"])),
+            (
+                "made a copy of another",
+                Some(stored(&|p| p.based_on.push(Ref::to("AccessPolicy/x")))),
+                None,
+                update(&["basedOn"]),
+            ),
+        ];
+        for (case, observed, adopt, step) in rows {
+            assert_eq!(plan(&desired, observed.as_ref(), adopt), step, "{case}");
+        }
     }
 
     #[test]
