@@ -19,10 +19,10 @@ use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::tenancy::{self, Adoptee};
 use super::view::Seen;
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
-use crate::crd::{ProjectUser, ProjectUserStatus, UserDeletionPolicy, UserScope};
+use crate::crd::{ProjectUser, ProjectUserSpec, ProjectUserStatus, UserDeletionPolicy, UserScope};
 use crate::medplum::{
-    HumanName, Identifier, InviteMembership, InviteRequest, MedplumClient, MedplumError, MembershipAccess,
-    MembershipResource, ProfileResource,
+    Identifier, InviteMembership, InviteRequest, MedplumClient, MedplumError, MembershipAccess, MembershipResource,
+    ProfileResource,
 };
 
 pub const KIND: &str = "ProjectUser";
@@ -100,6 +100,64 @@ pub(crate) fn name_matches(profile: &ProfileResource, first: &str, last: &str) -
         .name
         .first()
         .is_some_and(|n| n.given.first().map(String::as_str) == Some(first) && n.family.as_deref() == Some(last))
+}
+
+/// What is known of the person in Medplum, as the reconcile goes.
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub membership: Option<MembershipResource>,
+    /// An invite answered 409: the person is a member already, through a membership not ours.
+    pub already_member: bool,
+    /// The membership was adopted: it carries the adopted marker beside the operator's identifier.
+    pub adopted: bool,
+    /// The name on the profile is to be checked in this reconcile (see `profile_due`).
+    pub name_due: bool,
+    /// The profile, once read (`Some(None)`: there is none).
+    pub profile: Option<Option<ProfileResource>>,
+}
+
+/// The next thing to do for a person.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    Invite,
+    /// Take over the person's existing membership; checked against the limits before any write.
+    Adopt,
+    UpdateMembership {
+        fields: Vec<&'static str>,
+    },
+    ReadProfile,
+    UpdateName,
+    Done,
+}
+
+/// The identifiers the membership carries: the operator's, and the adopted marker once adopted.
+fn identifiers(own: &Identifier, adopted: bool) -> Vec<Identifier> {
+    std::iter::once(own.clone()).chain(adopted.then(|| adoption::adopted_identifier(own))).collect()
+}
+
+/// What follows from `o` for the person `spec` declares with `access`.
+pub fn plan(
+    spec: &ProjectUserSpec,
+    access: &[MembershipAccess],
+    own: &Identifier,
+    o: &Observed,
+) -> Result<Step, ResourceError> {
+    let Some(membership) = &o.membership else {
+        return match (o.already_member, spec.adopt) {
+            (false, _) => Ok(Step::Invite),
+            (true, true) => Ok(Step::Adopt),
+            (true, false) => Err(ResourceError::AlreadyMember),
+        };
+    };
+    let fields = membership_drift(access, spec.admin, &identifiers(own, o.adopted), membership);
+    if !fields.is_empty() {
+        return Ok(Step::UpdateMembership { fields });
+    }
+    Ok(match &o.profile {
+        None if o.name_due => Step::ReadProfile,
+        Some(Some(profile)) if !name_matches(profile, &spec.first_name, &spec.last_name) => Step::UpdateName,
+        _ => Step::Done,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -194,6 +252,7 @@ async fn adoptable_membership(
     Ok(membership)
 }
 
+/// Observes the membership, then carries out the plan's steps until it is done.
 async fn converge(
     ctx: &Context,
     user: &ProjectUser,
@@ -202,70 +261,67 @@ async fn converge(
     let namespace = user.namespace().unwrap_or_default();
     tenancy::project_user(&usable.limits, &user.spec)?;
     let access = resolve_grants(ctx, &namespace, &user.spec.connection_ref, &user.spec.access).await?;
-    let identifier = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
-    let medplum = &usable.client;
+    let own = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
+    let mut o = Observed { membership: find_membership(usable, user, &own).await?, ..Default::default() };
     let mut events = Vec::new();
-    // An adopted membership is marked as such beside the operator's identifier.
-    let mut identifiers = vec![identifier.clone()];
-    let mut membership = match find_membership(usable, user, &identifier).await? {
-        Some(m) => m,
-        None => match medplum.invite(&usable.project_id, &invite_request(user, &access, &identifier)).await {
-            Ok(m) => {
-                usable.view.record(&m);
-                let note = format!(
-                    "invited {} as ProjectMembership/{}",
-                    m.profile.reference,
-                    m.id.as_deref().unwrap_or_default()
-                );
-                events.push(event(EventType::Normal, "Created", "Create", note));
-                m
+    let (mut membership_changed, mut updated) = (false, false);
+    loop {
+        o.name_due = profile_due(user, membership_changed, ctx.settings.resync_interval);
+        let step = plan(&user.spec, &access, &own, &o)?;
+        match step {
+            Step::Done => return Ok((o.membership.expect("planned done with a membership"), events)),
+            Step::UpdateMembership { fields } if updated => {
+                return Err(ResourceError::NotConverging(fields.join(", ")));
             }
-            Err(MedplumError::Conflict { .. }) if user.spec.adopt => {
-                let m = adoptable_membership(usable, user, &identifier).await?;
+            Step::Invite => {
+                match usable.client.invite(&usable.project_id, &invite_request(user, &access, &own)).await {
+                    Ok(m) => {
+                        usable.view.record(&m);
+                        let id = m.id.as_deref().unwrap_or_default();
+                        let note = format!("invited {} as ProjectMembership/{id}", m.profile.reference);
+                        events.push(event(EventType::Normal, "Created", "Create", note));
+                        (o.membership, membership_changed) = (Some(m), true);
+                    }
+                    Err(MedplumError::Conflict { .. }) => o.already_member = true,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Step::Adopt => {
+                let m = adoptable_membership(usable, user, &own).await?;
                 let note = format!("took over ProjectMembership/{}", m.id.as_deref().unwrap_or_default());
                 events.push(event(EventType::Normal, "Adopted", "Adopt", note));
-                identifiers.push(adoption::adopted_identifier(&identifier));
-                m
+                (o.membership, o.adopted, membership_changed) = (Some(m), true, true);
             }
-            Err(MedplumError::Conflict { .. }) => return Err(ResourceError::AlreadyMember),
-            Err(e) => return Err(e.into()),
-        },
-    };
-    let drift = membership_drift(&access, user.spec.admin, &identifiers, &membership);
-    let membership_changed = !events.is_empty() || !drift.is_empty();
-    if !drift.is_empty() {
-        let id = membership.id.clone().unwrap_or_default();
-        let version = membership.meta.version_id.clone().unwrap_or_default();
-        let body = membership_body(&membership, &access, user.spec.admin, &identifiers);
-        let updated = medplum.update(&id, &body, &version).await?;
-        usable.view.record(&updated);
-        let left = membership_drift(&access, user.spec.admin, &identifiers, &updated);
-        if !left.is_empty() {
-            return Err(ResourceError::NotConverging(left.join(", ")));
+            Step::UpdateMembership { fields } => {
+                let m = o.membership.as_ref().expect("planned an update with a membership");
+                let (id, version) = (m.id.clone().unwrap_or_default(), m.meta.version_id.clone().unwrap_or_default());
+                let body = membership_body(m, &access, user.spec.admin, &identifiers(&own, o.adopted));
+                let written = usable.client.update(&id, &body, &version).await?;
+                usable.view.record(&written);
+                if events.is_empty() {
+                    let observed = user.status.as_ref().and_then(|s| s.observed_generation);
+                    let target = format!("ProjectMembership/{id}");
+                    events.push(super::update_event(observed, user.metadata.generation, &target, &fields.join(", ")));
+                }
+                (o.membership, membership_changed, updated) = (Some(written), true, true);
+            }
+            Step::ReadProfile => {
+                let reference = &o.membership.as_ref().expect("a membership").profile.reference;
+                o.profile = Some(usable.client.read_reference::<ProfileResource>(reference).await?);
+            }
+            Step::UpdateName => {
+                let reference = o.membership.as_ref().expect("a membership").profile.reference.clone();
+                let profile = o.profile.as_mut().and_then(Option::as_mut).expect("planned with a profile");
+                let version = profile.meta.version_id.clone().unwrap_or_default();
+                let mut name = profile.name.first().cloned().unwrap_or_default();
+                name.given = vec![user.spec.first_name.clone()];
+                name.family = Some(user.spec.last_name.clone());
+                profile.name = std::iter::once(name).chain(profile.name.iter().skip(1).cloned()).collect();
+                usable.client.update_reference(&reference, &*profile, &version).await?;
+                events.push(event(EventType::Normal, "Updated", "Update", format!("updated the name on {reference}")));
+            }
         }
-        if events.is_empty() {
-            let observed = user.status.as_ref().and_then(|s| s.observed_generation);
-            let target = format!("ProjectMembership/{id}");
-            events.push(super::update_event(observed, user.metadata.generation, &target, &drift.join(", ")));
-        }
-        membership = updated;
     }
-    // The name lives on the profile; keep it as the spec says.
-    if !profile_due(user, membership_changed, ctx.settings.resync_interval) {
-        return Ok((membership, events));
-    }
-    let reference = membership.profile.reference.clone();
-    let profile = medplum.read_reference::<ProfileResource>(&reference).await?;
-    if let Some(mut profile) = profile.filter(|p| !name_matches(p, &user.spec.first_name, &user.spec.last_name)) {
-        let version = profile.meta.version_id.clone().unwrap_or_default();
-        let mut name = profile.name.first().cloned().unwrap_or_default();
-        name.given = vec![user.spec.first_name.clone()];
-        name.family = Some(user.spec.last_name.clone());
-        profile.name = std::iter::once(name).chain(profile.name.iter().skip(1).cloned()).collect::<Vec<HumanName>>();
-        medplum.update_reference(&reference, &profile, &version).await?;
-        events.push(event(EventType::Normal, "Updated", "Update", format!("updated the name on {reference}")));
-    }
-    Ok((membership, events))
 }
 
 async fn write_status(
@@ -400,7 +456,8 @@ pub fn controller(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::medplum::Ref;
+    use crate::failure::Failure;
+    use crate::medplum::{HumanName, Ref};
 
     fn user(spec: serde_json::Value) -> ProjectUser {
         serde_json::from_value(serde_json::json!({
@@ -423,6 +480,86 @@ mod tests {
         assert_eq!(invite["sendEmail"], false);
         assert_eq!(invite["membership"]["identifier"][0]["value"], "ProjectUser/team-a/dr-lee");
         assert!(invite.get("upsert").is_none());
+    }
+
+    #[test]
+    fn the_plan_follows_from_what_medplum_holds() {
+        let spec = |adopt: bool| {
+            user(serde_json::json!({"firstName": "Ada", "lastName": "Lee", "email": "ada@example.org", "adopt": adopt}))
+                .spec
+        };
+        let own = identifier("default", "team-a", "dr-lee");
+        let access = [MembershipAccess { policy: Ref::to("AccessPolicy/p1"), parameter: vec![] }];
+        let ours = |adopted: bool| MembershipResource {
+            id: Some("m1".into()),
+            profile: Ref::to("Practitioner/1"),
+            access: access.to_vec(),
+            identifier: identifiers(&own, adopted),
+            ..Default::default()
+        };
+        let named = |given: &str| ProfileResource {
+            name: vec![HumanName { given: vec![given.into()], family: Some("Lee".into()), ..Default::default() }],
+            ..Default::default()
+        };
+        let seen = |membership: Option<MembershipResource>| Observed { membership, ..Default::default() };
+        let update = |fields: &[&'static str]| Ok(Step::UpdateMembership { fields: fields.to_vec() });
+        let rows: Vec<(&str, bool, Observed, Result<Step, &str>)> = vec![
+            ("nobody yet", false, seen(None), Ok(Step::Invite)),
+            (
+                "a member already, not to adopt",
+                false,
+                Observed { already_member: true, ..seen(None) },
+                Err("AlreadyMember"),
+            ),
+            ("a member already, to adopt", true, Observed { already_member: true, ..seen(None) }, Ok(Step::Adopt)),
+            ("ours, as declared", false, seen(Some(ours(false))), Ok(Step::Done)),
+            (
+                "adopted, without the marker yet",
+                true,
+                Observed { adopted: true, ..seen(Some(ours(false))) },
+                update(&["identifier"]),
+            ),
+            (
+                "made admin in the console",
+                false,
+                seen(Some(MembershipResource { admin: Some(true), ..ours(false) })),
+                update(&["admin"]),
+            ),
+            (
+                "deactivated in the console",
+                false,
+                seen(Some(MembershipResource { active: Some(false), ..ours(false) })),
+                update(&["active"]),
+            ),
+            (
+                "as declared, the name is due",
+                false,
+                Observed { name_due: true, ..seen(Some(ours(false))) },
+                Ok(Step::ReadProfile),
+            ),
+            (
+                "the name was changed",
+                false,
+                Observed { profile: Some(Some(named("Eve"))), ..seen(Some(ours(false))) },
+                Ok(Step::UpdateName),
+            ),
+            (
+                "the name is the spec's",
+                false,
+                Observed { profile: Some(Some(named("Ada"))), ..seen(Some(ours(false))) },
+                Ok(Step::Done),
+            ),
+            (
+                "no profile to name",
+                false,
+                Observed { profile: Some(None), name_due: true, ..seen(Some(ours(false))) },
+                Ok(Step::Done),
+            ),
+        ];
+        for (case, adopt, observed, expected) in rows {
+            let step = plan(&spec(adopt), &access, &own, &observed).map_err(|e| e.reason());
+            assert_eq!(step, expected, "{case}");
+        }
     }
 
     #[test]
