@@ -84,7 +84,56 @@ async fn find_own(
     medplum.find_owned(recorded, |r: &DomainConfigurationResource| r.meta.has_tag(tag), "_tag", &token).await
 }
 
-/// Makes Medplum hold what `dc` says; returns the DomainConfiguration's id.
+/// What is known in Medplum of the domain: the operator's configuration of it, else one someone else
+/// made for it.
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub own: Option<DomainConfigurationResource>,
+    pub existing: Option<DomainConfigurationResource>,
+}
+
+/// The next thing to do for a domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    Create,
+    /// Take over the existing configuration `id`, written as the spec says.
+    Adopt {
+        id: String,
+    },
+    Update {
+        id: String,
+        fields: Vec<&'static str>,
+    },
+    Done {
+        id: String,
+    },
+}
+
+/// What follows from `o` for `desired` (`tag`: the operator's ownership tag of the resource).
+pub fn plan(
+    desired: &DomainConfigurationResource,
+    o: &Observed,
+    adopt: bool,
+    tag: &Coding,
+) -> Result<Step, ResourceError> {
+    let id_of = |r: &DomainConfigurationResource| r.id.clone().unwrap_or_default();
+    if let Some(own) = &o.own {
+        return Ok(match drift(desired, own) {
+            fields if fields.is_empty() => Step::Done { id: id_of(own) },
+            fields => Step::Update { id: id_of(own), fields },
+        });
+    }
+    let Some(existing) = &o.existing else { return Ok(Step::Create) };
+    let what = format!("DomainConfiguration/{}", id_of(existing));
+    let marks = existing.meta.tag.iter().map(|t| (t.system.as_str(), t.code.as_str()));
+    adoption::check_unmanaged(marks, (&tag.system, &tag.code), &what)?;
+    if !adopt {
+        return Err(ResourceError::DomainAlreadyExists { domain: desired.domain.clone(), id: id_of(existing) });
+    }
+    Ok(Step::Adopt { id: id_of(existing) })
+}
+
+/// Makes Medplum hold what `dc` says: observes, plans, carries the step out; returns the id.
 async fn converge(ctx: &Context, dc: &DomainConfiguration, events: &mut Vec<Event>) -> Result<String, ResourceError> {
     let connection = &dc.spec.connection_ref.name;
     let usable = usable_cluster_connection(ctx, connection).await?;
@@ -94,47 +143,35 @@ async fn converge(ctx: &Context, dc: &DomainConfiguration, events: &mut Vec<Even
     let tag = tag(ctx, dc);
     let desired = desired(dc, &tag, client_secret);
     let medplum = &usable.client;
-    let actual = match find_own(medplum, dc, &tag).await? {
-        Some(own) => Some(own),
-        None => {
-            let found = medplum.search::<DomainConfigurationResource>(&[("domain", &desired.domain)]).await?;
-            match found.into_iter().next() {
-                None => None,
-                Some(existing) => {
-                    let what = format!("DomainConfiguration/{}", existing.id.as_deref().unwrap_or_default());
-                    let marks = existing.meta.tag.iter().map(|t| (t.system.as_str(), t.code.as_str()));
-                    adoption::check_unmanaged(marks, (&tag.system, &tag.code), &what)?;
-                    if !dc.spec.adopt {
-                        let id = existing.id.clone().unwrap_or_default();
-                        return Err(ResourceError::DomainAlreadyExists { domain: desired.domain.clone(), id });
-                    }
-                    Some(existing)
-                }
-            }
-        }
-    };
-    let Some(actual) = actual else {
-        let created = medplum.create(&desired, None).await?;
-        let id = created.id.unwrap_or_default();
-        let note = format!("created Medplum DomainConfiguration/{id} for {}", desired.domain);
-        events.push(event(EventType::Normal, "Created", "Create", note));
-        return Ok(id);
-    };
-    let id = actual.id.clone().unwrap_or_default();
-    let fields = drift(&desired, &actual);
-    if fields.is_empty() {
-        return Ok(id);
+    let mut o = Observed { own: find_own(medplum, dc, &tag).await?, existing: None };
+    if o.own.is_none() {
+        let found = medplum.search::<DomainConfigurationResource>(&[("domain", &desired.domain)]).await?;
+        o.existing = found.into_iter().next();
     }
+    let (id, fields) = match plan(&desired, &o, dc.spec.adopt, &tag)? {
+        Step::Done { id } => return Ok(id),
+        Step::Create => {
+            let created = medplum.create(&desired, None).await?;
+            let id = created.id.unwrap_or_default();
+            let note = format!("created Medplum DomainConfiguration/{id} for {}", desired.domain);
+            events.push(event(EventType::Normal, "Created", "Create", note));
+            return Ok(id);
+        }
+        Step::Adopt { id } => (id, None),
+        Step::Update { id, fields } => (id, Some(fields)),
+    };
+    let actual = o.own.as_ref().or(o.existing.as_ref()).expect("planned with a configuration");
     let mut body = desired.clone();
     body.id = Some(id.clone());
     body.meta.tag = actual.meta.tags_with(&desired.meta.tag);
     medplum.update(&id, &body, actual.meta.version_id.as_deref().unwrap_or_default()).await?;
     let target = format!("DomainConfiguration/{id}");
-    events.push(if !actual.meta.has_tag(&tag) {
-        event(EventType::Normal, "Adopted", "Adopt", format!("took over Medplum {target}"))
-    } else {
-        let observed = dc.status.as_ref().and_then(|s| s.observed_generation);
-        super::update_event(observed, dc.metadata.generation, &target, &fields.join(", "))
+    events.push(match fields {
+        None => event(EventType::Normal, "Adopted", "Adopt", format!("took over Medplum {target}")),
+        Some(fields) => {
+            let observed = dc.status.as_ref().and_then(|s| s.observed_generation);
+            super::update_event(observed, dc.metadata.generation, &target, &fields.join(", "))
+        }
     });
     Ok(id)
 }
@@ -292,6 +329,7 @@ pub fn controller(ctx: Arc<Context>) -> (ReconcileStream, impl Future<Output = (
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure::Failure;
     use crate::medplum::IdentityProviderResource;
     use secrecy::SecretString;
 
@@ -309,6 +347,54 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_plan_follows_from_what_medplum_holds() {
+        let ours = Coding { system: "urn:medplum-operator:default".into(), code: "DomainConfiguration/acme".into() };
+        let desired = resource("acme.example", "medplum", "s3cret", vec![ours.clone()]);
+        let with_id = |mut r: DomainConfigurationResource| {
+            r.id = Some("d1".into());
+            r
+        };
+        let someone = Coding { system: "https://example.org/tags".into(), code: "x".into() };
+        let operator =
+            Coding { system: "urn:medplum-operator:other-cluster".into(), code: "DomainConfiguration/acme".into() };
+        let own = |r| Observed { own: Some(with_id(r)), existing: None };
+        let existing = |r| Observed { own: None, existing: Some(with_id(r)) };
+        let id = || "d1".to_string();
+        let rows: Vec<(&str, Observed, bool, Result<Step, &str>)> = vec![
+            ("nothing for the domain", Observed::default(), false, Ok(Step::Create)),
+            ("ours, as declared", own(desired.clone()), false, Ok(Step::Done { id: id() })),
+            (
+                "ours, secret changed",
+                own(resource("acme.example", "medplum", "new", vec![ours.clone()])),
+                false,
+                Ok(Step::Update { id: id(), fields: vec!["identityProvider"] }),
+            ),
+            (
+                "someone's, not to adopt",
+                existing(resource("acme.example", "x", "y", vec![someone.clone()])),
+                false,
+                Err("AlreadyExists"),
+            ),
+            (
+                "someone's, to adopt",
+                existing(resource("acme.example", "x", "y", vec![someone])),
+                true,
+                Ok(Step::Adopt { id: id() }),
+            ),
+            (
+                "another operator's, to adopt",
+                existing(resource("acme.example", "x", "y", vec![operator])),
+                true,
+                Err("AlreadyManaged"),
+            ),
+        ];
+        for (case, observed, adopt, expected) in rows {
+            let step = plan(&desired, &observed, adopt, &ours).map_err(|e| e.reason());
+            assert_eq!(step, expected, "{case}");
         }
     }
 
