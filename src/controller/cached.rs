@@ -1,15 +1,13 @@
 //! How the controllers' caches keep the resources they watch.
 
-use std::any::TypeId;
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::sync::Mutex;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Deserializer};
+use serde_json::json;
 
 use super::UsesConnection;
 use super::packed::Packed;
@@ -30,13 +28,49 @@ pub struct Cached<K> {
     kind: PhantomData<fn() -> K>,
 }
 
-/// The dictionary the cache of `K` packs with: the first object of that kind the process took in
-/// (the objects of a kind share their keys, defaults and most values). Fixed once chosen, since every
-/// packed object needs it, and kept for the life of the process.
-fn dictionary<K: 'static>(first: &str) -> &'static [u8] {
-    static DICTIONARIES: Mutex<BTreeMap<TypeId, &'static [u8]>> = Mutex::new(BTreeMap::new());
-    let mut dictionaries = DICTIONARIES.lock().unwrap_or_else(|p| p.into_inner());
-    dictionaries.entry(TypeId::of::<K>()).or_insert_with(|| Box::leak(first.as_bytes().into()))
+/// What every object of a kind shares, as a resource: the dictionary its cache packs with is this
+/// serialized (keys in the order serde writes them, the defaults every object carries, the condition
+/// types, reasons and messages the operator writes), so that it is the same in every process and
+/// holds nothing of any tenant's objects. The dictionary before it, the first object taken in, packed
+/// better only by what that object shared with the rest beyond their shape (the project id, the
+/// day): 1,000 settled clients (1,387 KB of JSON) take 251 KB against the skeleton, 190 KB against
+/// the first client, so 61 bytes more per client, 0.6 MB per 10,000 (1% of the operator's RSS with
+/// 10,000 clients).
+pub(crate) fn skeleton(kind: &str) -> serde_json::Value {
+    let condition = |type_: &str, reason: &str, message: &str| {
+        json!({"type": type_, "status": "True", "reason": reason, "message": message,
+               "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1})
+    };
+    let ready = condition("Ready", "Ready", "");
+    let (spec, status) = match kind {
+        "ClientApplication" => (
+            json!({"access": [{"policyRef": {"name": "-"}}], "secret": {"name": "-"}}),
+            json!({"conditions": [
+                      condition("CredentialVerified", "TokenIssued", "Medplum issued a token for the credentials in Secret - (sha256:)"),
+                      condition("Rotating", "Idle", "no rotation in progress"),
+                      condition("Ready", "Ready", "Secret - holds working credentials of ClientApplication/")],
+                   "observedGeneration": 1, "clientId": "-", "membershipId": "-", "projectId": "-", "secretName": "-",
+                   "secretFingerprint": "sha256:", "lastRotationTime": "2026-01-01T00:00:00Z"}),
+        ),
+        "AccessPolicy" => (
+            json!({"resources": [{"resourceType": "Patient", "readonly": true}]}),
+            json!({"conditions": [condition("Ready", "Ready", "Medplum AccessPolicy/ matches the spec")],
+                   "observedGeneration": 1, "policyId": "-"}),
+        ),
+        "ProjectUser" => (
+            json!({"firstName": "-", "lastName": "-", "email": "@", "access": [{"policyRef": {"name": "-"}}]}),
+            json!({"conditions": [condition("Ready", "Ready", "Practitioner/ is a member as ProjectMembership/")],
+                   "observedGeneration": 1, "membershipId": "-", "userId": "-", "profile": "Practitioner/"}),
+        ),
+        _ => (json!({}), json!({"conditions": [ready], "observedGeneration": 1})),
+    };
+    json!({"apiVersion": "medplum.com/v1alpha1", "kind": kind, "metadata": {}, "spec": spec, "status": status})
+}
+
+/// The dictionary of `K`'s cache: its skeleton, as `K` serializes it.
+pub(crate) fn dictionary<K: UsesConnection>() -> Box<[u8]> {
+    let resource: K = serde_json::from_value(skeleton(&K::kind(&()))).expect("a skeleton is an object of its kind");
+    serde_json::to_string(&resource).expect("resources serialize").into_bytes().into()
 }
 
 impl<K: UsesConnection> Cached<K> {
@@ -45,14 +79,13 @@ impl<K: UsesConnection> Cached<K> {
         let connection = resource.connection_ref().clone();
         let granted = resource.granted().map(|names| names.into_iter().map(Box::from).collect());
         let json = serde_json::to_string(&resource).expect("resources serialize");
-        let rest = Packed::pack(&json, dictionary::<K>(&json));
+        let rest = Packed::pack(&json, K::dictionary());
         Self { metadata, connection, granted, rest, kind: PhantomData }
     }
 
     /// The whole resource, as it was taken in.
     pub fn resource(&self) -> K {
-        // `of` made this, so the kind's dictionary is already chosen.
-        let json = self.rest.unpack(dictionary::<K>(""));
+        let json = self.rest.unpack(K::dictionary());
         let mut resource: K = serde_json::from_str(json.expose_secret()).expect("the cache reads back what it wrote");
         *resource.meta_mut() = self.metadata.clone();
         resource
@@ -135,7 +168,7 @@ mod tests {
                        "conditions": status["conditions"]}}));
         assert_eq!(client.connection_ref().name, "shared");
         assert!(client.grants("lab-reader") && !client.grants("lab"));
-        // The first client taken in is the dictionary: another one like it packs to a fraction.
+        // Another client like it packs to a fraction of its JSON.
         let mut other = client.resource();
         other.metadata.name = Some("billing-service".into());
         let observed = other.status.as_mut().unwrap();
@@ -143,7 +176,7 @@ mod tests {
         observed.secret_fingerprint = Some("sha256:fedcba9876543210".into());
         let json = serde_json::to_string(&other).unwrap();
         let packed = Cached::of(other).rest.packed_len();
-        assert!(packed * 5 < json.len(), "{packed} bytes packed of {} of JSON", json.len());
+        assert!(packed * 2 < json.len(), "{packed} bytes packed of {} of JSON", json.len());
         round_trip::<AccessPolicy>(json!({"apiVersion": "medplum.com/v1alpha1", "kind": "AccessPolicy",
             "metadata": metadata(), "spec": {"resources": [{"resourceType": "Patient", "readonly": true,
             "hiddenFields": ["note"]}], "ipAccessRules": [{"name": "office", "value": "10.0.0.0/8", "action": "allow"}]},
@@ -156,5 +189,60 @@ mod tests {
             "kind": "MedplumProject", "metadata": metadata(),
             "spec": {"patientRegistration": {"open": true, "accessPolicyRef": {"name": "patients"}}}}));
         assert!(project.grants("patients"));
+    }
+
+    /// A client as the operator leaves it once Ready, as in the benchmark (`client-00042` granting
+    /// `policy-00042`, its Secret named after it).
+    fn settled_client(i: usize) -> ClientApplication {
+        let condition = |type_: &str, reason: &str, message: String| {
+            json!({"type": type_, "status": "True", "reason": reason, "message": message,
+                   "lastTransitionTime": format!("2026-12-07T09:{:02}:{:02}Z", i / 60 % 60, i % 60), "observedGeneration": 1})
+        };
+        // Medplum's ids are random UUIDs, fingerprints random hex.
+        let hex = |salt: &str, n: usize| {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(format!("{salt}{i}"));
+            digest.iter().map(|b| format!("{b:02x}")).collect::<String>()[..n].to_string()
+        };
+        let uuid = |salt: &str| {
+            let h = hex(salt, 32);
+            format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+        };
+        let (name, id, print) = (format!("client-{i:05}"), uuid("client"), format!("sha256:{}", hex("print", 16)));
+        serde_json::from_value(json!({"apiVersion": "medplum.com/v1alpha1", "kind": "ClientApplication",
+            "metadata": {"name": name, "namespace": "bench"},
+            "spec": {"access": [{"policyRef": {"name": format!("policy-{i:05}")}}]},
+            "status": {"conditions": [
+                condition("CredentialVerified", "TokenIssued", format!("Medplum issued a token for the credentials in Secret {name} ({print})")),
+                condition("Rotating", "Idle", "no rotation in progress".into()),
+                condition("Ready", "Ready", format!("Secret {name} holds working credentials of ClientApplication/{id}"))],
+                "observedGeneration": 1, "clientId": id, "membershipId": uuid("membership"),
+                "projectId": "6f1b7c2e-1111-4a4a-9b9b-000000000001", "secretName": name,
+                "secretFingerprint": print, "lastRotationTime": "2026-12-07T09:00:00Z"}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_skeleton_packs_settled_clients_as_small_as_the_first_client_did() {
+        let json = |c: &ClientApplication| {
+            let mut c = c.clone();
+            c.metadata = Default::default();
+            serde_json::to_string(&c).unwrap()
+        };
+        let clients: Vec<String> = (0..1000).map(|i| json(&settled_client(i))).collect();
+        let skeleton_dictionary = ClientApplication::dictionary();
+        let first = clients[0].as_bytes();
+        let total = |dictionary: &[u8]| clients.iter().map(|c| Packed::pack(c, dictionary).packed_len()).sum::<usize>();
+        let (with_skeleton, with_first) = (total(skeleton_dictionary), total(first));
+        let json_bytes: usize = clients.iter().map(String::len).sum();
+        println!(
+            "figure: 1,000 settled clients, {json_bytes} bytes of JSON: packed {with_skeleton} bytes against the skeleton, {with_first} against the first client"
+        );
+        assert!(with_skeleton * 4 < json_bytes, "{with_skeleton} of {json_bytes}");
+        for kind in ["AccessPolicy", "ProjectUser", "MedplumProject"] {
+            assert!(!skeleton(kind)["spec"].is_null(), "{kind}");
+        }
+        assert!(!AccessPolicy::dictionary().is_empty() && !ProjectUser::dictionary().is_empty());
+        assert!(!MedplumProject::dictionary().is_empty());
     }
 }

@@ -245,13 +245,20 @@ pub trait UsesConnection:
     /// a project's registration policy); `None` for kinds that grant none.
     fn granted(&self) -> Option<Vec<&str>>;
     fn observed_generation(&self) -> Option<i64>;
+    /// The dictionary the controller's cache packs objects of this kind with (see `Cached`).
+    fn dictionary() -> &'static [u8];
 }
 
 /// `UsesConnection` for a kind whose spec has `connectionRef` and whose status `observedGeneration`;
-/// `$granted` reads the policies it grants from `$spec`.
+/// `$granted` reads the policies it grants from `$spec`. Its cache's dictionary is made once, from
+/// the kind's skeleton.
 macro_rules! uses_connection {
     ($kind:ty, |$spec:ident| $granted:expr) => {
         impl UsesConnection for $kind {
+            fn dictionary() -> &'static [u8] {
+                static DICTIONARY: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
+                DICTIONARY.get_or_init(super::cached::dictionary::<$kind>)
+            }
             fn connection_ref(&self) -> &ConnectionRef {
                 &self.spec.connection_ref
             }
