@@ -16,7 +16,6 @@ use super::connection::{UsableConnection, usable_connection};
 use super::failure::ResourceError;
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::tenancy::{self, Adoptee};
-use super::view::Seen;
 use super::{CleanupVia, Context, Error, ReconcileStream, UsesConnection, cleanup_via, event};
 use crate::crd::{
     AccessPolicy, AccessPolicySpec, ClientApplication, IpAction, MedplumProject, PolicyDeletionPolicy, ProjectUser,
@@ -198,33 +197,19 @@ pub fn plan(desired: &AccessPolicyResource, observed: Option<&AccessPolicyResour
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
 
-/// The Medplum policy of `ap`: from the view, else from Medplum.
+/// The Medplum policy of `ap`, by the id in status or the ownership tag; `fresh`: from Medplum itself,
+/// whatever the view holds.
 async fn find_policy(
     usable: &UsableConnection,
     ap: &AccessPolicy,
     tag: &Coding,
-) -> Result<Option<AccessPolicyResource>, MedplumError> {
-    match usable.view.seen::<AccessPolicyResource>(&tag.code).await {
-        Seen::Known(policy) => Ok(Some(policy)),
-        Seen::Absent => Ok(None),
-        Seen::Unknown => read_policy(usable, ap, tag).await,
-    }
-}
-
-/// The Medplum policy of `ap`, by the id in status or the ownership tag.
-async fn read_policy(
-    usable: &UsableConnection,
-    ap: &AccessPolicy,
-    tag: &Coding,
+    fresh: bool,
 ) -> Result<Option<AccessPolicyResource>, MedplumError> {
     let recorded = ap.status.as_ref().and_then(|s| s.policy_id.as_deref());
-    let query = format!("{}|{}", tag.system, tag.code);
-    let found =
-        usable.client.find_owned(recorded, |p: &AccessPolicyResource| p.meta.has_tag(tag), "_tag", &query).await?;
-    if let Some(policy) = &found {
-        usable.view.record(policy);
+    match fresh {
+        true => usable.read_managed(&tag.system, &tag.code, recorded).await,
+        false => usable.find_managed(&tag.system, &tag.code, recorded, false).await,
     }
-    Ok(found)
 }
 
 /// Creates or updates the policy; returns it and the Events to publish.
@@ -251,7 +236,7 @@ async fn converge_policy(
 ) -> Result<(AccessPolicyResource, Vec<Event>), ResourceError> {
     let desired = desired_policy(ap, tag);
     let adopt = ap.spec.adopt.as_ref().map(|a| a.policy_id.as_str());
-    let mut observed = find_policy(usable, ap, tag).await?;
+    let mut observed = find_policy(usable, ap, tag, false).await?;
     let mut events = Vec::new();
     let mut updated = false;
     loop {
@@ -397,7 +382,7 @@ async fn cleanup(ap: &AccessPolicy, ctx: &Context) -> Result<Action, Error> {
     // `(reason, note)` once the policy is gone or let go; None while memberships in Medplum still use it.
     let outcome: Result<Option<(&str, String)>, MedplumError> = async {
         // Deletion asks Medplum itself, whatever the view holds.
-        let Some(policy) = read_policy(&usable, ap, &tag).await? else {
+        let Some(policy) = find_policy(&usable, ap, &tag, true).await? else {
             return Ok(Some(("Deleted", "nothing left in Medplum".into())));
         };
         let id = policy.id.clone().unwrap_or_default();

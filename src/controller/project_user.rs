@@ -17,7 +17,6 @@ use super::failure::ResourceError;
 use super::grants::resolve_grants;
 use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::tenancy::{self, Adoptee};
-use super::view::Seen;
 use super::{CleanupVia, Context, Error, ReconcileStream, cleanup_via, event};
 use crate::crd::{ProjectUser, ProjectUserSpec, ProjectUserStatus, UserDeletionPolicy, UserScope};
 use crate::medplum::{
@@ -163,34 +162,21 @@ pub fn plan(
 // ---------------------------------------------------------------------------------------------------
 // Reconcile
 
-/// The membership of `user`: from the view, else from Medplum.
+/// The membership of `user`, by the id in status or the operator's identifier; `fresh`: from Medplum
+/// itself, whatever the view holds. (An invite of someone already a member answers 409, so the view's
+/// word that there is none needs no search first.)
 async fn find_membership(
     usable: &UsableConnection,
     user: &ProjectUser,
     identifier: &Identifier,
-) -> Result<Option<MembershipResource>, MedplumError> {
-    match usable.view.seen::<MembershipResource>(&identifier.value).await {
-        Seen::Known(membership) => Ok(Some(membership)),
-        // An invite of someone already a member answers 409, so no search is needed first.
-        Seen::Absent => Ok(None),
-        Seen::Unknown => read_membership(usable, user, identifier).await,
-    }
-}
-
-/// The membership of `user`, by the id in status or the operator's identifier.
-async fn read_membership(
-    usable: &UsableConnection,
-    user: &ProjectUser,
-    identifier: &Identifier,
+    fresh: bool,
 ) -> Result<Option<MembershipResource>, MedplumError> {
     let recorded = user.status.as_ref().and_then(|s| s.membership_id.as_deref());
-    let query = format!("{}|{}", identifier.system, identifier.value);
-    let ours = |m: &MembershipResource| m.identifier.contains(identifier);
-    let found = usable.client.find_owned(recorded, ours, "identifier", &query).await?;
-    if let Some(m) = &found {
-        usable.view.record(m);
+    let (system, code) = (&identifier.system, &identifier.value);
+    match fresh {
+        true => usable.read_managed(system, code, recorded).await,
+        false => usable.find_managed(system, code, recorded, false).await,
     }
-    Ok(found)
 }
 
 /// Whether to read the profile for its name now: after a change of the spec or of the membership,
@@ -262,7 +248,7 @@ async fn converge(
     tenancy::project_user(&usable.limits, &user.spec)?;
     let access = resolve_grants(ctx, &namespace, &user.spec.connection_ref, &user.spec.access).await?;
     let own = identifier(&ctx.settings.cluster_id, &namespace, &user.name_any());
-    let mut o = Observed { membership: find_membership(usable, user, &own).await?, ..Default::default() };
+    let mut o = Observed { membership: find_membership(usable, user, &own, false).await?, ..Default::default() };
     let mut events = Vec::new();
     let (mut membership_changed, mut updated) = (false, false);
     loop {
@@ -392,7 +378,7 @@ async fn cleanup(user: &ProjectUser, ctx: &Context) -> Result<Action, Error> {
     let medplum = &usable.client;
     let outcome: Result<(String, &str), MedplumError> = async {
         // Deletion asks Medplum itself, whatever the view holds.
-        let Some(mut m) = read_membership(&usable, user, &identifier).await? else {
+        let Some(mut m) = find_membership(&usable, user, &identifier, true).await? else {
             return Ok(("nothing left in Medplum".into(), "Deleted"));
         };
         let id = m.id.clone().unwrap_or_default();

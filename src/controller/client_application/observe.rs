@@ -29,22 +29,15 @@ pub(super) async fn find_client(
     secret: &WrittenSecret,
 ) -> Result<Option<ClientApplicationResource>, ResourceError> {
     let medplum = &usable.client;
-    match usable.view.seen::<ClientApplicationResource>(&d.tag.code).await {
-        Seen::Known(client) => return Ok(Some(client)),
-        // None of ours: it is to be created (or adopted, which looks for the one to adopt).
-        Seen::Absent if d.adopt.is_none() => return Ok(None),
-        Seen::Absent | Seen::Unknown => {}
-    }
     // The id in status, else the one in the Secret (status may be lost); either only if still ours.
     let recorded = ca
         .status
         .as_ref()
         .and_then(|s| s.client_id.clone())
         .or_else(|| secret.values.get(&d.keys.client_id).map(|id| id.expose_secret().to_string()));
-    let tag = format!("{}|{}", d.tag.system, d.tag.code);
-    let owned = |c: &ClientApplicationResource| c.meta.has_tag(&d.tag);
-    if let Some(client) = medplum.find_owned(recorded.as_deref(), owned, "_tag", &tag).await? {
-        usable.view.record(&client);
+    // With none of ours, adoption looks for the one to adopt.
+    let (system, code) = (&d.tag.system, &d.tag.code);
+    if let Some(client) = usable.find_managed(system, code, recorded.as_deref(), d.adopt.is_some()).await? {
         return Ok(Some(client));
     }
     let Some(adopt) = &d.adopt else { return Ok(None) };

@@ -8,7 +8,7 @@ use kube::api::Api;
 use super::ConnectionKey;
 use crate::controller::Context;
 use crate::controller::tenancy::Admission;
-use crate::controller::view::{MedplumView, Owned};
+use crate::controller::view::{MedplumView, Owned, Seen};
 use crate::crd::{ClusterMedplumConnection, ConnectionKind, ConnectionLimits, MedplumConnection};
 use crate::failure::Failure;
 use crate::medplum::{FhirResource, MedplumClient, MedplumError};
@@ -151,6 +151,38 @@ impl UsableConnection {
                 Err(e)
             }
         }
+    }
+
+    /// The object the operator manages under `system|code`: from the view when it knows, else from
+    /// Medplum. `look_if_absent`: ask Medplum even when the view vouches there is none.
+    pub async fn find_managed<T: Owned>(
+        &self,
+        system: &str,
+        code: &str,
+        recorded: Option<&str>,
+        look_if_absent: bool,
+    ) -> Result<Option<T>, MedplumError> {
+        match self.view.seen::<T>(code).await {
+            Seen::Known(object) => Ok(Some(object)),
+            Seen::Absent if !look_if_absent => Ok(None),
+            Seen::Absent | Seen::Unknown => self.read_managed(system, code, recorded).await,
+        }
+    }
+
+    /// The object the operator manages under `system|code`, as Medplum holds it: by the `recorded`
+    /// id if it still carries the mark, else by a search for the mark. Recorded in the view.
+    pub async fn read_managed<T: Owned>(
+        &self,
+        system: &str,
+        code: &str,
+        recorded: Option<&str>,
+    ) -> Result<Option<T>, MedplumError> {
+        let ours = |object: &T| object.codes(system).iter().any(|c| c == code);
+        let found = self.client.find_owned(recorded, ours, T::BY_SYSTEM, &format!("{system}|{code}")).await?;
+        if let Some(object) = &found {
+            self.view.record(object);
+        }
+        Ok(found)
     }
 
     /// Removes a membership (its live tokens end at once).
