@@ -2,6 +2,14 @@
 //! Medplum and to Secrets. The holder renews the lease every retry period; a standby takes it over
 //! once it has not been renewed for the lease duration. A holder that cannot renew within the renew
 //! deadline stops (the process exits), so two instances never act at once for longer than that.
+//!
+//! Home-made rather than kube-lease-manager (0.13.1, on kube 5), for a figure measured here: with the
+//! API server paused (SIGSTOP: connections open, no answers), kube-lease-manager still reported
+//! leadership 40 s later, 25 s past its 15 s lease, because its renewal waits on a request kube's
+//! client never times out; this one exits after 3.9 s (renew deadline 4 s, lease 6 s; before its
+//! renewals were bounded it too was still leading after 60 s: tests/e2e/outage.rs). It makes more
+//! requests: a GET and a PUT per retry period (2 s), as client-go does, where kube-lease-manager
+//! patches once per 10 s.
 
 use std::time::Duration;
 
@@ -162,7 +170,7 @@ impl LeaderElection {
     pub async fn acquire(&self) {
         let mut waiting_logged = false;
         loop {
-            match self.try_hold().await {
+            match tokio::time::timeout(self.lease_duration, self.try_hold()).await.unwrap_or(Ok(false)) {
                 Ok(true) => {
                     info!(lease = %self.name, identity = %self.identity, "acquired leadership");
                     return;
@@ -184,13 +192,18 @@ impl LeaderElection {
         let mut last_renewal = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.retry_period).await;
-            match self.try_hold().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
+            // An API server that stops answering (a partition, a paused process) must not hold the
+            // deadline off: kube's client has no read timeout, so a renewal could wait forever while a
+            // standby that reaches the API server takes the lease over (tests/e2e/outage.rs).
+            let left = self.renew_deadline.saturating_sub(last_renewal.elapsed());
+            match tokio::time::timeout(left, self.try_hold()).await {
+                Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
                     warn!(lease = %self.name, "another instance took the lease");
                     return;
                 }
-                Err(e) => warn!(lease = %self.name, error = %e, "renewing the lease failed"),
+                Ok(Err(e)) => warn!(lease = %self.name, error = %e, "renewing the lease failed"),
+                Err(_) => warn!(lease = %self.name, "the API server did not answer the renewal"),
             }
             if last_renewal.elapsed() > self.renew_deadline {
                 warn!(lease = %self.name, deadline = ?self.renew_deadline, "could not renew the lease in time");
@@ -201,15 +214,20 @@ impl LeaderElection {
 
     /// Gives the lease up (on shutdown), so that a standby takes over without waiting for it to expire.
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else { return };
+        // Bounded, so that shutdown never waits on an API server that does not answer.
+        let current = tokio::time::timeout(self.retry_period, self.api.get_opt(&self.name)).await;
+        let Ok(Ok(Some(mut lease))) = current else { return };
         let spec = lease.spec.get_or_insert_with(Default::default);
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return;
         }
         spec.holder_identity = None;
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
-            Ok(_) => info!(lease = %self.name, "released leadership"),
-            Err(e) => warn!(lease = %self.name, error = %e, "releasing the lease failed"),
+        let params = PostParams::default();
+        let replaced = tokio::time::timeout(self.retry_period, self.api.replace(&self.name, &params, &lease));
+        match replaced.await {
+            Ok(Ok(_)) => info!(lease = %self.name, "released leadership"),
+            Ok(Err(e)) => warn!(lease = %self.name, error = %e, "releasing the lease failed"),
+            Err(_) => warn!(lease = %self.name, "the API server did not answer the release"),
         }
     }
 }
