@@ -8,6 +8,12 @@ use std::sync::Mutex;
 /// version it produced, or, while its answer is still on the way (its watch event can come first), by
 /// the metadata it will show ([`meta_fingerprint`]). An entry goes when its event arrives; a different
 /// version (someone else's change, a deletion) reconciles as usual.
+///
+/// Kept for a figure measured here (200 clients on the test server, debug build): without it the
+/// operator ran 427 ClientApplication and 465 AccessPolicy reconciles instead of 238 and 249, 9.5
+/// Kubernetes requests a client instead of 8.5, and took 9.1 s instead of 7.3 s. A fingerprint
+/// recorded in `LastSeen` would not do for Secrets: their watch is metadata-only, so an edit of a
+/// Secret's data keeps its fingerprint and only its resource version tells it from an own write.
 #[derive(Default)]
 pub struct OwnWrites(Mutex<HashMap<(String, String, String), OwnWrite>>);
 
