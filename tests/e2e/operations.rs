@@ -20,19 +20,7 @@ async fn holder(s: &Setup, lease: &str) -> Option<String> {
 async fn a_standby_takes_over_within_the_lease_duration_and_nothing_is_written_twice() {
     let s = Setup::new("ha", &[], json!({})).await;
     let ns = s.ns.name.clone();
-    let args = [
-        "--leader-election",
-        "--leader-election-namespace",
-        &ns,
-        "--leader-election-lease-name",
-        "ha",
-        "--leader-election-lease-duration",
-        "6s",
-        "--leader-election-renew-deadline",
-        "4s",
-        "--leader-election-retry-period",
-        "1s",
-    ];
+    let args = crate::support::operator::fast_leader_election(&ns, "ha");
     let mut first = Operator::spawn(&ns, &args, &[("POD_NAME", "replica-a")]).await;
     first.wait_ready().await;
     eventually(WAIT, "replica-a leads", || async {

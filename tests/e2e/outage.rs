@@ -351,19 +351,7 @@ impl Drop for PausedApiServer {
 async fn a_leader_whose_api_server_stops_answering_stops_within_the_renew_deadline() {
     let s = Setup::new("paused", &[], json!({})).await;
     let ns = s.ns.name.clone();
-    let args = [
-        "--leader-election",
-        "--leader-election-namespace",
-        &ns,
-        "--leader-election-lease-name",
-        "paused",
-        "--leader-election-lease-duration",
-        "6s",
-        "--leader-election-renew-deadline",
-        "4s",
-        "--leader-election-retry-period",
-        "1s",
-    ];
+    let args = crate::support::operator::fast_leader_election(&ns, "paused");
     let mut operator = Operator::spawn(&ns, &args, &[("POD_NAME", "replica-a")]).await;
     operator.wait_ready().await;
     eventually(Duration::from_secs(30), "replica-a leads", || async {

@@ -253,3 +253,21 @@ impl Drop for Operator {
         }
     }
 }
+
+/// Leader election on the Lease `lease` of `namespace` with the short timings the failover tests use:
+/// lease 6 s, renew deadline 4 s, retry period 1 s.
+pub fn fast_leader_election<'a>(namespace: &'a str, lease: &'a str) -> [&'a str; 11] {
+    [
+        "--leader-election",
+        "--leader-election-namespace",
+        namespace,
+        "--leader-election-lease-name",
+        lease,
+        "--leader-election-lease-duration",
+        "6s",
+        "--leader-election-renew-deadline",
+        "4s",
+        "--leader-election-retry-period",
+        "1s",
+    ]
+}
