@@ -15,6 +15,7 @@
 # interval of the steady-state window, BENCH_OBJECTS (default 10000) for memory. BENCH_IMAGE=1 runs the
 # operator from its container image (hack/image.sh), as the chart's container under podman. Output also goes to
 # .cache/bench/<target>.log. The real Medplum's state is $MEDPLUM_STATE_DIR (see hack/real-medplum.sh).
+# OPERATOR_BINARY=<path> measures that operator binary instead of this tree's (before/after a change).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -52,8 +53,11 @@ real_medplum() {
 # all, differs from glibc's); the harness and the test server are ordinary release builds.
 rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 || true
 cargo build --release --tests --bins --quiet
-cargo build --profile dist --quiet --target x86_64-unknown-linux-musl --bin medplum-operator
-export OPERATOR_BINARY=$root/target/x86_64-unknown-linux-musl/dist/medplum-operator
+# OPERATOR_BINARY, when set, measures that binary instead (another revision's, to compare before/after).
+if [[ -z ${OPERATOR_BINARY:-} ]]; then
+  cargo build --profile dist --quiet --target x86_64-unknown-linux-musl --bin medplum-operator
+  export OPERATOR_BINARY=$root/target/x86_64-unknown-linux-musl/dist/medplum-operator
+fi
 if [[ ${BENCH_IMAGE:-} == 1 ]]; then
   OPERATOR_IMAGE=$(bash hack/image.sh | awk '{print $1}')
   export OPERATOR_IMAGE

@@ -66,192 +66,251 @@ fn duration_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    objects: ObjectMetrics,
+    requests: RequestMetrics,
+    rotation: RotationMetrics,
+}
+
+/// Reconciles and the state of managed objects.
+struct ObjectMetrics {
     reconciliations: Family<ReconcileLabels, Counter>,
     reconcile_duration: HistogramFamily<KindLabels>,
-    medplum_requests: Family<RequestLabels, Counter>,
-    medplum_request_duration: HistogramFamily<OperationLabels>,
-    token_cache_hits: Counter,
-    token_refreshes: Counter,
     connection_ready: Family<ObjectLabels, Gauge>,
-    kubernetes_requests: Family<KubeRequestLabels, Counter>,
-    rate_limit_waits: Family<LimitLabels, Counter>,
-    rate_limit_wait_seconds: Family<LimitLabels, Counter<f64>>,
-    rotations: Counter,
-    rotation_failures: Counter,
-    seconds_until_rotation: Family<ClientLabels, Gauge>,
-    /// When each client's next rotation is due (Unix seconds); turned into seconds-until at scrape time.
-    next_rotations: Mutex<HashMap<ClientLabels, i64>>,
-    rollout_waiting_since: Family<ClientLabels, Gauge>,
     managed_objects: Family<KindLabels, Gauge>,
     ready_objects: Family<KindLabels, Gauge>,
     /// Readiness of every managed object, by kind and `namespace/name`.
     census: Mutex<HashMap<(&'static str, String), bool>>,
 }
 
+impl ObjectMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            reconciliations: registered(r, "reconciliations", "Reconciliations by kind and outcome", Family::default()),
+            reconcile_duration: registered(
+                r,
+                "reconcile_duration_seconds",
+                "Duration of reconciliations",
+                duration_family(),
+            ),
+            connection_ready: registered(
+                r,
+                "connection_ready",
+                "1 when a connection is Ready, else 0",
+                Family::default(),
+            ),
+            managed_objects: registered(
+                r,
+                "managed_objects",
+                "Objects the operator manages, by kind",
+                Family::default(),
+            ),
+            ready_objects: registered(r, "ready_objects", "Managed objects that are Ready, by kind", Family::default()),
+            census: Mutex::default(),
+        }
+    }
+}
+
+/// Requests to Medplum and to Kubernetes, and Medplum's rate limits.
+struct RequestMetrics {
+    medplum_requests: Family<RequestLabels, Counter>,
+    medplum_request_duration: HistogramFamily<OperationLabels>,
+    token_cache_hits: Counter,
+    token_refreshes: Counter,
+    kubernetes_requests: Family<KubeRequestLabels, Counter>,
+    rate_limit_waits: Family<LimitLabels, Counter>,
+    rate_limit_wait_seconds: Family<LimitLabels, Counter<f64>>,
+}
+
+impl RequestMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            medplum_requests: registered(
+                r,
+                "medplum_requests",
+                "Requests to Medplum by operation and HTTP status",
+                Family::default(),
+            ),
+            medplum_request_duration: registered(
+                r,
+                "medplum_request_duration_seconds",
+                "Latency of requests to Medplum",
+                duration_family(),
+            ),
+            token_cache_hits: registered(
+                r,
+                "token_cache_hits",
+                "Medplum access tokens served from the cache",
+                Counter::default(),
+            ),
+            token_refreshes: registered(
+                r,
+                "token_refreshes",
+                "Medplum access tokens requested from /oauth2/token",
+                Counter::default(),
+            ),
+            kubernetes_requests: registered(
+                r,
+                "kubernetes_requests",
+                "Requests to the Kubernetes API by verb and resource",
+                Family::default(),
+            ),
+            rate_limit_waits: registered(
+                r,
+                "rate_limit_waits",
+                "Requests to Medplum held back until its rate limit window allowed them, by limit",
+                Family::default(),
+            ),
+            rate_limit_wait_seconds: registered(
+                r,
+                "rate_limit_wait_seconds",
+                "Time requests to Medplum were held back for its rate limits, by limit",
+                Family::default(),
+            ),
+        }
+    }
+}
+
+/// Client secret rotations.
+struct RotationMetrics {
+    rotations: Counter,
+    rotation_failures: Counter,
+    seconds_until_rotation: Family<ClientLabels, Gauge>,
+    /// When each client's next rotation is due (Unix seconds); turned into seconds-until at scrape time.
+    next_rotations: Mutex<HashMap<ClientLabels, i64>>,
+    rollout_waiting_since: Family<ClientLabels, Gauge>,
+}
+
+impl RotationMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            rotations: registered(
+                r,
+                "rotations",
+                "Client secret rotations completed (previous secret retired)",
+                Counter::default(),
+            ),
+            rotation_failures: registered(
+                r,
+                "rotation_failures",
+                "Reconciles that failed while a rotation was in progress",
+                Counter::default(),
+            ),
+            seconds_until_rotation: registered(
+                r,
+                "seconds_until_rotation",
+                "Seconds until a client's next scheduled rotation (negative: overdue)",
+                Family::default(),
+            ),
+            next_rotations: Mutex::default(),
+            rollout_waiting_since: registered(
+                r,
+                "rollout_waiting_since_seconds",
+                "Unix time since which a client's rotation waits for its restart targets to roll out (only while it waits)",
+                Family::default(),
+            ),
+        }
+    }
+}
+
+/// Registers `metric` under `name` and hands it back: one expression both registers and keeps it.
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+fn duration_family<L>() -> HistogramFamily<L>
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    HistogramFamily::new_with_constructor(duration_histogram as fn() -> Histogram)
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("medplum_operator");
-        let reconciliations = Family::default();
-        registry.register("reconciliations", "Reconciliations by kind and outcome", reconciliations.clone());
-        let reconcile_duration = HistogramFamily::new_with_constructor(duration_histogram as fn() -> Histogram);
-        registry.register("reconcile_duration_seconds", "Duration of reconciliations", reconcile_duration.clone());
-        let medplum_requests = Family::default();
-        registry.register(
-            "medplum_requests",
-            "Requests to Medplum by operation and HTTP status",
-            medplum_requests.clone(),
-        );
-        let medplum_request_duration = HistogramFamily::new_with_constructor(duration_histogram as fn() -> Histogram);
-        registry.register(
-            "medplum_request_duration_seconds",
-            "Latency of requests to Medplum",
-            medplum_request_duration.clone(),
-        );
-        let token_cache_hits = Counter::default();
-        registry.register("token_cache_hits", "Medplum access tokens served from the cache", token_cache_hits.clone());
-        let token_refreshes = Counter::default();
-        registry.register(
-            "token_refreshes",
-            "Medplum access tokens requested from /oauth2/token",
-            token_refreshes.clone(),
-        );
-        let connection_ready = Family::default();
-        registry.register("connection_ready", "1 when a connection is Ready, else 0", connection_ready.clone());
-        let kubernetes_requests = Family::default();
-        registry.register(
-            "kubernetes_requests",
-            "Requests to the Kubernetes API by verb and resource",
-            kubernetes_requests.clone(),
-        );
-        let rate_limit_waits = Family::default();
-        registry.register(
-            "rate_limit_waits",
-            "Requests to Medplum held back until its rate limit window allowed them, by limit",
-            rate_limit_waits.clone(),
-        );
-        let rate_limit_wait_seconds = Family::default();
-        registry.register(
-            "rate_limit_wait_seconds",
-            "Time requests to Medplum were held back for its rate limits, by limit",
-            rate_limit_wait_seconds.clone(),
-        );
-        let rotations = Counter::default();
-        registry.register(
-            "rotations",
-            "Client secret rotations completed (previous secret retired)",
-            rotations.clone(),
-        );
-        let rotation_failures = Counter::default();
-        registry.register(
-            "rotation_failures",
-            "Reconciles that failed while a rotation was in progress",
-            rotation_failures.clone(),
-        );
-        let seconds_until_rotation = Family::default();
-        registry.register(
-            "seconds_until_rotation",
-            "Seconds until a client's next scheduled rotation (negative: overdue)",
-            seconds_until_rotation.clone(),
-        );
-        let rollout_waiting_since = Family::default();
-        registry.register(
-            "rollout_waiting_since_seconds",
-            "Unix time since which a client's rotation waits for its restart targets to roll out (only while it waits)",
-            rollout_waiting_since.clone(),
-        );
-        let managed_objects = Family::default();
-        registry.register("managed_objects", "Objects the operator manages, by kind", managed_objects.clone());
-        let ready_objects = Family::default();
-        registry.register("ready_objects", "Managed objects that are Ready, by kind", ready_objects.clone());
-        Self {
-            registry,
-            reconciliations,
-            reconcile_duration,
-            medplum_requests,
-            medplum_request_duration,
-            token_cache_hits,
-            token_refreshes,
-            connection_ready,
-            kubernetes_requests,
-            rate_limit_waits,
-            rate_limit_wait_seconds,
-            rotations,
-            rotation_failures,
-            seconds_until_rotation,
-            next_rotations: Mutex::default(),
-            rollout_waiting_since,
-            managed_objects,
-            ready_objects,
-            census: Mutex::default(),
-        }
+        let objects = ObjectMetrics::register(&mut registry);
+        let requests = RequestMetrics::register(&mut registry);
+        let rotation = RotationMetrics::register(&mut registry);
+        Self { registry, objects, requests, rotation }
     }
 }
 
 impl Metrics {
     pub fn record_reconcile(&self, kind: &'static str, success: bool, elapsed: Duration) {
         let outcome = if success { "success" } else { "error" };
-        self.reconciliations.get_or_create(&ReconcileLabels { kind, outcome }).inc();
-        self.reconcile_duration.get_or_create(&KindLabels { kind }).observe(elapsed.as_secs_f64());
+        self.objects.reconciliations.get_or_create(&ReconcileLabels { kind, outcome }).inc();
+        self.objects.reconcile_duration.get_or_create(&KindLabels { kind }).observe(elapsed.as_secs_f64());
     }
 
     /// `operation` is one of a fixed set of names (`token`, `auth_me`, `read ClientApplication`, …).
     pub fn record_medplum_request(&self, operation: &str, status: &str, elapsed: Duration) {
         let operation = operation.to_string();
-        self.medplum_requests
+        self.requests
+            .medplum_requests
             .get_or_create(&RequestLabels { operation: operation.clone(), status: status.to_string() })
             .inc();
-        self.medplum_request_duration.get_or_create(&OperationLabels { operation }).observe(elapsed.as_secs_f64());
+        self.requests
+            .medplum_request_duration
+            .get_or_create(&OperationLabels { operation })
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn record_token(&self, from_cache: bool) {
         if from_cache {
-            self.token_cache_hits.inc()
+            self.requests.token_cache_hits.inc()
         } else {
-            self.token_refreshes.inc()
+            self.requests.token_refreshes.inc()
         };
     }
 
     pub fn set_connection_ready(&self, kind: &'static str, namespace: &str, name: &str, ready: bool) {
         let labels = ObjectLabels { kind, namespace: namespace.to_string(), name: name.to_string() };
-        self.connection_ready.get_or_create(&labels).set(i64::from(ready));
+        self.objects.connection_ready.get_or_create(&labels).set(i64::from(ready));
     }
 
     pub fn forget_connection(&self, kind: &'static str, namespace: &str, name: &str) {
-        self.connection_ready.remove(&ObjectLabels { kind, namespace: namespace.to_string(), name: name.to_string() });
+        self.objects.connection_ready.remove(&ObjectLabels {
+            kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        });
     }
 
     /// Counts a request to the Kubernetes API.
     pub fn record_kube_request(&self, method: &http::Method, uri: &http::Uri) {
         let (verb, resource) = kube_request_kind(method, uri);
-        self.kubernetes_requests.get_or_create(&KubeRequestLabels { verb, resource }).inc();
+        self.requests.kubernetes_requests.get_or_create(&KubeRequestLabels { verb, resource }).inc();
     }
 
     /// A request to Medplum held back for `waited` by the rate limit `limit`.
     pub fn record_rate_limit_wait(&self, limit: &'static str, waited: Duration) {
         let labels = LimitLabels { limit };
-        self.rate_limit_waits.get_or_create(&labels).inc();
-        self.rate_limit_wait_seconds.get_or_create(&labels).inc_by(waited.as_secs_f64());
+        self.requests.rate_limit_waits.get_or_create(&labels).inc();
+        self.requests.rate_limit_wait_seconds.get_or_create(&labels).inc_by(waited.as_secs_f64());
     }
 
     pub fn record_rotation(&self) {
-        self.rotations.inc();
+        self.rotation.rotations.inc();
     }
 
     pub fn record_rotation_failure(&self) {
-        self.rotation_failures.inc();
+        self.rotation.rotation_failures.inc();
     }
 
     /// Sets (or with `None`, forgets) when a client's next rotation is due, as Unix seconds.
     pub fn set_next_rotation(&self, namespace: &str, name: &str, due: Option<i64>) {
         let labels = ClientLabels { namespace: namespace.into(), name: name.into() };
-        let mut next = self.next_rotations.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.rotation.next_rotations.lock().unwrap_or_else(|p| p.into_inner());
         match due {
             Some(at) => {
                 next.insert(labels, at);
             }
             None => {
                 next.remove(&labels);
-                self.seconds_until_rotation.remove(&labels);
+                self.rotation.seconds_until_rotation.remove(&labels);
             }
         }
     }
@@ -261,17 +320,17 @@ impl Metrics {
         let labels = ClientLabels { namespace: namespace.into(), name: name.into() };
         match since {
             Some(since) => {
-                self.rollout_waiting_since.get_or_create(&labels).set(since);
+                self.rotation.rollout_waiting_since.get_or_create(&labels).set(since);
             }
             None => {
-                self.rollout_waiting_since.remove(&labels);
+                self.rotation.rollout_waiting_since.remove(&labels);
             }
         }
     }
 
     /// Records whether an object is Ready (`None`: it is no longer managed).
     pub fn set_object_ready(&self, kind: &'static str, namespace: &str, name: &str, ready: Option<bool>) {
-        let mut census = self.census.lock().unwrap_or_else(|p| p.into_inner());
+        let mut census = self.objects.census.lock().unwrap_or_else(|p| p.into_inner());
         let key = (kind, format!("{namespace}/{name}"));
         let before = match ready {
             Some(ready) => census.insert(key, ready),
@@ -280,15 +339,15 @@ impl Metrics {
         // Counted from the change alone: recounting every object on each reconcile costs O(objects).
         let count = |state: Option<bool>| (i64::from(state.is_some()), i64::from(state == Some(true)));
         let ((managed_after, ready_after), (managed_before, ready_before)) = (count(ready), count(before));
-        self.managed_objects.get_or_create(&KindLabels { kind }).inc_by(managed_after - managed_before);
-        self.ready_objects.get_or_create(&KindLabels { kind }).inc_by(ready_after - ready_before);
+        self.objects.managed_objects.get_or_create(&KindLabels { kind }).inc_by(managed_after - managed_before);
+        self.objects.ready_objects.get_or_create(&KindLabels { kind }).inc_by(ready_after - ready_before);
     }
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let now = k8s_openapi::jiff::Timestamp::now().as_second();
-        for (labels, due) in self.next_rotations.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            self.seconds_until_rotation.get_or_create(labels).set(due - now);
+        for (labels, due) in self.rotation.next_rotations.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            self.rotation.seconds_until_rotation.get_or_create(labels).set(due - now);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");

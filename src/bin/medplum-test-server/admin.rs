@@ -84,6 +84,91 @@ fn default_policy(store: &Store, pid: &str, profile_type: &str) -> Option<Value>
         .map(|d| d["accessPolicy"].clone())
 }
 
+/// Who an invite names, read from its body.
+struct Invitee {
+    resource_type: String,
+    email: Option<String>,
+    external_id: Option<String>,
+    /// Patients and anyone with an externalId are project-scoped users; `scope` overrides.
+    project_scoped: bool,
+}
+
+impl Invitee {
+    fn parse(body: &Value) -> Result<Self> {
+        let resource_type = body["resourceType"].as_str().unwrap_or_default();
+        if !matches!(resource_type, "Patient" | "Practitioner" | "RelatedPerson") {
+            return Err(Outcome::invalid("Invalid resourceType").with_expression("resourceType"));
+        }
+        for field in ["firstName", "lastName"] {
+            if body[field].as_str().is_none_or(str::is_empty) {
+                return Err(Outcome::invalid(format!("{field} is required")).with_expression(field));
+            }
+        }
+        let email = body["email"].as_str().filter(|e| !e.is_empty()).map(str::to_lowercase);
+        let external_id = body["externalId"].as_str().filter(|e| !e.is_empty()).map(str::to_string);
+        if email.is_none() && external_id.is_none() {
+            return Err(Outcome::invalid("Either email or externalId is required").with_expression("email"));
+        }
+        let project_scoped = match body["scope"].as_str() {
+            Some("project") => true,
+            Some("server") => false,
+            _ => resource_type == "Patient" || external_id.is_some(),
+        };
+        Ok(Self { resource_type: resource_type.to_string(), email, external_id, project_scoped })
+    }
+
+    /// The existing user this invite names: same scope, same email (else same externalId).
+    fn existing_user(&self, store: &Store, pid: &str) -> Option<Value> {
+        store
+            .all("User")
+            .find(|u| {
+                let same_scope = if self.project_scoped {
+                    u["project"]["reference"] == format!("Project/{pid}")
+                } else {
+                    u["project"].is_null()
+                };
+                same_scope
+                    && match (&self.email, &self.external_id) {
+                        (Some(e), _) => u["email"] == e.as_str(),
+                        (None, Some(x)) => u["externalId"] == x.as_str(),
+                        (None, None) => false,
+                    }
+            })
+            .cloned()
+    }
+
+    /// Creates the user, with the request behind the set-password link of the invite email (sent or
+    /// not); both belong to the user's project (none for a server-scoped user).
+    fn create_user(&self, store: &mut Store, pid: &str, body: &Value) -> Value {
+        let mut user = json!({"resourceType": "User", "firstName": body["firstName"], "lastName": body["lastName"]});
+        if let Some(e) = &self.email {
+            user["email"] = json!(e);
+        }
+        if let Some(x) = &self.external_id {
+            user["externalId"] = json!(x);
+        }
+        if self.project_scoped {
+            user["project"] = project_ref(store, pid);
+        }
+        let scope = self.project_scoped.then_some(pid);
+        let user = store.create("User", user, scope, Some("system"));
+        let request = json!({"resourceType": "UserSecurityRequest", "type": "invite",
+                             "user": {"reference": format!("User/{}", user["id"].as_str().unwrap_or_default())},
+                             "secret": crate::store::generate_secret()[..32]});
+        store.create("UserSecurityRequest", request, scope, Some("system"));
+        user
+    }
+
+    fn create_profile(&self, store: &mut Store, pid: &str, body: &Value) -> Value {
+        let mut profile = json!({"resourceType": self.resource_type,
+            "name": [{"given": [body["firstName"]], "family": body["lastName"]}]});
+        if let Some(e) = &self.email {
+            profile["telecom"] = json!([{"system": "email", "use": "work", "value": e}]);
+        }
+        store.create(&self.resource_type, profile, Some(pid), Some("system"))
+    }
+}
+
 /// `POST /admin/projects/{pid}/invite`.
 pub async fn invite(
     State(app): State<Arc<App>>,
@@ -93,43 +178,9 @@ pub async fn invite(
 ) -> Result<Response> {
     require_admin(&caller)?;
     let pid = target_project(&caller, &pid);
-    let resource_type = body["resourceType"].as_str().unwrap_or_default();
-    if !matches!(resource_type, "Patient" | "Practitioner" | "RelatedPerson") {
-        return Err(Outcome::invalid("Invalid resourceType").with_expression("resourceType"));
-    }
-    for field in ["firstName", "lastName"] {
-        if body[field].as_str().is_none_or(str::is_empty) {
-            return Err(Outcome::invalid(format!("{field} is required")).with_expression(field));
-        }
-    }
-    let email = body["email"].as_str().filter(|e| !e.is_empty()).map(str::to_lowercase);
-    let external_id = body["externalId"].as_str().filter(|e| !e.is_empty()).map(str::to_string);
-    if email.is_none() && external_id.is_none() {
-        return Err(Outcome::invalid("Either email or externalId is required").with_expression("email"));
-    }
-    // Patients and anyone with an externalId are project-scoped; `scope` overrides.
-    let project_scoped = match body["scope"].as_str() {
-        Some("project") => true,
-        Some("server") => false,
-        _ => resource_type == "Patient" || external_id.is_some(),
-    };
+    let invitee = Invitee::parse(&body)?;
     let mut store = app.store();
-    let existing_user = store
-        .all("User")
-        .find(|u| {
-            let same_scope = if project_scoped {
-                u["project"]["reference"] == format!("Project/{pid}")
-            } else {
-                u["project"].is_null()
-            };
-            same_scope
-                && match (&email, &external_id) {
-                    (Some(e), _) => u["email"] == e.as_str(),
-                    (None, Some(x)) => u["externalId"] == x.as_str(),
-                    (None, None) => false,
-                }
-        })
-        .cloned();
+    let existing_user = invitee.existing_user(&store, &pid);
     let existing_membership = existing_user.as_ref().and_then(|u| {
         let user_ref = format!("User/{}", u["id"].as_str().unwrap_or_default());
         store
@@ -138,73 +189,46 @@ pub async fn invite(
             .cloned()
     });
     check_invite_policies(&store, &pid, &body)?;
-    if let Some(mut membership) = existing_membership {
+    let fields = invite_membership_fields(&store, &pid, &body, &invitee.resource_type, &caller);
+    if let Some(membership) = existing_membership {
         if body["upsert"] != true {
             return Err(Outcome::conflict("User is already a member of this project"));
         }
-        // upsert writes the invite's membership fields over the existing ones, absent ones included,
-        // so a missing policy becomes the project default again and `admin` is cleared (record f3,
-        // re-checked on the real server).
-        let partial = invite_membership_fields(&store, &pid, &body, resource_type, &caller);
-        let object = membership.as_object_mut().expect("object");
-        for field in ["accessPolicy", "access", "admin", "externalId", "invitedBy"] {
-            object.remove(field);
-        }
-        object.extend(partial);
-        let id = membership["id"].as_str().unwrap_or_default().to_string();
-        let updated = store.replace("ProjectMembership", &id, membership);
+        let updated = upsert_membership(&mut store, membership, fields);
         return Ok(outcome::with_version_headers(outcome::fhir(StatusCode::OK, &updated), &updated));
     }
-
-    let display =
-        format!("{} {}", body["firstName"].as_str().unwrap_or_default(), body["lastName"].as_str().unwrap_or_default());
     let user = match existing_user {
         Some(user) => user,
-        None => {
-            let mut user =
-                json!({"resourceType": "User", "firstName": body["firstName"], "lastName": body["lastName"]});
-            if let Some(e) = &email {
-                user["email"] = json!(e);
-            }
-            if let Some(x) = &external_id {
-                user["externalId"] = json!(x);
-            }
-            if project_scoped {
-                user["project"] = project_ref(&store, &pid);
-            }
-            let user = store.create("User", user, project_scoped.then_some(pid.as_str()), Some("system"));
-            // A new user gets the request behind the set-password link of the invite email, sent or
-            // not; it belongs to the user's project (none for a server-scoped user).
-            let request = json!({"resourceType": "UserSecurityRequest", "type": "invite",
-                                 "user": {"reference": format!("User/{}", user["id"].as_str().unwrap_or_default())},
-                                 "secret": crate::store::generate_secret()[..32]});
-            store.create("UserSecurityRequest", request, project_scoped.then_some(pid.as_str()), Some("system"));
-            user
-        }
+        None => invitee.create_user(&mut store, &pid, &body),
     };
-    let mut profile = json!({"resourceType": resource_type,
-        "name": [{"given": [body["firstName"]], "family": body["lastName"]}]});
-    if let Some(e) = &email {
-        profile["telecom"] = json!([{"system": "email", "use": "work", "value": e}]);
-    }
-    let profile = store.create(resource_type, profile, Some(&pid), Some("system"));
-    let user_ref = format!("User/{}", user["id"].as_str().unwrap_or_default());
+    let profile = invitee.create_profile(&mut store, &pid, &body);
+    let display =
+        format!("{} {}", body["firstName"].as_str().unwrap_or_default(), body["lastName"].as_str().unwrap_or_default());
     let mut membership = json!({
         "resourceType": "ProjectMembership",
         "project": project_ref(&store, &pid),
-        "user": {"reference": user_ref, "display": email.clone().or(external_id.clone()).unwrap_or_default()},
-        "profile": {"reference": format!("{resource_type}/{}", profile["id"].as_str().unwrap_or_default()), "display": display},
+        "user": {"reference": format!("User/{}", user["id"].as_str().unwrap_or_default()),
+                 "display": invitee.email.clone().or(invitee.external_id.clone()).unwrap_or_default()},
+        "profile": {"reference": format!("{}/{}", invitee.resource_type, profile["id"].as_str().unwrap_or_default()),
+                    "display": display},
     });
-    membership.as_object_mut().expect("object").extend(invite_membership_fields(
-        &store,
-        &pid,
-        &body,
-        resource_type,
-        &caller,
-    ));
+    membership.as_object_mut().expect("object").extend(fields);
     validate("ProjectMembership", &membership)?;
     let created = store.create("ProjectMembership", membership, Some(&pid), Some("system"));
     Ok(outcome::with_version_headers(outcome::fhir(StatusCode::OK, &created), &created))
+}
+
+/// An upsert writes the invite's membership fields over the existing ones, absent ones included, so a
+/// missing policy becomes the project default again and `admin` is cleared (record f3, re-checked on
+/// the real server).
+fn upsert_membership(store: &mut Store, mut membership: Value, fields: serde_json::Map<String, Value>) -> Value {
+    let object = membership.as_object_mut().expect("object");
+    for field in ["accessPolicy", "access", "admin", "externalId", "invitedBy"] {
+        object.remove(field);
+    }
+    object.extend(fields);
+    let id = membership["id"].as_str().unwrap_or_default().to_string();
+    store.replace("ProjectMembership", &id, membership)
 }
 
 /// Every policy an invite names must exist in the project.
