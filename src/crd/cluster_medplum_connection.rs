@@ -4,7 +4,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::medplum_connection::{
-    ConnectionLimits, ConnectionStatus, KeySelector, default_client_id_key, default_client_secret_key,
+    ConnectionLimits, ConnectionStatus, CredentialRotationSpec, KeySelector, default_client_id_key,
+    default_client_secret_key,
 };
 
 /// A cluster-wide Medplum connection that a platform team offers to the namespaces it names.
@@ -25,6 +26,12 @@ use super::medplum_connection::{
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Rotated",
+        type_ = "date",
+        json_path = ".status.credentialRotation.lastRotationTime",
         priority = 1
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -55,6 +62,10 @@ pub struct ClusterMedplumConnectionSpec {
     /// The most that resources reconciled through this connection may ask for.
     #[serde(default)]
     pub limits: ConnectionLimits,
+    /// Rotation of the credential itself (opt-in): the operator then writes the credentials Secret.
+    /// Only annotations on this cluster-scoped object ask for a rotation, which no tenant can write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_rotation: Option<CredentialRotationSpec>,
     /// Namespaces whose resources may use this connection. Empty admits none.
     #[serde(default)]
     pub allowed_namespaces: AllowedNamespaces,

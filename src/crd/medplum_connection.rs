@@ -1,4 +1,4 @@
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,12 @@ use serde::{Deserialize, Serialize};
         name = "Reason",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Rotated",
+        type_ = "date",
+        json_path = ".status.credentialRotation.lastRotationTime",
         priority = 1
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -55,6 +61,31 @@ pub struct MedplumConnectionSpec {
     /// The most that resources reconciled through this connection may ask for.
     #[serde(default)]
     pub limits: ConnectionLimits,
+    /// Rotation of the credential itself (opt-in): the operator then writes the credentials Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_rotation: Option<CredentialRotationSpec>,
+}
+
+/// When the connection's own credential is rotated. Setting this lets the operator write the two
+/// credential keys of the credentials Secret (and nothing else there); every connection using that
+/// Secret must set it. A rotation can also be asked for at any time by setting the annotation
+/// `medplum.com/rotate` on the connection to a new value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialRotationSpec {
+    /// Rotate this long after the current secret was stored (`2160h`); unset: only on request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"), length(max = 32))]
+    pub interval: Option<String>,
+    /// How long the previous secret keeps working after the new one was stored, for anything else
+    /// that reads the Secret (another installation, a pod that has not reloaded it yet).
+    #[serde(default = "default_credential_grace_period")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"), length(max = 32))]
+    pub grace_period: String,
+}
+
+fn default_credential_grace_period() -> String {
+    "10m".into()
 }
 
 /// The ceiling of what resources using a connection may grant in Medplum.
@@ -236,4 +267,27 @@ pub struct ConnectionStatus {
     /// The ClientApplication the credential authenticates as (an id, never its secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
+    /// The rotation of the credential, when `spec.credentialRotation` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_rotation: Option<CredentialRotationStatus>,
+}
+
+/// Where the rotation of a connection's credential stands. The authority is Medplum (which secret is
+/// current, which retiring) and the Secret (its value, and the time it was stored, in its annotation
+/// `medplum.com/credential-stored-at`); this reports them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialRotationStatus {
+    /// When the operator last stored a new secret of the credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_time: Option<Time>,
+    /// When the next scheduled rotation starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_time: Option<Time>,
+    /// When the previous secret is retired, while it still works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_time: Option<Time>,
+    /// The last `medplum.com/rotate` value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_request: Option<String>,
 }

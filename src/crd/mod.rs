@@ -16,6 +16,10 @@ use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Set to any new value on a ClientApplication, MedplumConnection or ClusterMedplumConnection to
+/// rotate its secret (a connection: its own credential's) now.
+pub const ROTATE_ANNOTATION: &str = "medplum.com/rotate";
+
 pub use access_policy::{
     AccessPolicy, AccessPolicySpec, AccessPolicyStatus, AdoptPolicy, CompartmentRef, Interaction, IpAccessRule,
     IpAction, PolicyDeletionPolicy, PolicyResource,
@@ -34,8 +38,8 @@ pub use domain_configuration::{
     DomainDeletionPolicy, NamespacedSecretKeyRef,
 };
 pub use medplum_connection::{
-    AdoptionLimits, CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialsSecretRef, KeySelector,
-    MedplumConnection, MedplumConnectionSpec, ResourceCeiling,
+    AdoptionLimits, CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialRotationSpec, CredentialRotationStatus,
+    CredentialsSecretRef, KeySelector, MedplumConnection, MedplumConnectionSpec, ResourceCeiling,
 };
 pub use medplum_project::{
     MedplumProject, MedplumProjectSpec, MedplumProjectStatus, OriginalRegistration, PatientRegistration,

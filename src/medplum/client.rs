@@ -9,11 +9,19 @@ use url::Url;
 
 use super::MedplumError;
 use super::model::{
-    Bundle, FhirResource, Health, InviteRequest, Me, MembershipResource, OperationOutcome, TokenError, TokenResponse,
+    Bundle, ClientApplicationResource, FhirResource, Health, InviteRequest, Me, MembershipResource, OperationOutcome,
+    TokenError, TokenResponse,
 };
 use super::pacing::{Budgets, Cost, Limit, Pacing, parse_header};
 use super::token::{Source, TokenCache};
 use crate::metrics::Metrics;
+
+/// Which secret of a ClientApplication `$rotate-secret` is given.
+#[derive(Clone, Copy)]
+pub enum RotateSecret<'a> {
+    Current(&'a SecretString),
+    Retiring(&'a SecretString),
+}
 
 /// The id and secret of a ClientApplication. The secret is redacted in Debug output.
 #[derive(Clone, Debug)]
@@ -287,6 +295,25 @@ impl MedplumClient {
     pub async fn delete_membership(&self, project_id: &str, membership_id: &str) -> Result<(), MedplumError> {
         let path = format!("admin/projects/{project_id}/members/{membership_id}");
         ignore_missing(self.authed::<serde::de::IgnoredAny>("delete membership", Method::DELETE, &path, |r| r).await)
+    }
+
+    /// `ClientApplication/{id}/$rotate-secret`. Medplum compares the value given with the client's
+    /// current secret ([`RotateSecret::Current`]: it then issues a new one and keeps the given one as
+    /// retiring) or its retiring one ([`RotateSecret::Retiring`]: it then ends it), and answers 400 when
+    /// it does not match: a rotation planned from a stale reading changes nothing.
+    pub async fn rotate_secret(
+        &self,
+        id: &str,
+        which: RotateSecret<'_>,
+    ) -> Result<ClientApplicationResource, MedplumError> {
+        let (name, value) = match which {
+            RotateSecret::Current(value) => ("secret", value),
+            RotateSecret::Retiring(value) => ("retiringSecret", value),
+        };
+        let body = serde_json::json!({"resourceType": "Parameters",
+                                      "parameter": [{"name": name, "valueString": value.expose_secret()}]});
+        let path = format!("fhir/R4/ClientApplication/{id}/$rotate-secret");
+        self.authed("rotate-secret ClientApplication", Method::POST, &path, |r| r.json(&body)).await
     }
 
     /// Whether Medplum accepts these client credentials, and how that showed (not cached: this checks

@@ -7,12 +7,12 @@ mod model;
 mod pacing;
 mod token;
 
-pub use client::{ClientCredentials, CredentialProof, MedplumClient};
+pub use client::{ClientCredentials, CredentialProof, MedplumClient, RotateSecret};
 pub use error::MedplumError;
 pub use model::{
     AccessPolicyResource, ClientApplicationResource, Coding, DomainConfigurationResource, Expression, FhirResource,
     Health, HumanName, Identifier, IdentityProviderResource, InviteMembership, InviteRequest, IpAccessRuleEntry, Me,
-    MembershipAccess, MembershipParameter, MembershipResource, Meta, NamedEntry, PolicyResourceEntry, ProfileResource,
-    ProjectResource, ProjectSummary, Ref, SUBSETTED,
+    MeProfile, MembershipAccess, MembershipParameter, MembershipResource, Meta, NamedEntry, PolicyResourceEntry,
+    ProfileResource, ProjectResource, ProjectSummary, Ref, SUBSETTED,
 };
 pub use pacing::Pacing;

@@ -1,5 +1,6 @@
-//! The parts of Medplum's answers the operator reads. Unknown fields are ignored on purpose: `/auth/me`
-//! returns the caller's own ClientApplication, secret included, and that part is never deserialized.
+//! The parts of Medplum's answers the operator reads. Unknown fields are ignored on purpose. `/auth/me`
+//! returns the caller's own ClientApplication, secrets included: only those two are read, into
+//! redacting types, for the rotation of a connection's credential.
 
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -18,6 +19,18 @@ pub struct Health {
 pub struct Me {
     pub project: MeProject,
     pub membership: MeMembership,
+    #[serde(default)]
+    pub profile: MeProfile,
+}
+
+/// The caller's own ClientApplication, as `/auth/me` shows it: its current and retiring secret.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeProfile {
+    #[serde(default, with = "exposed")]
+    pub secret: Option<SecretString>,
+    #[serde(default, with = "exposed")]
+    pub retiring_secret: Option<SecretString>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

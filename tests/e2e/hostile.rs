@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::support::fixtures::Setup;
 use crate::support::{Operator, ProjectAdmin, eventually, suffix};
-use medplum_operator::crd::{ClientApplication, ClusterMedplumConnection};
+use medplum_operator::crd::{ClientApplication, ClusterMedplumConnection, MedplumConnection};
 
 pub(crate) struct Arena {
     pub(crate) platform: Setup,
@@ -569,4 +569,48 @@ async fn a_super_admin_connection_adopts_nothing_outside_its_project() {
         p.http().get(&format!("fhir/R4/ClientApplication/{theirs}"), &foreign_token).await.expect(200).json();
     assert!(untouched["meta"].get("tag").is_none(), "the other project's client untouched");
     assert!(t.secret("reacher").await.is_none());
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_rotate_the_cluster_connections_credential() {
+    let arena = Arena::new("hx-rotate", json!({})).await;
+    let (t, p) = (&arena.tenant, &arena.platform);
+    // The platform team opts in to rotation on request; only an annotation on the cluster-scoped
+    // connection asks for one, and no tenant can write it.
+    let opt_in = json!({"spec": {"credentialRotation": {"gracePeriod": "1s"}}});
+    Api::<ClusterMedplumConnection>::all(p.client.clone())
+        .patch(&arena.connection, &PatchParams::default(), &Patch::Merge(&opt_in))
+        .await
+        .unwrap();
+    // The tenant's own connection, opted in with a schedule due at once, naming the cluster
+    // credential's client id with a guessed secret: it never verifies, so nothing is rotated.
+    t.create_secret(
+        "borrowed",
+        &[("MEDPLUM_CLIENT_ID", &arena.credential.client_id), ("MEDPLUM_CLIENT_SECRET", "guessed-secret-value")],
+    )
+    .await;
+    let connection: MedplumConnection = serde_json::from_value(json!({
+        "apiVersion": "medplum.com/v1alpha1", "kind": "MedplumConnection", "metadata": {"name": "borrowed"},
+        "spec": {"baseUrl": p.medplum.base_url(), "projectId": p.admin.project_id,
+                 "credentialsSecretRef": {"name": "borrowed"}, "credentialRotation": {"interval": "1s", "gracePeriod": "1s"}},
+    }))
+    .unwrap();
+    let connections = Api::<MedplumConnection>::namespaced(t.client.clone(), &t.ns.name);
+    connections.create(&PostParams::default(), &connection).await.unwrap();
+    let borrowed = eventually(Duration::from_secs(60), "the borrowed connection refused", || async {
+        let c = connections.get("borrowed").await.ok()?;
+        let conditions = c.status?.conditions;
+        conditions.iter().any(|c| c.type_ == "Ready" && c.status == "False").then_some(conditions)
+    })
+    .await;
+    assert!(borrowed.iter().all(|c| c.type_ != "CredentialRotation"), "no rotation without a verified credential");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let client = arena.medplum(&format!("fhir/R4/ClientApplication/{}", arena.credential.client_id)).await;
+    assert_eq!(client["secret"].as_str(), Some(arena.credential.client_secret.as_str()), "the credential is unchanged");
+    assert!(client.get("retiringSecret").is_none(), "and nothing retires");
+    let api: Api<ClusterMedplumConnection> = Api::all(p.client.clone());
+    let status = api.get(&arena.connection).await.unwrap().status.unwrap();
+    let rotation = status.conditions.iter().find(|c| c.type_ == "CredentialRotation").map(|c| c.reason.as_str());
+    assert_eq!(rotation, Some("OnRequest"), "the cluster connection waits for its platform team's request");
+    assert!(status.credential_rotation.and_then(|r| r.last_rotation_time).is_none(), "never rotated");
 }

@@ -9,6 +9,7 @@ mod bounds;
 mod chart;
 mod client_application;
 mod connection;
+mod connection_rotation;
 mod contract;
 mod crds;
 mod dev;

@@ -37,7 +37,7 @@ use super::status::{ConditionState, READY, apply_status, set_condition};
 use super::tenancy::{self};
 use super::workload::Stall;
 use super::{Context, Error, ReconcileStream, event};
-use crate::crd::{ClientApplication, ClientApplicationStatus, RestartTarget};
+use crate::crd::{ClientApplication, ClientApplicationStatus, ROTATE_ANNOTATION, RestartTarget};
 use crate::medplum::{ClientApplicationResource, Coding, CredentialProof, MembershipAccess};
 
 mod cleanup;
@@ -53,8 +53,6 @@ use plan::{Observed, Step};
 pub(crate) use plan::{client_drift, membership_drift as client_membership_drift};
 
 pub const KIND: &str = "ClientApplication";
-/// Set to any new value on a ClientApplication to rotate its secret now.
-pub const ROTATE_ANNOTATION: &str = "medplum.com/rotate";
 /// Secret key holding a new secret that Medplum may not know yet.
 pub const PENDING_KEY: &str = "medplum-operator.next-client-secret";
 /// Secret annotation: when the current credentials were written (RFC 3339).

@@ -10,7 +10,7 @@ use crate::controller::secret::{SourceError, read_ca_bundle, read_secret_strings
 use crate::controller::status::{ConditionState, READY, set_condition};
 use crate::crd::ConnectionStatus;
 use crate::failure::Failure;
-use crate::medplum::{ClientCredentials, Me, MedplumClient, MedplumError};
+use crate::medplum::{ClientCredentials, Me, MeProfile, MedplumClient, MedplumError};
 
 /// What a successful verification found.
 #[derive(Clone, Debug)]
@@ -21,6 +21,8 @@ pub struct Verified {
     pub client_id: String,
     pub super_admin: bool,
     pub client: Arc<MedplumClient>,
+    /// The credential's current and retiring secret, as Medplum shows them to it.
+    pub own_secrets: MeProfile,
 }
 
 /// Why a connection is not usable.
@@ -147,8 +149,9 @@ pub async fn read_credentials(
 /// Checks that the credential of `client` is what the connection says it is, and finds its project.
 pub async fn identify(client: Arc<MedplumClient>, target: &ConnectionTarget) -> Result<Verified, ConnectionError> {
     let health = client.health().await?;
-    let me = client.me().await?;
+    let mut me = client.me().await?;
     check_identity(&me, target.project_id.as_deref(), target.super_admin_credential)?;
+    let own_secrets = std::mem::take(&mut me.profile);
     let (project_id, project_name) = match target.project_id.as_deref().filter(|_| me.project.super_admin) {
         Some(managed) => {
             let project =
@@ -165,6 +168,7 @@ pub async fn identify(client: Arc<MedplumClient>, target: &ConnectionTarget) -> 
         client_id: client.client_id().to_string(),
         super_admin: me.project.super_admin,
         client,
+        own_secrets,
     })
 }
 #[cfg(test)]
@@ -218,6 +222,7 @@ mod tests {
             client_id: "c1".into(),
             super_admin: false,
             client: Arc::new(client.unwrap()),
+            own_secrets: Default::default(),
         };
         let ok = desired_status(None, &Ok(verified), Some(4), now);
         assert_eq!((ok.project_id.as_deref(), ok.observed_generation), (Some("p1"), Some(4)));

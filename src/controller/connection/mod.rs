@@ -22,13 +22,15 @@ use super::tenancy::Admission;
 use super::view::MedplumView;
 use super::{Context, Error, ReconcileStream};
 use crate::crd::{
-    ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, KeySelector, MedplumConnection,
+    ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, CredentialRotationSpec, KeySelector,
+    MedplumConnection,
 };
 use crate::failure::Failure;
 use crate::medplum::MedplumClient;
 
 mod identity;
 mod registry;
+mod rotation;
 mod usable;
 
 pub use identity::{ConnectionError, Verified, desired_status, identify, read_credentials};
@@ -88,6 +90,8 @@ pub trait ConnectionObject:
     fn limits(&self) -> &ConnectionLimits;
     /// Which namespaces' resources may use it.
     fn admission(&self) -> Admission;
+    /// The rotation of its own credential, if it opted in.
+    fn credential_rotation(&self) -> Option<&CredentialRotationSpec>;
 
     fn key(&self) -> ConnectionKey {
         ConnectionKey { kind: Self::KIND, namespace: self.namespace(), name: self.name_any() }
@@ -141,6 +145,10 @@ impl ConnectionObject for MedplumConnection {
     fn admission(&self) -> Admission {
         Admission::Namespace(self.namespace().unwrap_or_default())
     }
+
+    fn credential_rotation(&self) -> Option<&CredentialRotationSpec> {
+        self.spec.credential_rotation.as_ref()
+    }
 }
 
 impl ConnectionObject for ClusterMedplumConnection {
@@ -176,6 +184,10 @@ impl ConnectionObject for ClusterMedplumConnection {
 
     fn admission(&self) -> Admission {
         Admission::Namespaces(self.spec.allowed_namespaces.clone())
+    }
+
+    fn credential_rotation(&self) -> Option<&CredentialRotationSpec> {
+        self.spec.credential_rotation.as_ref()
     }
 }
 
@@ -255,7 +267,12 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
     };
     ctx.connections.set_usable(&key, usable);
     let current = obj.connection_status();
-    let desired = desired_status(current, &result, obj.meta().generation, Timestamp::now());
+    let now = Timestamp::now();
+    let mut desired = desired_status(current, &result, obj.meta().generation, now);
+    let rotation_due = match &result {
+        Ok(verified) => rotation::rotate(ctx, obj, verified, &mut desired, now).await,
+        Err(_) => None,
+    };
     write_status(ctx, obj, api, &desired, "Verify").await?;
     ctx.metrics.set_connection_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, result.is_ok());
     ctx.metrics.set_object_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, Some(result.is_ok()));
@@ -263,7 +280,8 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
     match result {
         Ok(_) => {
             ctx.backoff.reset(&backoff_key);
-            Ok(Action::requeue(ctx.settings.resync_interval))
+            let next = rotation_due.map_or(ctx.settings.resync_interval, |d| d.min(ctx.settings.resync_interval));
+            Ok(Action::requeue(next))
         }
         Err(e) => {
             // A rate limit window is 60 s in Medplum; retrying sooner only burns the budget. Unlike

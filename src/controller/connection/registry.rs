@@ -27,6 +27,9 @@ pub(super) fn fingerprint(target: &ConnectionTarget, credentials: &ClientCredent
     hash.finalize().into()
 }
 
+/// A Secret's namespace and name.
+type SecretName = (String, String);
+
 struct RegistryEntry {
     fingerprint: [u8; 32],
     client: Arc<MedplumClient>,
@@ -51,6 +54,8 @@ impl Drop for AbortOnDrop {
 #[derive(Default)]
 pub struct ConnectionRegistry {
     entries: RwLock<HashMap<ConnectionKey, RegistryEntry>>,
+    /// One lock per credentials Secret (namespace, name): its rotation steps run one at a time.
+    rotation_locks: std::sync::Mutex<HashMap<SecretName, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl ConnectionRegistry {
@@ -104,6 +109,12 @@ impl ConnectionRegistry {
                 Err(failure) => entry.ready = Err(Some(failure)),
             }
         }
+    }
+
+    /// The lock for rotating the credential in the Secret `namespace/name`.
+    pub(super) fn rotation_lock(&self, namespace: &str, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.rotation_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry((namespace.to_string(), name.to_string())).or_default().clone()
     }
 
     /// The ClientApplication ids of every connection's credential, with the connection they belong to.
