@@ -119,8 +119,7 @@ pub async fn rotate<K: ConnectionObject>(
             (progress, delay)
         }
         Err(e) => {
-            let backoff_key = format!("rotation/{}/{}", obj.namespace().unwrap_or_default(), obj.name_any());
-            let delay = ctx.backoff.next_delay(&backoff_key, Duration::ZERO);
+            let delay = ctx.backoff.next_delay(&backoff_key(obj), Duration::ZERO);
             let (name, namespace) = (obj.name_any(), obj.namespace().unwrap_or_default());
             if e.is_transient() {
                 warn!(name, namespace, reason = e.reason(), error = %e, retry_in = ?delay, "credential rotation failed");
@@ -232,7 +231,7 @@ async fn step<K: ConnectionObject>(
         _ => handled,
     };
     if let Some(outcome) = &outcome {
-        ctx.backoff.reset(&format!("rotation/{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()));
+        ctx.backoff.reset(&backoff_key(obj));
         info!(
             name = obj.name_any(),
             namespace = obj.namespace().unwrap_or_default(),
@@ -247,6 +246,11 @@ async fn step<K: ConnectionObject>(
         handled_request,
     };
     Ok(Progress { status, outcome, step, client_id: verified.client_id.clone() })
+}
+
+/// The backoff of a connection's rotation, apart from its verification's.
+fn backoff_key<K: ConnectionObject>(obj: &K) -> String {
+    format!("rotation/{}/{}/{}", super::kind_name(K::KIND), obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
 async fn publish<K: ConnectionObject>(ctx: &Context, obj: &K, type_: EventType, reason: &str, note: String) {
