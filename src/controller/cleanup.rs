@@ -172,22 +172,29 @@ pub(super) async fn cleanup_through<K: Resource<DynamicType = ()>>(
     )))
 }
 
+/// Where the resources that may use the connection of `key` live: its namespace, else every watched one.
+fn scopes<'a>(ctx: &'a Context, key: &'a connection::ConnectionKey) -> Vec<Option<&'a str>> {
+    match (&key.namespace, ctx.settings.watch_namespaces.is_empty()) {
+        (Some(ns), _) => vec![Some(ns.as_str())],
+        (None, true) => vec![None],
+        (None, false) => ctx.settings.watch_namespaces.iter().map(|ns| Some(ns.as_str())).collect(),
+    }
+}
+
 /// The resources (`Kind namespace/name`) whose `spec.connectionRef` points at `key`.
 pub(super) async fn connection_users(
     ctx: &Context,
     key: &connection::ConnectionKey,
 ) -> Result<Vec<String>, kube::Error> {
+    fn names<K: Resource<DynamicType = ()>>(objects: Vec<K>) -> impl Iterator<Item = String> {
+        objects.into_iter().map(|o| format!("{} {}/{}", K::kind(&()), o.namespace().unwrap_or_default(), o.name_any()))
+    }
     let mut users = Vec::new();
-    let scopes: Vec<Option<&str>> = match (&key.namespace, ctx.settings.watch_namespaces.is_empty()) {
-        (Some(ns), _) => vec![Some(ns.as_str())],
-        (None, true) => vec![None],
-        (None, false) => ctx.settings.watch_namespaces.iter().map(|ns| Some(ns.as_str())).collect(),
-    };
-    for scope in scopes {
-        users.extend(users_of::<ClientApplication>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
-        users.extend(users_of::<AccessPolicy>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
-        users.extend(users_of::<ProjectUser>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
-        users.extend(users_of::<MedplumProject>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
+    for scope in scopes(ctx, key) {
+        users.extend(names(using::<ClientApplication>(ctx, scope, key, |o| &o.spec.connection_ref).await?));
+        users.extend(names(using::<AccessPolicy>(ctx, scope, key, |o| &o.spec.connection_ref).await?));
+        users.extend(names(using::<ProjectUser>(ctx, scope, key, |o| &o.spec.connection_ref).await?));
+        users.extend(names(using::<MedplumProject>(ctx, scope, key, |o| &o.spec.connection_ref).await?));
     }
     if key.kind == ConnectionKind::ClusterMedplumConnection {
         let domains = Api::<crate::crd::DomainConfiguration>::all(ctx.client.clone()).list(&Default::default()).await?;
@@ -202,12 +209,24 @@ pub(super) async fn connection_users(
     Ok(users)
 }
 
-async fn users_of<K>(
+/// The ClientApplications whose `spec.connectionRef` points at `key`.
+pub(crate) async fn client_applications_using(
+    ctx: &Context,
+    key: &connection::ConnectionKey,
+) -> Result<Vec<ClientApplication>, kube::Error> {
+    let mut clients = Vec::new();
+    for scope in scopes(ctx, key) {
+        clients.extend(using::<ClientApplication>(ctx, scope, key, |o| &o.spec.connection_ref).await?);
+    }
+    Ok(clients)
+}
+
+async fn using<K>(
     ctx: &Context,
     namespace: Option<&str>,
     key: &connection::ConnectionKey,
     reference: impl Fn(&K) -> &ConnectionRef,
-) -> Result<Vec<String>, kube::Error>
+) -> Result<Vec<K>, kube::Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -221,11 +240,10 @@ where
     let list = api.list(&kube::api::ListParams::default()).await?;
     Ok(list
         .items
-        .iter()
+        .into_iter()
         .filter(|o| {
             let r = reference(o);
             r.kind == key.kind && r.name == key.name && (key.namespace.is_none() || o.namespace() == key.namespace)
         })
-        .map(|o| format!("{} {}/{}", K::kind(&()), o.namespace().unwrap_or_default(), o.name_any()))
         .collect())
 }

@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use std::time::Instant;
@@ -20,8 +21,8 @@ use super::context::{Context, Error};
 use super::own_writes::meta_fingerprint;
 use super::{connection, view};
 use crate::crd::{
-    AccessPolicy, ClientApplication, ClusterMedplumConnection, ConnectionKind, ConnectionRef, MedplumConnection,
-    MedplumProject, ProjectUser,
+    AccessPolicy, ClientApplication, ClusterMedplumConnection, ConnectionKind, ConnectionRef, ConnectionStatus,
+    MedplumConnection, MedplumProject, ProjectUser,
 };
 
 pub(crate) type ReconcileStream = BoxStream<'static, ()>;
@@ -69,7 +70,7 @@ pub(crate) fn new_controller<K: UsesConnection>(
     taken_in: impl Fn(&Cached<K>) + Send + 'static,
 ) -> Controller<Cached<K>> {
     use futures::TryStreamExt;
-    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    use kube::runtime::reflector;
     let (reader, writer) = reflector::store();
     let own = ctx.own_writes.clone();
     let last_seen = Arc::new(LastSeen::default());
@@ -317,35 +318,42 @@ pub(crate) fn watch_connections<K: UsesConnection>(
             .collect()
     }
     let (local, cluster) = (controller.store(), controller.store());
+    let locals = watcher(scoped::<MedplumConnection>(&ctx.client, namespace), Default::default())
+        .touched_objects()
+        .predicate_filter(|c: &MedplumConnection| dependents_key(c, c.status.as_ref()), Default::default());
+    let clusters = watcher(
+        Api::<ClusterMedplumConnection>::all(ctx.client.clone()),
+        cluster_connection_config(&ctx.settings.cluster_connection_selector),
+    )
+    .touched_objects()
+    .predicate_filter(|c: &ClusterMedplumConnection| dependents_key(c, c.status.as_ref()), Default::default());
     controller
-        .watches(
-            scoped::<MedplumConnection>(&ctx.client, namespace),
-            kube::runtime::watcher::Config::default(),
-            move |c| {
-                users(
-                    &local,
-                    &connection::ConnectionKey {
-                        kind: ConnectionKind::MedplumConnection,
-                        namespace: c.namespace(),
-                        name: c.name_any(),
-                    },
-                )
-            },
-        )
-        .watches(
-            Api::<ClusterMedplumConnection>::all(ctx.client.clone()),
-            cluster_connection_config(&ctx.settings.cluster_connection_selector),
-            move |c| {
-                users(
-                    &cluster,
-                    &connection::ConnectionKey {
-                        kind: ConnectionKind::ClusterMedplumConnection,
-                        namespace: None,
-                        name: c.name_any(),
-                    },
-                )
-            },
-        )
+        .watches_stream(locals, move |c| {
+            let kind = ConnectionKind::MedplumConnection;
+            users(&local, &connection::ConnectionKey { kind, namespace: c.namespace(), name: c.name_any() })
+        })
+        .watches_stream(clusters, move |c| {
+            let kind = ConnectionKind::ClusterMedplumConnection;
+            users(&cluster, &connection::ConnectionKey { kind, namespace: None, name: c.name_any() })
+        })
+}
+
+/// What the resources using a connection act on: its spec, deletion, readiness, project and
+/// credential, and the rotate-clients request it took in (set in the registry before the status
+/// says so). Status writes about anything else, such as a rotation's progress, reconcile none of them:
+/// each would reconcile every ClientApplication of the connection.
+fn dependents_key(c: &impl Resource, status: Option<&ConnectionStatus>) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let meta = c.meta();
+    (meta.generation, meta.deletion_timestamp.is_some()).hash(&mut hasher);
+    if let Some(s) = status {
+        let ready = s.conditions.iter().find(|c| c.type_ == super::status::READY);
+        ready.map(|c| (&c.status, &c.reason, c.observed_generation)).hash(&mut hasher);
+        (&s.project_id, &s.client_id).hash(&mut hasher);
+        s.client_rotation.as_ref().map(|r| &r.request).hash(&mut hasher);
+    }
+    Some(hasher.finish())
 }
 
 /// The API for a namespaced kind in one scope (`namespace` None: all namespaces).

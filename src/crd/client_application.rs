@@ -391,4 +391,8 @@ pub struct ClientApplicationStatus {
     /// When the next scheduled rotation starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_rotation_time: Option<Time>,
+    /// The connection's last `medplum.com/rotate-clients` request this client rotated for: its
+    /// current secret was issued after the request, and the previous one is retired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_clients_handled: Option<String>,
 }

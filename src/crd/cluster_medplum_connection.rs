@@ -34,6 +34,12 @@ use super::medplum_connection::{
         json_path = ".status.credentialRotation.lastRotationTime",
         priority = 1
     ),
+    printcolumn(
+        name = "Clients Rotated",
+        type_ = "string",
+        json_path = ".status.clientRotation.progress",
+        priority = 1
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

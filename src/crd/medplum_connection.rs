@@ -31,6 +31,12 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.credentialRotation.lastRotationTime",
         priority = 1
     ),
+    printcolumn(
+        name = "Clients Rotated",
+        type_ = "string",
+        json_path = ".status.clientRotation.progress",
+        priority = 1
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -270,6 +276,32 @@ pub struct ConnectionStatus {
     /// The rotation of the credential, when `spec.credentialRotation` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_rotation: Option<CredentialRotationStatus>,
+    /// The rotation of every ClientApplication the connection serves, asked for with the annotation
+    /// `medplum.com/rotate-clients`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_rotation: Option<ClientRotationStatus>,
+}
+
+/// Where the rotation of every ClientApplication the connection serves stands. Each client rotates as
+/// its own rotation would (grace period, restart targets rolled out first); it counts as rotated once
+/// its previous secret is retired, which its `status.rotateClientsHandled` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientRotationStatus {
+    /// The `medplum.com/rotate-clients` value being acted on.
+    pub request: String,
+    /// When the operator first saw the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When every client had rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The ClientApplications that use the connection.
+    pub clients: u32,
+    /// Those of them that rotated for this request.
+    pub rotated: u32,
+    /// `rotated/clients`, for the printer column.
+    pub progress: String,
 }
 
 /// Where the rotation of a connection's credential stands. The authority is Medplum (which secret is

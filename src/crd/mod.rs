@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 /// Set to any new value on a ClientApplication, MedplumConnection or ClusterMedplumConnection to
 /// rotate its secret (a connection: its own credential's) now.
 pub const ROTATE_ANNOTATION: &str = "medplum.com/rotate";
+/// Set to any new value on a MedplumConnection or ClusterMedplumConnection to rotate, now, the secret
+/// of every ClientApplication it serves (for an incident); progress is in `status.clientRotation`.
+pub const ROTATE_CLIENTS_ANNOTATION: &str = "medplum.com/rotate-clients";
 
 pub use access_policy::{
     AccessPolicy, AccessPolicySpec, AccessPolicyStatus, AdoptPolicy, CompartmentRef, Interaction, IpAccessRule,
@@ -38,8 +41,9 @@ pub use domain_configuration::{
     DomainDeletionPolicy, NamespacedSecretKeyRef,
 };
 pub use medplum_connection::{
-    AdoptionLimits, CaBundleRef, ConnectionLimits, ConnectionStatus, CredentialRotationSpec, CredentialRotationStatus,
-    CredentialsSecretRef, KeySelector, MedplumConnection, MedplumConnectionSpec, ResourceCeiling,
+    AdoptionLimits, CaBundleRef, ClientRotationStatus, ConnectionLimits, ConnectionStatus, CredentialRotationSpec,
+    CredentialRotationStatus, CredentialsSecretRef, KeySelector, MedplumConnection, MedplumConnectionSpec,
+    ResourceCeiling,
 };
 pub use medplum_project::{
     MedplumProject, MedplumProjectSpec, MedplumProjectStatus, OriginalRegistration, PatientRegistration,

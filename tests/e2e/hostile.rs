@@ -614,3 +614,87 @@ async fn a_tenant_cannot_rotate_the_cluster_connections_credential() {
     assert_eq!(rotation, Some("OnRequest"), "the cluster connection waits for its platform team's request");
     assert!(status.credential_rotation.and_then(|r| r.last_rotation_time).is_none(), "never rotated");
 }
+
+#[tokio::test]
+async fn a_tenant_cannot_rotate_every_client_of_the_cluster_connection() {
+    let arena = Arena::new("hx-rotate-all", json!({})).await;
+    let (t, n, p) = (&arena.tenant, &arena.neighbour, &arena.platform);
+    for (s, name) in [(t, "mine"), (n, "theirs")] {
+        arena.policy(s, "reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
+        let access = json!([{"policyRef": {"name": "reader"}}]);
+        s.create_client(name, arena.via(json!({"access": access, "rotation": {"gracePeriod": "2s"}}))).await;
+    }
+    let secret_of = |s: &Setup, name: &'static str| {
+        let s = s.ns.name.clone();
+        let client = p.client.clone();
+        async move {
+            let secret = Api::<Secret>::namespaced(client, &s).get(name).await.unwrap();
+            String::from_utf8(secret.data.unwrap()["MEDPLUM_CLIENT_SECRET"].0.clone()).unwrap()
+        }
+    };
+    t.wait_ready("mine").await;
+    n.wait_ready("theirs").await;
+    let (mine, theirs) = (secret_of(t, "mine").await, secret_of(n, "theirs").await);
+
+    // The tenant as a user with every right on the operator's kinds and Secrets in its namespace.
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "tenant"},
+        "rules": [{"apiGroups": ["medplum.com"], "resources": ["*"], "verbs": ["*"]},
+                  {"apiGroups": [""], "resources": ["secrets"], "verbs": ["*"]}]});
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "tenant"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tenant"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "tenant-user"}]});
+    let apply = PatchParams::apply("medplum-operator-tests");
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(p.client.clone(), &t.ns.name)
+        .patch("tenant", &apply, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(p.client.clone(), &t.ns.name)
+        .patch("tenant", &apply, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let tenant = crate::support::cluster::client_as("tenant-user").await;
+    let request = json!({"metadata": {"annotations": {"medplum.com/rotate-clients": "tenant-asks"}}});
+    let cluster = Api::<ClusterMedplumConnection>::all(tenant.clone());
+    for attempt in [
+        cluster.patch(&arena.connection, &PatchParams::default(), &Patch::Merge(&request)).await,
+        cluster
+            .patch_status(
+                &arena.connection,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": {"clientRotation": {"request": "tenant-asks", "clients": 0, "rotated": 0, "progress": "0/0"}}})),
+            )
+            .await,
+    ] {
+        match attempt {
+            Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+            other => panic!("the tenant wrote the cluster connection: {other:?}"),
+        }
+    }
+    // What it may write: the request on its own client, and on a connection of its own.
+    let clients = Api::<ClientApplication>::namespaced(tenant.clone(), &t.ns.name);
+    clients.patch("mine", &PatchParams::default(), &Patch::Merge(&request)).await.unwrap();
+    let own: MedplumConnection = serde_json::from_value(json!({
+        "apiVersion": "medplum.com/v1alpha1", "kind": "MedplumConnection",
+        "metadata": {"name": "own", "annotations": {"medplum.com/rotate-clients": "tenant-asks"}},
+        "spec": {"baseUrl": p.medplum.base_url(), "projectId": p.admin.project_id, "credentialsSecretRef": {"name": "guessed"}},
+    }))
+    .unwrap();
+    Api::<MedplumConnection>::namespaced(tenant, &t.ns.name).create(&PostParams::default(), &own).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(secret_of(t, "mine").await, mine, "the tenant's own client did not rotate");
+    assert_eq!(secret_of(n, "theirs").await, theirs, "nor its neighbour's");
+    let api: Api<ClusterMedplumConnection> = Api::all(p.client.clone());
+    assert!(api.get(&arena.connection).await.unwrap().status.unwrap().client_rotation.is_none());
+
+    // The platform team can: both rotate, once.
+    let asked = json!({"metadata": {"annotations": {"medplum.com/rotate-clients": "platform-asks"}}});
+    api.patch(&arena.connection, &PatchParams::default(), &Patch::Merge(&asked)).await.unwrap();
+    let done = eventually(Duration::from_secs(90), "both clients rotated", || async {
+        let r = api.get(&arena.connection).await.ok()?.status?.client_rotation?;
+        (r.request == "platform-asks" && r.completion_time.is_some()).then_some(r)
+    })
+    .await;
+    assert_eq!(done.progress, "2/2");
+    assert_ne!(secret_of(t, "mine").await, mine);
+    assert_ne!(secret_of(n, "theirs").await, theirs);
+}

@@ -26,4 +26,5 @@ mod outage;
 mod project;
 mod project_user;
 mod rollout;
+mod rotate_clients;
 mod tenancy;

@@ -1,6 +1,7 @@
 //! Real outages of the real Medplum: its server, its PostgreSQL or its Redis stopped for two minutes
-//! while 50 clients are being created, while a rotation has pushed its new secret but not retired the
-//! old one, and while other clients sit in steady state. During the outage no Secret is blanked or
+//! while 50 clients are being created, and while every client of the connection (after
+//! `medplum.com/rotate-clients`) and the connection's own credential have pushed a new secret but not
+//! retired the old one. During the outage no Secret is blanked or
 //! changed, statuses say why, and requests back off; after it everything converges with no duplicate
 //! Medplum object, every Secret's credentials work and the old secret is retired exactly once.
 //!
@@ -85,7 +86,7 @@ async fn all_ready(s: &Setup, count: usize, within: Duration) {
 }
 
 /// No value of `secrets` in the operator's logs, Events, statuses.
-async fn nowhere_public(s: &Setup, operator: &Operator, secrets: impl IntoIterator<Item = &String>) {
+pub(crate) async fn nowhere_public(s: &Setup, operator: &Operator, secrets: impl IntoIterator<Item = &String>) {
     let public = s.public_text().await + &operator.logs();
     for value in secrets {
         assert!(!public.contains(value.as_str()), "a secret value in logs, Events or status");
@@ -106,10 +107,13 @@ async fn outage(part: &str) {
     let operator = Operator::start(&s.ns.name, &["--resync-interval", "30s"]).await;
     s.ready_policy("reader", json!([{"resourceType": "Patient", "readonly": true}])).await;
     let access = json!([{"policyRef": {"name": "reader"}}]);
+    let rotation = json!({"gracePeriod": "60s"});
     for i in 0..STEADY {
-        s.create_client(&format!("steady-{i}"), json!({"access": access})).await;
+        s.create_client(&format!("steady-{i}"), json!({"access": access, "rotation": rotation})).await;
     }
-    // A rotation caught between its push and its retirement, which falls due during the outage.
+    // Rotations caught between their push and their retirement, which falls due during the outage:
+    // every client's (asked for on the connection, one of them with a restart target) and the
+    // connection's own credential's.
     s.deployment("rotating").await;
     s.create_client(
         "rotating",
@@ -122,10 +126,27 @@ async fn outage(part: &str) {
     }
     let rotating_id = s.wait_ready("rotating").await.status.unwrap().client_id.unwrap();
     let old = s.secret("rotating").await.unwrap()["MEDPLUM_CLIENT_SECRET"].clone();
-    s.annotate("rotating", "medplum.com/rotate", "before-the-outage").await;
+    let old_steady = secrets(s).await;
+    s.patch_connection(json!({
+        "metadata": {"annotations": {"medplum.com/rotate": "before-the-outage", "medplum.com/rotate-clients": "before-the-outage"}},
+        "spec": {"credentialRotation": {"gracePeriod": "60s"}},
+    }))
+    .await;
     s.wait_condition("rotating", "Rotating", "True", Some("GracePeriod")).await;
+    for i in 0..STEADY {
+        s.wait_condition(&format!("steady-{i}"), "Rotating", "True", Some("GracePeriod")).await;
+    }
+    let connection_secret =
+        eventually(Duration::from_secs(60), "the connection's credential in its grace period", || async {
+            let status = s.connection().await.status?;
+            let c = status.conditions.iter().find(|c| c.type_ == "CredentialRotation")?;
+            (c.reason == "GracePeriod").then_some(())?;
+            Some(s.connection_secret().await)
+        })
+        .await;
+    assert_ne!(connection_secret, s.admin.client_secret);
     for i in 0..CREATING {
-        s.create_client(&format!("new-{i:02}"), json!({"access": access})).await;
+        s.create_client(&format!("new-{i:02}"), json!({"access": access, "rotation": rotation})).await;
     }
 
     let before = secrets(s).await;
@@ -142,6 +163,7 @@ async fn outage(part: &str) {
         for (name, value) in &before {
             assert_eq!(now.get(name), Some(value), "Secret {name} changed or went during the outage");
         }
+        assert_eq!(s.connection_secret().await, connection_secret, "the connection's Secret changed");
         for ca in s.clients().list(&ListParams::default()).await.unwrap().items {
             if let Some((status, reason)) = ready_reason(&ca)
                 && status == "False"
@@ -181,14 +203,18 @@ async fn outage(part: &str) {
     all_ready(s, all, Duration::from_secs(300)).await;
     let all_ready = recovered.elapsed().as_secs_f64();
     s.wait_condition_within(Duration::from_secs(300), "rotating", "Rotating", "False", Some("Idle")).await;
+    let rotated = crate::rotate_clients::wait_rotated(s, "before-the-outage", Duration::from_secs(300)).await;
+    assert_eq!(rotated.progress, format!("{all}/{all}"));
     println!(
-        "figure: {part} outage: all {all} clients Ready {all_ready:.1} s after recovery; rotation finished {:.1} s after it",
+        "figure: {part} outage: all {all} clients Ready {all_ready:.1} s after recovery; every rotation finished {:.1} s after it",
         recovered.elapsed().as_secs_f64()
     );
 
     // No duplicates, every credential works, the old secret retired exactly once. (Redis holds
     // Medplum's logins: tokens from before its restart are refused, the test's own too.)
-    setup.token = setup.http().token(&setup.admin.client_id, &setup.admin.client_secret).await;
+    // The test's project-admin client is the connection's credential, rotated meanwhile.
+    let current = setup.connection_secret().await;
+    setup.token = setup.http().token(&setup.admin.client_id, &current).await;
     let s = &setup;
     let written = secrets(s).await;
     assert_eq!(written.len(), all);
@@ -201,6 +227,23 @@ async fn outage(part: &str) {
         assert!(s.token_works(&id, &written[&name]).await, "{name}: the Secret's credentials work");
     }
     assert!(!s.token_works(&rotating_id, &old).await, "the old secret is retired");
+    for ca in s.clients().list(&ListParams::default()).await.unwrap().items {
+        let name = ca.metadata.name.clone().unwrap();
+        if let Some(previous) = old_steady.get(&name) {
+            assert!(
+                !s.token_works(&ca.status.unwrap().client_id.unwrap(), previous).await,
+                "{name}: old secret retired"
+            );
+        }
+    }
+    // The connection kept a working credential throughout, and retired the old one after.
+    let credential = &setup.admin.client_id;
+    eventually(Duration::from_secs(60), "the connection's previous secret retired", || async {
+        (!s.token_works(credential, &setup.admin.client_secret).await).then_some(())
+    })
+    .await;
+    assert_eq!(s.connection_secret().await, connection_secret, "the Secret keeps the new secret");
+    assert!(s.token_works(credential, &connection_secret).await, "which works");
     let events = Api::<Event>::namespaced(s.client.clone(), &s.ns.name).list(&ListParams::default()).await.unwrap();
     let retired: Vec<_> = events
         .items
@@ -212,7 +255,8 @@ async fn outage(part: &str) {
         .collect();
     assert_eq!(retired.len(), 1, "retired once");
     assert!(retired[0].series.is_none(), "and not again");
-    nowhere_public(s, &operator, written.values().chain([&old])).await;
+    let old = old_steady.values().chain([&old, &connection_secret, &setup.admin.client_secret]);
+    nowhere_public(s, &operator, written.values().chain(old)).await;
 }
 
 #[tokio::test]

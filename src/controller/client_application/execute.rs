@@ -8,9 +8,10 @@ use kube::runtime::events::{Event, EventType};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::plan::{
-    Observed, Step, client_body, generate_secret, identifier_of, plan, secret_content, secret_eq, settled_content,
+    Answered, Observed, Step, client_body, generate_secret, identifier_of, plan, secret_content, secret_eq,
+    settled_content,
 };
-use super::{Desired, ISSUED_AT, MAX_STEPS, PENDING_KEY, ROLLOUT_POLL, ROTATION_HANDLED};
+use super::{Desired, ISSUED_AT, MAX_STEPS, PENDING_KEY, ROLLOUT_POLL};
 use crate::controller::connection::UsableConnection;
 use crate::controller::failure::ResourceError;
 use crate::controller::secret::{SecretContent, apply_written, fingerprint};
@@ -79,7 +80,7 @@ impl Reconciler<'_> {
         now: Timestamp,
     ) -> Result<Option<Duration>, ResourceError> {
         match step {
-            Step::StoreNewSecret { handled } => self.store_new_secret(handled.clone(), o).await?,
+            Step::StoreNewSecret => self.store_new_secret(o).await?,
             Step::CreateClient => self.create_client(o).await?,
             Step::UpdateClient { fields } => self.update_client(fields, o).await?,
             Step::CreateMembership => self.create_membership(o).await?,
@@ -106,7 +107,7 @@ impl Reconciler<'_> {
 
     /// Writes a new secret into the Secret's pending key, before Medplum knows it: a crash after this
     /// finds it there and pushes the same one.
-    async fn store_new_secret(&mut self, handled: Option<String>, o: &mut Observed) -> Result<(), ResourceError> {
+    async fn store_new_secret(&mut self, o: &mut Observed) -> Result<(), ResourceError> {
         let mut data: BTreeMap<String, SecretString> = o
             .secret
             .values
@@ -115,9 +116,8 @@ impl Reconciler<'_> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         data.insert(PENDING_KEY.into(), generate_secret());
-        let handled = handled.or_else(|| o.secret.annotations.get(ROTATION_HANDLED).cloned());
         let issued = o.secret.annotations.get(ISSUED_AT).cloned();
-        let content = secret_content(&self.d, o, data, issued, handled);
+        let content = secret_content(&self.d, o, data, issued, &Answered::now(&self.d, o));
         self.write_secret(&content, o).await?;
         crash_point("store-new-secret");
         Ok(())
@@ -133,6 +133,7 @@ impl Reconciler<'_> {
         let id = created.id.as_deref().unwrap_or_default();
         self.normal("Created", "Create", format!("created Medplum ClientApplication/{id}"));
         o.client = Some(created);
+        o.created = true;
         Ok(())
     }
 

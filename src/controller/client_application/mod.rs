@@ -59,6 +59,8 @@ pub const PENDING_KEY: &str = "medplum-operator.next-client-secret";
 pub const ISSUED_AT: &str = "medplum.com/issued-at";
 /// Secret annotation: the last `medplum.com/rotate` value acted on.
 pub const ROTATION_HANDLED: &str = "medplum.com/rotation-handled";
+/// Secret annotation: the last `medplum.com/rotate-clients` value of the connection acted on.
+pub const ROTATE_CLIENTS_HANDLED: &str = "medplum.com/rotate-clients-handled";
 const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "medplum-operator");
 /// Condition: Medplum proved the Secret's current credentials right; its reason says how.
 const CREDENTIAL_VERIFIED: &str = "CredentialVerified";
@@ -95,6 +97,8 @@ pub struct Desired {
     pub grace_period: Duration,
     pub restart_targets: Vec<RestartTarget>,
     pub rotation_request: Option<String>,
+    /// The connection's `medplum.com/rotate-clients` request.
+    pub rotate_clients_request: Option<String>,
     pub adopt: Option<crate::crd::Adopt>,
 }
 
@@ -169,6 +173,7 @@ async fn desired(ctx: &Context, ca: &ClientApplication, usable: &UsableConnectio
         grace_period: parse_duration("spec.rotation.gracePeriod", &rotation.grace_period)?,
         restart_targets: rotation.restart_targets.clone(),
         rotation_request: ca.annotations().get(ROTATE_ANNOTATION).cloned(),
+        rotate_clients_request: usable.rotate_clients_request.clone(),
         adopt: ca.spec.adopt.clone(),
         name,
         namespace,
@@ -218,6 +223,9 @@ fn desired_status(
         let verified = verified_condition(d, o, &print);
         status.conditions = set_condition(&status.conditions, verified, generation, now);
         let rotating = rotating_condition(o, result);
+        if !rotating.status {
+            status.rotate_clients_handled = plan::Answered::of(o).clients.or(status.rotate_clients_handled);
+        }
         status.conditions = set_condition(&status.conditions, rotating, generation, now);
     }
     let ready = match result {

@@ -6,7 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::execute::{proof_of_reason, secret_keys};
 use super::plan::{Observed, credentials_data};
-use super::{CREDENTIAL_VERIFIED, Desired, ISSUED_AT, ROTATION_HANDLED};
+use super::{CREDENTIAL_VERIFIED, Desired, ISSUED_AT, ROTATE_CLIENTS_HANDLED, ROTATION_HANDLED};
 use crate::controller::Context;
 use crate::controller::adoption;
 use crate::controller::connection::{CREDENTIALS_LABEL, UsableConnection};
@@ -84,7 +84,7 @@ pub(super) fn secret_refusal(
         .annotations
         .iter()
         .map(|(k, v)| (k.as_str(), Some(v.as_str())))
-        .chain([(ISSUED_AT, None), (ROTATION_HANDLED, None)])
+        .chain([(ISSUED_AT, None), (ROTATION_HANDLED, None), (ROTATE_CLIENTS_HANDLED, None)])
         .collect();
     let merge =
         Merge { client: &d.name, client_label: CLIENT_LABEL, keys: &keys, labels: &labels, annotations: &annotations };
@@ -191,5 +191,5 @@ pub(super) async fn observe(
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == CREDENTIAL_VERIFIED && c.status == "True"))
         .and_then(|c| proof_of_reason(&c.reason))
         .filter(|_| same_secret);
-    Ok(Observed { secret, client, membership, targets, verified })
+    Ok(Observed { secret, client, membership, targets, verified, created: false })
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::jiff::Timestamp;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{Desired, ISSUED_AT, MANAGED_BY, PENDING_KEY, ROTATION_HANDLED};
+use super::{Desired, ISSUED_AT, MANAGED_BY, PENDING_KEY, ROTATE_CLIENTS_HANDLED, ROTATION_HANDLED};
 use crate::controller::secret::{CLIENT_LABEL, SecretContent, WrittenSecret};
 use crate::controller::workload::{Stall, TargetState};
 use crate::crd::AdoptSecret;
@@ -116,6 +116,8 @@ pub(super) struct Observed {
     pub targets: Vec<TargetState>,
     /// How Medplum proved the Secret's current credentials right, if it did.
     pub verified: Option<CredentialProof>,
+    /// This reconcile created the Medplum client, with a secret issued after every request it saw.
+    pub created: bool,
 }
 
 impl Observed {
@@ -134,10 +136,8 @@ impl Observed {
 #[derive(Clone, Debug, PartialEq)]
 pub(super) enum Step {
     /// Write a new secret under [`PENDING_KEY`] before Medplum sees it (to rotate, or to replace an
-    /// adopted client's secret); `handled` records a rotation request.
-    StoreNewSecret {
-        handled: Option<String>,
-    },
+    /// adopted client's secret), recording the rotation requests it answers.
+    StoreNewSecret,
     /// Create the Medplum client with a new secret (or the pending one a previous operator left),
     /// idempotent through the ownership tag.
     CreateClient,
@@ -192,7 +192,7 @@ pub(super) fn secret_content(
     o: &Observed,
     data: BTreeMap<String, SecretString>,
     issued_at: Option<String>,
-    handled: Option<String>,
+    answered: &Answered,
 ) -> SecretContent {
     let mut labels = d.labels.clone();
     labels.insert(CLIENT_LABEL.into(), d.name.clone());
@@ -200,9 +200,7 @@ pub(super) fn secret_content(
     if let Some(issued_at) = issued_at {
         annotations.insert(ISSUED_AT.into(), issued_at);
     }
-    if let Some(handled) = handled {
-        annotations.insert(ROTATION_HANDLED.into(), handled);
-    }
+    answered.annotate(&mut annotations);
     let foreign = o.secret.exists && !o.secret.owner_uids.contains(&d.owner.uid);
     if !foreign {
         labels.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
@@ -233,20 +231,54 @@ pub(super) fn settled_content(
             Timestamp::from_second(second).expect("now is a valid time").to_string()
         }
     };
-    let handled = o.secret.annotations.get(ROTATION_HANDLED).cloned();
-    secret_content(d, o, data, Some(issued_at), handled)
+    // A client created in this reconcile has a secret issued after every request seen.
+    let answered = if o.created { Answered::now(d, o) } else { Answered::of(o) };
+    secret_content(d, o, data, Some(issued_at), &answered)
 }
 
-/// Whether a rotation should start, and the rotation request it answers.
-pub(super) fn rotation_due(d: &Desired, o: &Observed, now: Timestamp) -> Option<Option<String>> {
-    let handled = o.secret.annotations.get(ROTATION_HANDLED);
-    if let Some(request) = d.rotation_request.as_ref().filter(|r| handled != Some(*r)) {
-        return Some(Some(request.clone()));
+/// The rotation requests the Secret's secret answers: `medplum.com/rotate` on the client and
+/// `medplum.com/rotate-clients` on its connection, as last recorded in the Secret's annotations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct Answered {
+    pub own: Option<String>,
+    pub clients: Option<String>,
+}
+
+impl Answered {
+    pub(super) fn of(o: &Observed) -> Self {
+        let get = |key: &str| o.secret.annotations.get(key).cloned();
+        Self { own: get(ROTATION_HANDLED), clients: get(ROTATE_CLIENTS_HANDLED) }
     }
-    let interval = d.rotation_interval?;
-    let issued = o.issued_at()?;
-    let due = issued.checked_add(interval).ok()?;
-    (now >= due).then_some(None)
+
+    /// What a secret issued now answers: every request present now.
+    pub(super) fn now(d: &Desired, o: &Observed) -> Self {
+        let before = Self::of(o);
+        Self {
+            own: d.rotation_request.clone().or(before.own),
+            clients: d.rotate_clients_request.clone().or(before.clients),
+        }
+    }
+
+    fn annotate(&self, annotations: &mut BTreeMap<String, String>) {
+        for (key, value) in [(ROTATION_HANDLED, &self.own), (ROTATE_CLIENTS_HANDLED, &self.clients)] {
+            if let Some(value) = value {
+                annotations.insert(key.into(), value.clone());
+            }
+        }
+    }
+}
+
+/// Whether a rotation should start: a request not answered yet, or the interval passed.
+pub(super) fn rotation_due(d: &Desired, o: &Observed, now: Timestamp) -> bool {
+    let answered = Answered::of(o);
+    let unanswered = |request: &Option<String>, answer: &Option<String>| {
+        request.as_ref().is_some_and(|r| answer.as_ref() != Some(r))
+    };
+    if unanswered(&d.rotation_request, &answered.own) || unanswered(&d.rotate_clients_request, &answered.clients) {
+        return true;
+    }
+    let due = d.rotation_interval.zip(o.issued_at()).and_then(|(interval, issued)| issued.checked_add(interval).ok());
+    due.is_some_and(|due| now >= due)
 }
 
 /// The next step towards what `d` says should exist, given what `o` observed.
@@ -284,11 +316,11 @@ pub(super) fn plan(d: &Desired, o: &Observed, now: Timestamp) -> Step {
     let adopting_with_rotation = d.adopt.as_ref().is_some_and(|a| a.secret == AdoptSecret::Rotate)
         && !o.secret.annotations.contains_key(ISSUED_AT);
     if adopting_with_rotation && pending.is_none() && !retiring {
-        return Step::StoreNewSecret { handled: None };
+        return Step::StoreNewSecret;
     }
     let Some(secret) = client.secret.as_ref() else {
         // Someone removed the secret in Medplum: issue a new one.
-        return if pending.is_some() { Step::PushSecret } else { Step::StoreNewSecret { handled: None } };
+        return if pending.is_some() { Step::PushSecret } else { Step::StoreNewSecret };
     };
     if !settled_content(d, o, client_id, secret, now).is_in(&o.secret) {
         return Step::WriteSecret { switched: false };
@@ -315,8 +347,8 @@ pub(super) fn plan(d: &Desired, o: &Observed, now: Timestamp) -> Step {
     if stale_targets {
         return Step::RestartTargets;
     }
-    if let Some(handled) = rotation_due(d, o, now) {
-        return Step::StoreNewSecret { handled };
+    if rotation_due(d, o, now) {
+        return Step::StoreNewSecret;
     }
     if o.verified.is_none() {
         return Step::Verify;

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::observe::secret_refusal;
 use super::plan::{
-    Observed, Step, client_body, credentials_data, generate_secret, identifier_of, plan, settled_content,
+    Answered, Observed, Step, client_body, credentials_data, generate_secret, identifier_of, plan, settled_content,
 };
 use secrecy::ExposeSecret;
 
@@ -52,6 +52,7 @@ fn desired() -> Desired {
         grace_period: Duration::from_secs(600),
         restart_targets: vec![RestartTarget { kind: WorkloadKind::Deployment, name: "app".into() }],
         rotation_request: None,
+        rotate_clients_request: None,
         adopt: None,
     }
 }
@@ -125,14 +126,14 @@ fn observed(
         membership,
         targets: vec![target(Some(0), true)],
         verified: Some(CredentialProof::TokenIssued),
+        created: false,
     }
 }
 
 #[test]
 fn creation_makes_the_client_first_and_writes_the_secret_medplum_holds() {
     let d = desired();
-    let nothing =
-        Observed { secret: WrittenSecret::default(), client: None, membership: None, targets: vec![], verified: None };
+    let nothing = Observed { targets: vec![], verified: None, ..observed(WrittenSecret::default(), None, None) };
     assert_eq!(plan(&d, &nothing, at(0)), Step::CreateClient);
     // A pending secret left by an older operator is used, not replaced.
     let stored = observed(secret(&d, None, Some("new"), None), None, None);
@@ -166,7 +167,7 @@ fn a_rotation_runs_store_push_switch_restart_wait_and_retire() {
     let steady =
         observed(secret(&d, Some("old"), None, Some(0)), Some(client(&d, Some("old"), None)), Some(membership(&d)));
     assert_eq!(plan(&d, &steady, at(3599)), Step::Done);
-    assert_eq!(plan(&d, &steady, at(3600)), Step::StoreNewSecret { handled: None }, "interval passed");
+    assert_eq!(plan(&d, &steady, at(3600)), Step::StoreNewSecret, "interval passed");
 
     let stored = observed(
         secret(&d, Some("old"), Some("new"), Some(0)),
@@ -213,7 +214,7 @@ fn a_requested_rotation_is_recorded_and_waits_for_a_retirement_in_progress() {
     d.rotation_request = Some("2026-11-29".into());
     let steady =
         observed(secret(&d, Some("old"), None, Some(0)), Some(client(&d, Some("old"), None)), Some(membership(&d)));
-    assert_eq!(plan(&d, &steady, at(10)), Step::StoreNewSecret { handled: Some("2026-11-29".into()) });
+    assert_eq!(plan(&d, &steady, at(10)), Step::StoreNewSecret);
     let mut handled = steady;
     handled.secret.annotations.insert(ROTATION_HANDLED.into(), "2026-11-29".into());
     assert_eq!(plan(&d, &handled, at(10)), Step::Done, "the same request is not handled twice");
@@ -224,6 +225,34 @@ fn a_requested_rotation_is_recorded_and_waits_for_a_retirement_in_progress() {
         Some(membership(&d)),
     );
     assert_eq!(plan(&d, &retiring, at(10)), Step::WaitForGrace { until: at(600) }, "Medplum holds two secrets at most");
+}
+
+#[test]
+fn a_connections_rotate_clients_request_is_answered_once_by_a_secret_issued_after_it() {
+    let mut d = desired();
+    d.rotation_interval = None;
+    d.rotate_clients_request = Some("incident-7".into());
+    let steady =
+        observed(secret(&d, Some("old"), None, Some(0)), Some(client(&d, Some("old"), None)), Some(membership(&d)));
+    assert_eq!(plan(&d, &steady, at(10)), Step::StoreNewSecret);
+    let stored = Answered::now(&d, &steady);
+    assert_eq!(stored, Answered { own: None, clients: Some("incident-7".into()) }, "the new secret answers it");
+
+    let mut answered = steady;
+    answered.secret.annotations.insert(ROTATE_CLIENTS_HANDLED.into(), "incident-7".into());
+    assert_eq!(plan(&d, &answered, at(10)), Step::Done, "the same request is not answered twice");
+    d.rotate_clients_request = Some("incident-8".into());
+    assert_eq!(plan(&d, &answered, at(10)), Step::StoreNewSecret, "a new value rotates again");
+
+    // A client created after the request has a secret issued after it: it does not rotate again.
+    let mut created = observed(WrittenSecret::default(), Some(client(&d, Some("new"), None)), Some(membership(&d)));
+    created.created = true;
+    let content = settled_content(&d, &created, "c1", &s("new"), at(10));
+    assert_eq!(content.annotations.get(ROTATE_CLIENTS_HANDLED).map(String::as_str), Some("incident-8"));
+    // Found again after a restart, it cannot tell: it rotates once more rather than keep an old secret.
+    created.created = false;
+    let content = settled_content(&d, &created, "c1", &s("new"), at(10));
+    assert_eq!(content.annotations.get(ROTATE_CLIENTS_HANDLED), None);
 }
 
 #[test]
@@ -290,7 +319,7 @@ fn adoption_tags_the_client_then_keeps_or_replaces_its_secret() {
     let o = observed(WrittenSecret::default(), Some(theirs), None);
     assert_eq!(plan(&d, &o, at(0)), Step::UpdateClient { fields: vec!["meta.tag"] });
     let tagged = observed(WrittenSecret::default(), Some(client(&d, Some("legacy"), None)), Some(membership(&d)));
-    assert_eq!(plan(&d, &tagged, at(0)), Step::StoreNewSecret { handled: None }, "Rotate: a new secret first");
+    assert_eq!(plan(&d, &tagged, at(0)), Step::StoreNewSecret, "Rotate: a new secret first");
     d.adopt = Some(Adopt { client_id: "c1".into(), secret: AdoptSecret::Keep });
     assert_eq!(plan(&d, &tagged, at(0)), Step::WriteSecret { switched: false }, "Keep: the legacy secret is written");
 }
@@ -299,7 +328,7 @@ fn adoption_tags_the_client_then_keeps_or_replaces_its_secret() {
 fn a_secret_removed_in_medplum_is_replaced() {
     let d = desired();
     let o = observed(secret(&d, Some("cur"), None, Some(0)), Some(client(&d, None, None)), Some(membership(&d)));
-    assert_eq!(plan(&d, &o, at(1)), Step::StoreNewSecret { handled: None });
+    assert_eq!(plan(&d, &o, at(1)), Step::StoreNewSecret);
     let o = observed(secret(&d, Some("cur"), Some("new"), Some(0)), Some(client(&d, None, None)), Some(membership(&d)));
     assert_eq!(plan(&d, &o, at(1)), Step::PushSecret);
 }

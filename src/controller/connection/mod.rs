@@ -23,13 +23,14 @@ use super::view::MedplumView;
 use super::{Context, Error, ReconcileStream};
 use crate::crd::{
     ClusterMedplumConnection, ConnectionKind, ConnectionLimits, ConnectionStatus, CredentialRotationSpec, KeySelector,
-    MedplumConnection,
+    MedplumConnection, ROTATE_CLIENTS_ANNOTATION,
 };
 use crate::failure::Failure;
 use crate::medplum::MedplumClient;
 
 mod identity;
 mod registry;
+mod rotate_clients;
 mod rotation;
 mod usable;
 
@@ -261,6 +262,7 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
                 super_admin: v.super_admin,
                 limits: obj.limits().clone(),
                 admission: obj.admission(),
+                rotate_clients_request: obj.annotations().get(ROTATE_CLIENTS_ANNOTATION).cloned(),
             })
             .ok_or_else(|| "its Medplum client was replaced meanwhile".to_string()),
         Err(e) => Err(e.to_string()),
@@ -269,9 +271,12 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
     let current = obj.connection_status();
     let now = Timestamp::now();
     let mut desired = desired_status(current, &result, obj.meta().generation, now);
-    let rotation_due = match &result {
-        Ok(verified) => rotation::rotate(ctx, obj, verified, &mut desired, now).await,
-        Err(_) => None,
+    let (rotation_due, clients_due) = match &result {
+        Ok(verified) => (
+            rotation::rotate(ctx, obj, verified, &mut desired, now).await,
+            rotate_clients::report(ctx, obj, &mut desired).await,
+        ),
+        Err(_) => (None, None),
     };
     write_status(ctx, obj, api, &desired, "Verify").await?;
     ctx.metrics.set_connection_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, result.is_ok());
@@ -280,7 +285,7 @@ async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Res
     match result {
         Ok(_) => {
             ctx.backoff.reset(&backoff_key);
-            let next = rotation_due.map_or(ctx.settings.resync_interval, |d| d.min(ctx.settings.resync_interval));
+            let next = [rotation_due, clients_due].into_iter().flatten().fold(ctx.settings.resync_interval, Ord::min);
             Ok(Action::requeue(next))
         }
         Err(e) => {

@@ -114,6 +114,9 @@ pub struct UsableConnection {
     pub super_admin: bool,
     pub limits: ConnectionLimits,
     pub admission: Admission,
+    /// The connection's `medplum.com/rotate-clients` request: every ClientApplication it serves
+    /// rotates once for each new value.
+    pub rotate_clients_request: Option<String>,
 }
 
 impl UsableConnection {

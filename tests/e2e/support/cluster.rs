@@ -73,6 +73,16 @@ pub async fn cluster_client() -> Client {
     client
 }
 
+/// A client of the test cluster that acts as `user` (impersonation by the admin): what that user's
+/// RBAC allows, and nothing else.
+pub async fn client_as(user: &str) -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig()).expect("reading kubeconfig");
+    let mut config =
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig");
+    config.auth_info.impersonate = Some(user.to_string());
+    Client::try_from(config).expect("kube client")
+}
+
 async fn install_crds(client: &Client) {
     static INSTALLED: OnceCell<()> = OnceCell::const_new();
     INSTALLED

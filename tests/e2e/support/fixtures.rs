@@ -80,11 +80,26 @@ impl Setup {
 
     /// Merges `limits` into the connection's `spec.limits`.
     pub async fn set_limits(&self, limits: Value) {
-        let patch = json!({"spec": {"limits": limits}});
+        self.patch_connection(json!({"spec": {"limits": limits}})).await;
+    }
+
+    /// Merge-patches the connection `default` (metadata or spec).
+    pub async fn patch_connection(&self, patch: Value) {
         Api::<MedplumConnection>::namespaced(self.client.clone(), &self.ns.name)
             .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .unwrap();
+    }
+
+    /// The connection `default`.
+    pub async fn connection(&self) -> MedplumConnection {
+        Api::<MedplumConnection>::namespaced(self.client.clone(), &self.ns.name).get("default").await.unwrap()
+    }
+
+    /// The client secret the connection's credentials Secret holds.
+    pub async fn connection_secret(&self) -> String {
+        let secret = self.secret_object("medplum-admin").await.expect("the credentials Secret");
+        String::from_utf8(secret.data.unwrap()["MEDPLUM_CLIENT_SECRET"].0.clone()).unwrap()
     }
 
     /// Creates or updates the Secret `name` of the test's namespace.
