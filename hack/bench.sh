@@ -9,7 +9,10 @@
 #     real-limits   the same with Medplum's production rate limits on (the server is restarted for it,
 #                   and restarted with limits off afterwards)
 #     memory        operator RSS with BENCH_OBJECTS objects on the test server
-#   default: test-server real real-limits memory
+#     rotate        rotate-everything (medplum.com/rotate-clients) over BENCH_CLIENTS clients on a real
+#                   Medplum with its production rate limits on, with BENCH_CONSUMERS (default 20)
+#                   polling consumers
+#   default: test-server real real-limits memory rotate
 #
 # BENCH_CLIENTS (default 1000) clients per converge run, BENCH_RESYNC_SECONDS (default 60) the resync
 # interval of the steady-state window, BENCH_OBJECTS (default 10000) for memory. BENCH_IMAGE=1 runs the
@@ -21,11 +24,11 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 targets=("$@")
-((${#targets[@]})) || targets=(test-server real real-limits memory)
+((${#targets[@]})) || targets=(test-server real real-limits memory rotate)
 for target in "${targets[@]}"; do
   case $target in
-    test-server | real | real-limits | memory) ;;
-    *) echo "usage: hack/bench.sh [test-server|real|real-limits|memory]..." >&2; exit 2 ;;
+    test-server | real | real-limits | memory | rotate) ;;
+    *) echo "usage: hack/bench.sh [test-server|real|real-limits|memory|rotate]..." >&2; exit 2 ;;
   esac
 done
 
@@ -64,7 +67,7 @@ if [[ ${BENCH_IMAGE:-} == 1 ]]; then
   echo "bench.sh: the operator runs from the image $OPERATOR_IMAGE" >&2
 fi
 for target in "${targets[@]}"; do
-  [[ $target == real-limits ]] && limits_changed=true
+  [[ $target == real-limits || $target == rotate ]] && limits_changed=true
   echo "bench.sh: $target (BENCH_CLIENTS=${BENCH_CLIENTS:-1000})" >&2
   (
     unset MEDPLUM_TEST_BASE_URL MEDPLUM_TEST_CLIENT_ID MEDPLUM_TEST_CLIENT_SECRET BENCH_RATE_LIMITS
@@ -76,6 +79,11 @@ for target in "${targets[@]}"; do
         while IFS='=' read -r key value; do export "$key=$value"; done < <(real_medplum "$limits")
         ;;
       memory) test=bench_memory_at_ten_thousand_objects ;;
+      rotate)
+        test=bench_rotate_everything
+        export BENCH_RATE_LIMITS=on
+        while IFS='=' read -r key value; do export "$key=$value"; done < <(real_medplum on)
+        ;;
     esac
     cargo test --release --test e2e --quiet -- --ignored --nocapture --exact "bench::$test"
   ) 2>&1 | tee ".cache/bench/$target.log"

@@ -13,7 +13,14 @@
 //!
 //! `bench_memory_at_ten_thousand_objects` measures the operator's RSS with `BENCH_OBJECTS` (default
 //! 10,000) ClientApplications, a tenth as many AccessPolicies and a tenth as many ProjectUsers.
+//!
+//! `bench_rotate_everything` converges `BENCH_CLIENTS` clients (grace period 10 s), then sets
+//! `medplum.com/rotate-clients` on their connection and measures until every client's old secret is
+//! retired, while `BENCH_CONSUMERS` (default 20) polling consumers keep using their Secrets. With rate
+//! limits on, the minimum is what the limits impose on the rotation's own calls plus the last
+//! client's grace period.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,6 +28,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams, PostParams};
+use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::support::fixtures::{Setup, TAG_SYSTEM};
@@ -389,6 +397,12 @@ fn print_limits_minimum(what: &str, auth: f64, fhir_units: f64) -> Duration {
 
 /// Declares `n` AccessPolicies and `n` ClientApplications granting them, named from `first`.
 async fn declare(s: &Setup, first: usize, n: usize) {
+    declare_with(s, first, n, json!({})).await;
+}
+
+/// The same, with `extra` merged into each ClientApplication's spec.
+async fn declare_with(s: &Setup, first: usize, n: usize, extra: Value) {
+    let extra = &extra;
     futures::stream::iter(first..first + n)
         .for_each_concurrent(16, |i| async move {
             let policy: AccessPolicy = serde_json::from_value(json!({"apiVersion": "medplum.com/v1alpha1",
@@ -396,11 +410,11 @@ async fn declare(s: &Setup, first: usize, n: usize) {
                 "spec": {"resources": [{"resourceType": "Patient", "readonly": true}]}}))
             .unwrap();
             s.policies().create(&PostParams::default(), &policy).await.unwrap();
-            s.create_client(
-                &format!("client-{i:05}"),
-                json!({"access": [{"policyRef": {"name": format!("policy-{i:05}")}}]}),
-            )
-            .await;
+            let mut spec = json!({"access": [{"policyRef": {"name": format!("policy-{i:05}")}}]});
+            for (key, value) in extra.as_object().into_iter().flatten() {
+                spec[key] = value.clone();
+            }
+            s.create_client(&format!("client-{i:05}"), spec).await;
         })
         .await;
 }
@@ -415,6 +429,14 @@ async fn all_ready<K>(api: kube::Api<K>, count: usize, conditions: fn(&K) -> Opt
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
 {
+    all_match(api, count, move |o| conditions(o).is_some_and(is_ready)).await;
+}
+
+/// Waits, from a watch, until `count` objects of `api` match.
+async fn all_match<K>(api: kube::Api<K>, count: usize, matches: impl Fn(&K) -> bool)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
     use kube::runtime::{WatchStreamExt, watcher};
     let mut ready = std::collections::HashSet::new();
     let changes = watcher(api, watcher::Config::default()).default_backoff().applied_objects();
@@ -424,7 +446,7 @@ where
             let Some(object) = changes.next().await else { break };
             let Ok(object) = object else { continue };
             let name = object.meta().name.clone().unwrap_or_default();
-            if conditions(&object).is_some_and(is_ready) {
+            if matches(&object) {
                 ready.insert(name);
             } else {
                 ready.remove(&name);
@@ -654,4 +676,139 @@ async fn bench_memory_at_ten_thousand_objects() {
     println!("figure: operator RSS with {total} objects: {}", operator.memory());
     tokio::time::sleep(Duration::from_secs(65)).await;
     println!("figure: operator RSS with {total} objects after a resync: {}", operator.memory());
+}
+
+/// A workload using a client's Secret the way a pod does, from an address of its own (as Medplum
+/// sees pods behind its load balancer: `X-Forwarded-For`, which it trusts one hop of): every second
+/// it reads the Secret, obtains a new token when the secret there differs from its token's, and
+/// searches Patients with its token. Every answer other than 200 counts as failed.
+struct PollingConsumer {
+    requests: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PollingConsumer {
+    fn start(s: &Setup, name: String, address: String) -> Self {
+        let (requests, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let secrets: kube::Api<Secret> = kube::Api::namespaced(s.client.clone(), &s.ns.name);
+        let medplum = s.medplum.clone();
+        let (counted, refused, done) = (requests.clone(), failed.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let http = &medplum.http;
+            let mut token: Option<(String, String)> = None;
+            while !done.load(Ordering::Relaxed) {
+                let data = secrets.get(&name).await.expect("the Secret stays").data.unwrap_or_default();
+                let text = |key: &str| String::from_utf8(data[key].0.clone()).unwrap();
+                let (id, secret) = (text("MEDPLUM_CLIENT_ID"), text("MEDPLUM_CLIENT_SECRET"));
+                if token.as_ref().is_none_or(|(for_secret, _)| *for_secret != secret) {
+                    let form = [("grant_type", "client_credentials"), ("client_id", &id), ("client_secret", &secret)];
+                    let request = http.request(Method::POST, "oauth2/token", None).header("x-forwarded-for", &address);
+                    let answer = http.send(request.form(&form)).await;
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    if answer.status != 200 {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        println!("consumer {name}: token request answered {}", answer.status);
+                    } else {
+                        token = Some((secret, answer.json()["access_token"].as_str().unwrap().to_string()));
+                    }
+                }
+                if let Some((_, access)) = &token {
+                    let request = http.request(Method::GET, "fhir/R4/Patient?_count=1", Some(access));
+                    let answer = http.send(request.header("x-forwarded-for", &address)).await;
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    if answer.status != 200 {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        println!("consumer {name}: search answered {}", answer.status);
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Self { requests, failed, stop, task }
+    }
+
+    /// Stops it; returns (requests, failed).
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        (self.requests.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+#[tokio::test]
+#[ignore = "benchmark: run explicitly (hack/bench.sh rotate)"]
+async fn bench_rotate_everything() {
+    let n = env_number("BENCH_CLIENTS", 1000);
+    let sampled = env_number("BENCH_CONSUMERS", 20).min(n);
+    let grace = Duration::from_secs(10);
+    let s = Setup::new("bench-rotate", &test_server_args(), json!({})).await;
+    println!(
+        "figure: target {}; {n} clients, concurrency {CONCURRENCY}, grace period {grace:?}",
+        target_name(&s.medplum)
+    );
+    declare_with(&s, 0, n, json!({"rotation": {"gracePeriod": format!("{}s", grace.as_secs())}})).await;
+    let operator =
+        Operator::start(&s.ns.name, &["--client-concurrency", &CONCURRENCY.to_string(), "--resync-interval", "60s"])
+            .await;
+    let started = Instant::now();
+    all_clients_ready(&s, n).await;
+    println!("figure: {n} clients Ready in {:.1} s before the rotation", started.elapsed().as_secs_f64());
+    if rate_limits_on() {
+        // Start the rotation on fresh limit windows.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+    }
+    let consumers: Vec<PollingConsumer> = (0..sampled)
+        .map(|i| PollingConsumer::start(&s, format!("client-{:05}", i * n / sampled), format!("10.77.0.{}", i + 1)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let before = Counts::of(&operator.metrics().await);
+    let cpu = cpu_reading();
+    let asked = Instant::now();
+    s.patch_connection(json!({"metadata": {"annotations": {"medplum.com/rotate-clients": "bench"}}})).await;
+    all_match(s.clients(), n, |c: &medplum_operator::crd::ClientApplication| {
+        c.status.as_ref().and_then(|s| s.rotate_clients_handled.as_deref()) == Some("bench")
+    })
+    .await;
+    let rotated = asked.elapsed();
+    let during = Counts::of(&operator.metrics().await).minus(before);
+    println!("figure: rotate-everything: CPU used on this machine: {}", cpu_used(&cpu));
+    let reported = eventually(Duration::from_secs(60), "the connection reports the end", || async {
+        s.connection().await.status?.client_rotation.filter(|r| r.completion_time.is_some())
+    })
+    .await;
+    let reported_after = asked.elapsed();
+    let mut totals = (0, 0);
+    for consumer in consumers {
+        let (requests, failed) = consumer.finish().await;
+        totals = (totals.0 + requests, totals.1 + failed);
+    }
+    println!(
+        "figure: rotate-everything: {n} clients rotated (old secrets retired) in {:.1} s; the connection reported {} \
+         after {:.1} s; {:.2} Medplum requests per client ({:.0} answered 429; {:.2} auth, {:.0} FHIR units), {:.2} \
+         Kubernetes requests per client ({:.2} writes)",
+        rotated.as_secs_f64(),
+        reported.progress,
+        reported_after.as_secs_f64(),
+        during.medplum / n as f64,
+        during.medplum_429,
+        during.auth / n as f64,
+        during.fhir_units / n as f64,
+        during.kube / n as f64,
+        during.kube_writes / n as f64,
+    );
+    println!("figure: rotate-everything: {sampled} polling consumers made {} requests, {} failed", totals.0, totals.1);
+    if rate_limits_on() {
+        let minimum = print_limits_minimum("the rotation's calls", during.auth, during.fhir_units) + grace;
+        println!(
+            "figure: rotate-everything with rate limits on: {:.1} s = {:.2}x its minimum ({:.0} s: the limits' \
+             minimum and the last client's grace period)",
+            rotated.as_secs_f64(),
+            rotated.as_secs_f64() / minimum.as_secs_f64(),
+            minimum.as_secs_f64()
+        );
+    }
 }

@@ -202,7 +202,7 @@ pub(crate) async fn service_account_kubeconfig(
     path
 }
 
-const CHECKS: [&str; 8] = [
+const CHECKS: [&str; 9] = [
     "connection Ready",
     "cluster connection Ready",
     "DomainConfiguration Ready",
@@ -211,6 +211,7 @@ const CHECKS: [&str; 8] = [
     "restart target restarted",
     "Events recorded",
     "cluster connection Event recorded",
+    "cluster connection rotation refused",
 ];
 
 fn is_ready(conditions: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>) -> bool {
@@ -257,6 +258,14 @@ async fn happened(client: &Client, namespace: &str, cluster_name: &str, what: &s
         "cluster connection Event recorded" => {
             Api::<Event>::namespaced(client.clone(), "default").list(&ListParams::default()).await.is_ok_and(|e| {
                 e.items.iter().any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(cluster_name))
+            })
+        }
+        // Namespace mode grants only `get` on Secrets in credentialNamespaces: a rotation of the
+        // cluster connection's credential is refused before Medplum issues anything.
+        "cluster connection rotation refused" => {
+            Api::<ClusterMedplumConnection>::all(client.clone()).get(cluster_name).await.is_ok_and(|c| {
+                let conditions = c.status.map(|s| s.conditions).unwrap_or_default();
+                conditions.iter().any(|c| c.type_ == "CredentialRotation" && c.reason == "CredentialsSecretNotWritable")
             })
         }
         other => unreachable!("unknown check {other}"),
@@ -323,10 +332,14 @@ pub(crate) async fn scenario(
         "baseUrl": medplum.base_url(), "credentialsSecretRef": {"namespace": credentials, "name": "medplum-admin"},
         "caBundle": {"namespace": credentials, "configMapRef": {"name": "medplum-ca", "key": "ca.crt"}},
         // A selector, which only the namespace's labels can answer.
-        "allowedNamespaces": {"selector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}}),
+        "allowedNamespaces": {"selector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
+        // Asked to rotate its credential, which the chart's RBAC does not let it write.
+        "credentialRotation": {"gracePeriod": "1m"}}),
     );
+    let mut cluster = of_namespace(cluster);
+    cluster["metadata"]["annotations"] = json!({"medplum.com/rotate": "rbac"});
     Api::<ClusterMedplumConnection>::all(client.clone())
-        .create(&PostParams::default(), &serde_json::from_value(of_namespace(cluster)).unwrap())
+        .create(&PostParams::default(), &serde_json::from_value(cluster).unwrap())
         .await
         .unwrap();
     // A domain's identity provider, through a super admin's cluster connection; both are named like
