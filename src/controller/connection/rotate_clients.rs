@@ -13,12 +13,12 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use tracing::warn;
 
 use super::ConnectionObject;
-use crate::controller::Context;
 use crate::controller::cleanup::client_applications_using;
+use crate::controller::{Context, event};
 use crate::crd::{ClientRotationStatus, ConnectionStatus, ROTATE_CLIENTS_ANNOTATION};
 
 /// How often a rotation in progress is counted again: one list of the connection's clients.
@@ -94,14 +94,7 @@ pub async fn report<K: ConnectionObject>(ctx: &Context, obj: &K, status: &mut Co
     let done = progress.completion_time.is_some();
     status.client_rotation = Some(progress);
     for (reason, note) in events {
-        let event = Event {
-            type_: EventType::Normal,
-            reason: reason.into(),
-            note: Some(note),
-            action: "RotateClients".into(),
-            secondary: None,
-        };
-        ctx.publish(&obj.object_ref(&()), &event).await;
+        ctx.publish(&obj.object_ref(&()), &event(EventType::Normal, reason, "RotateClients", note)).await;
     }
     (!done).then_some(POLL)
 }

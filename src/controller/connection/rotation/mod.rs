@@ -24,12 +24,12 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use tracing::{info, warn};
 
 use super::{ConnectionObject, Verified};
-use crate::controller::Context;
 use crate::controller::status::{ConditionState, set_condition};
+use crate::controller::{Context, event};
 use crate::crd::{ConnectionStatus, CredentialRotationStatus, ROTATE_ANNOTATION};
 use crate::failure::Failure;
 use crate::medplum::MedplumError;
@@ -254,7 +254,5 @@ fn backoff_key<K: ConnectionObject>(obj: &K) -> String {
 }
 
 async fn publish<K: ConnectionObject>(ctx: &Context, obj: &K, type_: EventType, reason: &str, note: String) {
-    let event =
-        Event { type_, reason: reason.into(), note: Some(note), action: "RotateCredential".into(), secondary: None };
-    ctx.publish(&obj.object_ref(&()), &event).await;
+    ctx.publish(&obj.object_ref(&()), &event(type_, reason, "RotateCredential", note)).await;
 }
