@@ -247,7 +247,14 @@ async fn reconcile<K: ConnectionObject>(obj: Arc<K>, ctx: Arc<Context>) -> Resul
     .await
 }
 
-async fn apply<K: ConnectionObject>(obj: &K, ctx: &Context, api: &Api<K>) -> Result<Action, Error> {
+async fn apply<K: ConnectionObject>(cached: &K, ctx: &Context, api: &Api<K>) -> Result<Action, Error> {
+    // The cache can trail this controller's own last status write (a rotation step is looked at
+    // again 1 s later), and rotation state read from a stale status (the request answered, when the
+    // rotation of every client began) would be acted on twice. One read per connection reconcile.
+    let Some(fresh) = api.get_opt(&cached.name_any()).await.map_err(Error::Kube)? else {
+        return Ok(Action::await_change());
+    };
+    let obj = &fresh;
     let kind = kind_name(K::KIND);
     let key = obj.key();
     let result = verify(ctx, &key, &obj.target()).await;
