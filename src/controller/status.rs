@@ -2,6 +2,10 @@
 //!
 //! Conditions keep their `lastTransitionTime` unless their status changes, and a status is written only
 //! when it differs from what is stored, so a steady state makes no writes (and causes no reconcile loops).
+//!
+//! Beside `Ready`, every kind carries kstatus' abnormal-true conditions, which Flux (kstatus) and the
+//! Argo CD health script (`charts/medplum-operator/files/argocd-health.lua`) read: `Reconciling` while
+//! a failure is one that waiting cures, `Stalled` for one that only a change cures; neither once Ready.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -16,6 +20,8 @@ use crate::failure::Failure;
 pub const FIELD_MANAGER: &str = "medplum-operator";
 
 pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
 
 /// What a condition should say now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,26 +30,44 @@ pub struct ConditionState {
     pub status: bool,
     pub reason: String,
     pub message: String,
+    /// For Ready=False: only a change (of the spec, a Secret, the platform's limits) cures it.
+    pub stalled: bool,
 }
 
 impl ConditionState {
     pub fn new(type_: &'static str, status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { type_, status, reason: reason.into(), message: message.into() }
+        Self { type_, status, reason: reason.into(), message: message.into(), stalled: false }
     }
 
-    /// Ready=False for `failure`.
+    /// Ready=False for `failure`; stalled unless retrying or waiting for another resource cures it.
     pub fn not_ready(failure: &impl Failure) -> Self {
-        Self::new(READY, false, failure.reason(), failure.to_string())
+        let stalled = !failure.is_transient() && !is_waiting(failure.reason());
+        Self { stalled, ..Self::new(READY, false, failure.reason(), failure.to_string()) }
     }
 }
 
-/// `conditions` with `state` set: the transition time is kept when the status did not change.
+/// `conditions` with `state` set: the transition time is kept when the status did not change. Setting
+/// Ready also sets or removes `Reconciling` and `Stalled`.
 pub fn set_condition(
     conditions: &[Condition],
     state: ConditionState,
     generation: Option<i64>,
     now: Timestamp,
 ) -> Vec<Condition> {
+    if state.type_ == READY {
+        let companion = (!state.status).then_some(if state.stalled { STALLED } else { RECONCILING });
+        let mut out = set_one(conditions, state.clone(), generation, now);
+        out.retain(|c| !matches!(c.type_.as_str(), RECONCILING | STALLED) || Some(c.type_.as_str()) == companion);
+        if let Some(type_) = companion {
+            let said = ConditionState::new(type_, true, state.reason, state.message);
+            out = set_one(&out, said, generation, now);
+        }
+        return out;
+    }
+    set_one(conditions, state, generation, now)
+}
+
+fn set_one(conditions: &[Condition], state: ConditionState, generation: Option<i64>, now: Timestamp) -> Vec<Condition> {
     let status = if state.status { "True" } else { "False" };
     let previous = conditions.iter().find(|c| c.type_ == state.type_);
     let last_transition_time = match previous {
@@ -145,6 +169,24 @@ mod tests {
         let c = set_condition(&c, ConditionState::new(READY, true, "Ready", ""), None, at(1));
         let types: Vec<&str> = c.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Ready", "CredentialVerified", "Rotating"]);
+    }
+
+    #[test]
+    fn ready_carries_kstatus_companions() {
+        let types = |c: &[Condition]| c.iter().map(|c| (c.type_.clone(), c.status.clone())).collect::<Vec<_>>();
+        let pair = |t: &str, s: &str| (t.to_string(), s.to_string());
+        let waiting = set_condition(&[], ConditionState::new(READY, false, "MedplumUnreachable", "a"), Some(1), at(1));
+        assert_eq!(types(&waiting), [pair(READY, "False"), pair(RECONCILING, "True")]);
+        let stalled = ConditionState { stalled: true, ..ConditionState::new(READY, false, "LimitExceeded", "b") };
+        let refused = set_condition(&waiting, stalled, Some(2), at(2));
+        assert_eq!(types(&refused), [pair(READY, "False"), pair(STALLED, "True")]);
+        assert_eq!((refused[1].reason.as_str(), refused[1].message.as_str()), ("LimitExceeded", "b"));
+        let ready = set_condition(&refused, ConditionState::new(READY, true, "Ready", "ok"), Some(3), at(3));
+        assert_eq!(types(&ready), [pair(READY, "True")]);
+        // Unchanged while the same failure repeats: no status write, no reconcile loop.
+        let again =
+            set_condition(&waiting, ConditionState::new(READY, false, "MedplumUnreachable", "a"), Some(1), at(9));
+        assert_eq!(again, waiting);
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod medplum_connection;
 mod medplum_project;
 mod project_user;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{CustomResourceDefinition, JSON};
 use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -65,6 +65,27 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         DomainConfiguration::crd(),
         MedplumProject::crd(),
     ]
+    .into_iter()
+    .map(unobserved_until_reconciled)
+    .collect()
+}
+
+/// An object the operator has not reconciled yet reads as `status.observedGeneration: 0` (the API
+/// server applies schema defaults when it reads from etcd), so kstatus, which Flux uses, says
+/// InProgress for it rather than Current: otherwise a new object is Current until its first status.
+fn unobserved_until_reconciled(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    for version in &mut crd.spec.versions {
+        let status = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("status"));
+        if let Some(status) = status {
+            status.default = Some(JSON(serde_json::json!({"observedGeneration": 0})));
+        }
+    }
+    crd
 }
 
 /// Renders one CRD as the YAML document committed under `crds/`.

@@ -15,6 +15,7 @@ mod crds;
 mod dev;
 mod domain;
 mod export;
+mod health;
 mod hostile;
 mod hostile_secrets;
 mod image;

@@ -63,3 +63,17 @@ pub fn ok(tool: &str, args: &[&str], stdin: Option<&str>) -> String {
     assert!(output.status.success(), "{tool} {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).expect("UTF-8")
 }
+
+/// Runs a bash `script` as a user types it, with the control plane's tools first on the PATH and the
+/// admin kubeconfig; returns its stdout, or panics with its stderr.
+pub fn shell(script: &str) -> String {
+    let path = format!("{}:{}", bin_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let output = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .env("PATH", path)
+        .env("KUBECONFIG", kubeconfig())
+        .output()
+        .expect("running bash");
+    assert!(output.status.success(), "{script}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).expect("UTF-8")
+}
