@@ -24,6 +24,12 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub operation: String,
     pub status: String,
@@ -71,6 +77,9 @@ pub struct Metrics {
     rotation: RotationMetrics,
 }
 
+/// Ready, or the reason of a Ready condition that is False.
+type Readiness = Result<(), String>;
+
 /// Reconciles and the state of managed objects.
 struct ObjectMetrics {
     reconciliations: Family<ReconcileLabels, Counter>,
@@ -78,8 +87,11 @@ struct ObjectMetrics {
     connection_ready: Family<ObjectLabels, Gauge>,
     managed_objects: Family<KindLabels, Gauge>,
     ready_objects: Family<KindLabels, Gauge>,
-    /// Readiness of every managed object, by kind and `namespace/name`.
-    census: Mutex<HashMap<(&'static str, String), bool>>,
+    not_ready_objects: Family<ReasonLabels, Gauge>,
+    /// Readiness of every managed object (the reason when not Ready), by kind and `namespace/name`.
+    census: Mutex<HashMap<(&'static str, String), Readiness>>,
+    /// 1 on the replica whose controllers run (it holds the leader lease, or runs without election).
+    leader: Gauge,
 }
 
 impl ObjectMetrics {
@@ -105,7 +117,14 @@ impl ObjectMetrics {
                 Family::default(),
             ),
             ready_objects: registered(r, "ready_objects", "Managed objects that are Ready, by kind", Family::default()),
+            not_ready_objects: registered(
+                r,
+                "not_ready_objects",
+                "Managed objects that are not Ready, by kind and the reason of their Ready condition",
+                Family::default(),
+            ),
             census: Mutex::default(),
+            leader: registered(r, "leader", "1 on the replica that runs the controllers, else 0", Gauge::default()),
         }
     }
 }
@@ -178,6 +197,7 @@ struct RotationMetrics {
     /// When each client's next rotation is due (Unix seconds); turned into seconds-until at scrape time.
     next_rotations: Mutex<HashMap<ClientLabels, i64>>,
     rollout_waiting_since: Family<ClientLabels, Gauge>,
+    grace_ends: Family<ClientLabels, Gauge>,
 }
 
 impl RotationMetrics {
@@ -206,6 +226,12 @@ impl RotationMetrics {
                 r,
                 "rollout_waiting_since_seconds",
                 "Unix time since which a client's rotation waits for its restart targets to roll out (only while it waits)",
+                Family::default(),
+            ),
+            grace_ends: registered(
+                r,
+                "rotation_grace_ends_seconds",
+                "Unix time at which the grace period of a client's previous secret ends (only while it still works)",
                 Family::default(),
             ),
         }
@@ -285,6 +311,16 @@ impl Metrics {
         self.requests.kubernetes_requests.get_or_create(&KubeRequestLabels { verb, resource }).inc();
     }
 
+    /// Starts the rate-limit counters of each limit at zero, so that they exist (and `rate()` over them
+    /// works) before the first wait.
+    pub fn declare_rate_limits(&self, limits: impl IntoIterator<Item = &'static str>) {
+        for limit in limits {
+            let labels = LimitLabels { limit };
+            self.requests.rate_limit_waits.get_or_create(&labels).inc_by(0);
+            self.requests.rate_limit_wait_seconds.get_or_create(&labels).inc_by(0.0);
+        }
+    }
+
     /// A request to Medplum held back for `waited` by the rate limit `limit`.
     pub fn record_rate_limit_wait(&self, limit: &'static str, waited: Duration) {
         let labels = LimitLabels { limit };
@@ -315,32 +351,53 @@ impl Metrics {
         }
     }
 
-    /// Records since when a client's rotation waits for rollouts (`None`: it does not wait).
-    pub fn set_rollout_waiting_since(&self, namespace: &str, name: &str, since: Option<i64>) {
+    /// Records a client's rotation in progress: since when it waits for rollouts, and when the grace
+    /// period of its previous secret ends (`None`: it does not wait, it has no previous secret).
+    pub fn set_rotation_progress(
+        &self,
+        namespace: &str,
+        name: &str,
+        waiting_since: Option<i64>,
+        grace_ends: Option<i64>,
+    ) {
         let labels = ClientLabels { namespace: namespace.into(), name: name.into() };
-        match since {
-            Some(since) => {
-                self.rotation.rollout_waiting_since.get_or_create(&labels).set(since);
-            }
-            None => {
-                self.rotation.rollout_waiting_since.remove(&labels);
+        for (family, value) in
+            [(&self.rotation.rollout_waiting_since, waiting_since), (&self.rotation.grace_ends, grace_ends)]
+        {
+            match value {
+                Some(value) => {
+                    family.get_or_create(&labels).set(value);
+                }
+                None => {
+                    family.remove(&labels);
+                }
             }
         }
     }
 
-    /// Records whether an object is Ready (`None`: it is no longer managed).
-    pub fn set_object_ready(&self, kind: &'static str, namespace: &str, name: &str, ready: Option<bool>) {
+    /// Records whether an object is Ready, or the reason it is not (`None`: it is no longer managed).
+    pub fn set_object_ready(&self, kind: &'static str, namespace: &str, name: &str, state: Option<Result<(), &str>>) {
         let mut census = self.objects.census.lock().unwrap_or_else(|p| p.into_inner());
         let key = (kind, format!("{namespace}/{name}"));
-        let before = match ready {
-            Some(ready) => census.insert(key, ready),
+        let state = state.map(|s| s.map_err(str::to_string));
+        let before = match &state {
+            Some(state) => census.insert(key, state.clone()),
             None => census.remove(&key),
         };
         // Counted from the change alone: recounting every object on each reconcile costs O(objects).
-        let count = |state: Option<bool>| (i64::from(state.is_some()), i64::from(state == Some(true)));
-        let ((managed_after, ready_after), (managed_before, ready_before)) = (count(ready), count(before));
-        self.objects.managed_objects.get_or_create(&KindLabels { kind }).inc_by(managed_after - managed_before);
-        self.objects.ready_objects.get_or_create(&KindLabels { kind }).inc_by(ready_after - ready_before);
+        for (state, by) in [(before, -1), (state, 1)] {
+            let Some(state) = state else { continue };
+            self.objects.managed_objects.get_or_create(&KindLabels { kind }).inc_by(by);
+            match state {
+                Ok(()) => self.objects.ready_objects.get_or_create(&KindLabels { kind }).inc_by(by),
+                Err(reason) => self.objects.not_ready_objects.get_or_create(&ReasonLabels { kind, reason }).inc_by(by),
+            };
+        }
+    }
+
+    /// This replica's controllers run from now on.
+    pub fn set_leader(&self) {
+        self.objects.leader.set(1);
     }
 
     /// The OpenMetrics text exposition.
@@ -408,12 +465,24 @@ mod tests {
             };
             (value("managed_objects"), value("ready_objects"))
         };
-        metrics.set_object_ready("ClientApplication", "a", "x", Some(false));
-        metrics.set_object_ready("ClientApplication", "a", "y", Some(true));
-        metrics.set_object_ready("ClientApplication", "a", "y", Some(true));
+        let not_ready = |m: &Metrics, reason: &str| {
+            let series =
+                format!("medplum_operator_not_ready_objects{{kind=\"ClientApplication\",reason=\"{reason}\"}} ");
+            m.encode().lines().find_map(|l| l.strip_prefix(&series)?.parse::<i64>().ok())
+        };
+        metrics.set_object_ready("ClientApplication", "a", "x", Some(Err("ConnectionNotReady")));
+        metrics.set_object_ready("ClientApplication", "a", "y", Some(Ok(())));
+        metrics.set_object_ready("ClientApplication", "a", "y", Some(Ok(())));
         assert_eq!(counts(&metrics), (Some(2), Some(1)));
-        metrics.set_object_ready("ClientApplication", "a", "x", Some(true));
+        assert_eq!(not_ready(&metrics, "ConnectionNotReady"), Some(1));
+        metrics.set_object_ready("ClientApplication", "a", "x", Some(Err("CredentialRejected")));
+        assert_eq!(
+            (not_ready(&metrics, "ConnectionNotReady"), not_ready(&metrics, "CredentialRejected")),
+            (Some(0), Some(1))
+        );
+        metrics.set_object_ready("ClientApplication", "a", "x", Some(Ok(())));
         assert_eq!(counts(&metrics), (Some(2), Some(2)));
+        assert_eq!(not_ready(&metrics, "CredentialRejected"), Some(0));
         metrics.set_object_ready("ClientApplication", "a", "y", None);
         metrics.set_object_ready("ClientApplication", "a", "never-seen", None);
         assert_eq!(counts(&metrics), (Some(1), Some(1)));

@@ -167,7 +167,8 @@ impl Context {
     ) {
         let Some(ready) = after.iter().find(|c| c.type_ == status::READY) else { return };
         let (name, namespace) = (obj.name_any(), obj.namespace().unwrap_or_default());
-        self.metrics.set_object_ready(kind, &namespace, &name, Some(ready.status == "True"));
+        let state = if ready.status == "True" { Ok(()) } else { Err(ready.reason.as_str()) };
+        self.metrics.set_object_ready(kind, &namespace, &name, Some(state));
         let was = before.iter().find(|c| c.type_ == status::READY).map(|c| (&c.status, &c.reason));
         if ready.status == "False" && !status::is_waiting(&ready.reason) && was != Some((&ready.status, &ready.reason))
         {

@@ -40,6 +40,7 @@ pub use status::FIELD_MANAGER;
 
 use crate::config::Settings;
 use crate::crd::{ClusterMedplumConnection, MedplumConnection};
+use crate::medplum::Limit;
 use crate::metrics::Metrics;
 use crate::server::Readiness;
 
@@ -53,6 +54,8 @@ pub(crate) use watch::{
 
 /// Runs every controller until SIGTERM/SIGINT; marks `readiness` once all caches are filled.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, readiness: Arc<Readiness>) {
+    metrics.set_leader();
+    metrics.declare_rate_limits(Limit::ALL.map(Limit::label));
     let ctx = Arc::new(Context::new(client.clone(), settings.clone(), metrics));
     let mut streams = Vec::new();
     let mut ready = Vec::new();

@@ -15,4 +15,4 @@ pub use model::{
     MeProfile, MembershipAccess, MembershipParameter, MembershipResource, Meta, NamedEntry, PolicyResourceEntry,
     ProfileResource, ProjectResource, ProjectSummary, Ref, SUBSETTED,
 };
-pub use pacing::Pacing;
+pub use pacing::{Limit, Pacing};

@@ -28,6 +28,8 @@ pub enum Limit {
 }
 
 impl Limit {
+    pub const ALL: [Limit; 3] = [Self::Auth, Self::Default, Self::FhirQuota];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Auth => "auth",

@@ -21,6 +21,7 @@ mod hostile_secrets;
 mod image;
 mod least_privilege;
 mod limits;
+mod monitoring;
 mod node;
 mod operations;
 mod outage;

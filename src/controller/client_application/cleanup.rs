@@ -92,7 +92,7 @@ pub(super) async fn cleanup(ca: &ClientApplication, ctx: &Context) -> Result<Act
     release_secret(ctx, ca).await.map_err(Error::Kube)?;
     ctx.metrics.set_object_ready(KIND, &namespace, &ca.name_any(), None);
     ctx.metrics.set_next_rotation(&namespace, &ca.name_any(), None);
-    ctx.metrics.set_rollout_waiting_since(&namespace, &ca.name_any(), None);
+    ctx.metrics.set_rotation_progress(&namespace, &ca.name_any(), None, None);
     ctx.publish(&reference, &event(EventType::Normal, reason, "Delete", note)).await;
     Ok(Action::await_change())
 }

@@ -364,10 +364,12 @@ async fn apply(ca: &ClientApplication, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.set_next_rotation(&namespace, &name, status.next_rotation_time.as_ref().map(|t| t.0.as_second()));
     let waiting = matches!(result, Ok(Outcome::Waiting(Step::WaitForRollout { .. }, _)));
     let waiting_since = observed.as_ref().and_then(|o| o.issued_at()).filter(|_| waiting);
-    ctx.metrics.set_rollout_waiting_since(&namespace, &name, waiting_since.map(|t| t.as_second()));
-    let rotating = observed
-        .as_ref()
-        .is_some_and(|o| o.pending().is_some() || o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some()));
+    let retiring = observed.as_ref().filter(|o| o.client.as_ref().is_some_and(|c| c.retiring_secret.is_some()));
+    let grace_ends =
+        retiring.zip(desired_state.as_ref()).and_then(|(o, d)| o.issued_at()?.checked_add(d.grace_period).ok());
+    let seconds = |t: Option<Timestamp>| t.map(|t| t.as_second());
+    ctx.metrics.set_rotation_progress(&namespace, &name, seconds(waiting_since), seconds(grace_ends));
+    let rotating = retiring.is_some() || observed.as_ref().is_some_and(|o| o.pending().is_some());
     if result.is_err() && rotating {
         ctx.metrics.record_rotation_failure();
     }

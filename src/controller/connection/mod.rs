@@ -287,7 +287,8 @@ async fn apply<K: ConnectionObject>(cached: &K, ctx: &Context, api: &Api<K>) -> 
     };
     write_status(ctx, obj, api, &desired, "Verify").await?;
     ctx.metrics.set_connection_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, result.is_ok());
-    ctx.metrics.set_object_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, Some(result.is_ok()));
+    let state = result.as_ref().map(|_| ()).map_err(|e| e.reason());
+    ctx.metrics.set_object_ready(kind, key.namespace.as_deref().unwrap_or_default(), &key.name, Some(state));
     let backoff_key = format!("{kind}/{}/{}", key.namespace.as_deref().unwrap_or_default(), key.name);
     match result {
         Ok(_) => {
