@@ -36,11 +36,13 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
     ("ClusterMedplumConnection", "ready", "Healthy", "Current"),
     ("ClusterMedplumConnection", "refused", "Degraded", "Failed"),
     ("ClusterMedplumConnection", "unreachable", "Progressing", "InProgress"),
+    ("ClusterMedplumConnection", "rate-limited", "Progressing", "InProgress"),
     ("ClientApplication", "new", "Progressing", "InProgress"),
     ("ClientApplication", "ready", "Healthy", "Current"),
     ("ClientApplication", "rotating", "Healthy", "Current"),
     ("ClientApplication", "refused", "Degraded", "Failed"),
     ("ClientApplication", "connection-not-ready", "Progressing", "InProgress"),
+    ("ClientApplication", "policy-not-ready", "Progressing", "InProgress"),
     ("ClientApplication", "deleting", "Progressing", "Terminating"),
     ("ClientApplication", "older-generation", "Progressing", "InProgress"),
     ("AccessPolicy", "new", "Progressing", "InProgress"),
@@ -62,7 +64,7 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
 ];
 
 /// The states only a Medplum that can be switched off reaches.
-const OUTAGE_STATES: &[&str] = &["unreachable", "connection-not-ready", "deleting"];
+const OUTAGE_STATES: &[&str] = &["unreachable", "rate-limited", "connection-not-ready", "deleting"];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -228,6 +230,7 @@ async fn declare_refused(s: &Setup, cluster: &str, domain: &str) {
                       "access": [{"policyRef": {"name": "reader"}}]});
     create(s, "ProjectUser", "refused", spec).await;
     create_project(s, "refused", json!({})).await;
+    create(s, "ClientApplication", "waiting", json!({"access": [{"policyRef": {"name": "refused"}}]})).await;
     let domain_spec = get(s, "DomainConfiguration", domain).await["spec"].clone();
     create(s, "DomainConfiguration", &format!("{domain}-refused"), domain_spec).await;
 }
@@ -294,6 +297,9 @@ async fn every_kind_in_every_state_reads_right_to_argo_cd_and_kstatus() {
         wait(&s, kind, name, "False", Some(reason)).await;
         captures.take(&s, kind, name, "refused").await;
     }
+    // Waiting for a policy that is not Ready: waiting (for the policy to change) cures it.
+    wait(&s, "ClientApplication", "waiting", "False", Some("PolicyNotReady")).await;
+    captures.take(&s, "ClientApplication", "waiting", "policy-not-ready").await;
 
     // Medplum unreachable: the connections wait for it, everything else for its connection; a
     // ClientApplication deleted meanwhile waits to remove its Medplum client.
@@ -317,6 +323,12 @@ async fn every_kind_in_every_state_reads_right_to_argo_cd_and_kstatus() {
             dynamic(&s, "ClientApplication").get_opt("app").await.unwrap().is_none().then_some(())
         })
         .await;
+        // Rate-limited: Medplum answers 429 to the connection's checks (last: the operator then holds
+        // its requests to Medplum back for the rest of the minute).
+        s.medplum.set_faults(json!({"tooManyRequestsRate": 1.0, "pathPrefix": "/auth/me"})).await;
+        wait(&s, "ClusterMedplumConnection", &cluster, "False", Some("MedplumRateLimited")).await;
+        captures.take(&s, "ClusterMedplumConnection", &cluster, "rate-limited").await;
+        s.medplum.set_faults(json!({})).await;
     }
 
     // An unobserved generation: the spec changed while no operator runs.
