@@ -231,9 +231,16 @@ impl<T: Owned> Table<T> {
                 if let Some(present) = present.as_deref_mut() {
                     present.insert(code.clone());
                 }
-                let version = resource.meta().version_id.as_deref();
-                let same = self.entries.get(code.as_str()).is_some_and(|e| e.version.as_deref() == version);
-                if !same {
+                let (version, updated) =
+                    (resource.meta().version_id.as_deref(), resource.meta().last_updated.as_deref());
+                let held = self.entries.get(code.as_str());
+                let same = held.is_some_and(|e| e.version.as_deref() == version);
+                // A search that started before one of our writes can return the version that write
+                // replaced; taking it would undo what the view knows (a rotation seen as not pushed
+                // yet puts the previous secret back into the Secret). One object's versions are
+                // stamped in order, so an older stamp is an older version.
+                let older = held.is_some_and(|e| e.last_updated.as_deref() > updated);
+                if !same && !older {
                     if filled {
                         changed.push(code.clone());
                     }
@@ -546,6 +553,25 @@ mod tests {
         assert_eq!(sweep(&mut table, vec![edited], t1), ["C/a/x"]);
         assert!(table.entries.contains_key("C/a/new"));
         assert!(!table.entries.contains_key("C/a/x"));
+    }
+
+    #[test]
+    fn a_search_that_started_before_our_write_does_not_take_back_the_version_it_replaced() {
+        let mut table = Table::new(SYSTEM, "p-1");
+        let t0 = Instant::now();
+        let stamped = |version: &str, at: &str| {
+            let mut c = client("C/a/x", version);
+            c.meta.last_updated = Some(format!("2026-12-07T10:00:{at}Z"));
+            c
+        };
+        sweep(&mut table, vec![stamped("1", "00.000")], t0);
+        table.record(SYSTEM, &stamped("2", "05.000"), t0 + Duration::from_secs(5));
+        // The change search began before the write and answers with version 1.
+        assert!(table.take_in(SYSTEM, vec![stamped("1", "00.000")], Instant::now(), None).is_empty());
+        let Seen::Known(held) = table.seen("C/a/x", Duration::from_secs(60), t0) else { panic!("known") };
+        assert_eq!(held.meta.version_id.as_deref(), Some("2"));
+        // A later version (a console edit) is still news.
+        assert_eq!(table.take_in(SYSTEM, vec![stamped("3", "09.000")], Instant::now(), None), ["C/a/x"]);
     }
 
     #[test]
