@@ -66,17 +66,6 @@ const EXPECTED: &[(&str, &str, &str, &str)] = &[
 /// The states only a Medplum that can be switched off reaches.
 const OUTAGE_STATES: &[&str] = &["unreachable", "rate-limited", "connection-not-ready", "deleting"];
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `hack/health/build.sh`'s binary.
-fn health_check() -> PathBuf {
-    let output = Command::new("bash").arg(root().join("hack/health/build.sh")).output().expect("running build.sh");
-    assert!(output.status.success(), "hack/health/build.sh: {}", String::from_utf8_lossy(&output.stderr));
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
-}
-
 /// The objects captured so far, written in the layout of Argo CD's `resource_customizations`.
 struct Captures {
     dir: PathBuf,
@@ -87,7 +76,7 @@ impl Captures {
     fn new() -> Self {
         let update = std::env::var_os("MEDPLUM_HEALTH_UPDATE").is_some();
         let dir =
-            if update { root().join("health") } else { std::env::temp_dir().join(format!("health-{}", suffix())) };
+            if update { tools::repo("health") } else { std::env::temp_dir().join(format!("health-{}", suffix())) };
         Self { dir, files: BTreeMap::new() }
     }
 
@@ -347,9 +336,9 @@ async fn every_kind_in_every_state_reads_right_to_argo_cd_and_kstatus() {
 /// Runs both tools on every capture and checks each against [`EXPECTED`]; in update mode writes
 /// each kind's `health.lua` and `health_test.yaml` beside its testdata.
 fn judge(captures: &Captures, outage: bool) {
-    let tool = health_check();
+    let tool = tools::built_by("hack/health/build.sh");
     let files: Vec<&PathBuf> = captures.files.values().collect();
-    let script = root().join("charts/medplum-operator/files/argocd-health.lua");
+    let script = tools::repo("charts/medplum-operator/files/argocd-health.lua");
     let kinds: std::collections::BTreeSet<&str> = EXPECTED.iter().map(|e| e.0).collect();
     for kind in &kinds {
         std::fs::create_dir_all(captures.dir.join("medplum.com").join(kind)).unwrap();
@@ -400,15 +389,15 @@ fn check_committed(tool: &Path, dir: &Path) {
 
 #[test]
 fn the_committed_argo_cd_health_tests_pass_and_every_kind_has_the_charts_script() {
-    let dir = root().join("health");
-    let script = std::fs::read_to_string(root().join("charts/medplum-operator/files/argocd-health.lua")).unwrap();
+    let dir = tools::repo("health");
+    let script = std::fs::read_to_string(tools::repo("charts/medplum-operator/files/argocd-health.lua")).unwrap();
     for crd in medplum_operator::crd::all() {
         let kind = &crd.spec.names.kind;
         let committed = std::fs::read_to_string(dir.join("medplum.com").join(kind).join("health.lua"))
             .unwrap_or_else(|e| panic!("health/medplum.com/{kind}/health.lua: {e}"));
         assert_eq!(committed, script, "{kind}: the chart's script (MEDPLUM_HEALTH_UPDATE=1 rewrites it)");
     }
-    check_committed(&health_check(), &dir);
+    check_committed(&tools::built_by("hack/health/build.sh"), &dir);
 }
 
 /// The README's way in: the chart's ConfigMap merged into an existing `argocd-cm` with one kubectl
@@ -431,7 +420,7 @@ async fn the_charts_health_checks_merge_into_argocd_cm() {
                           "data": {"url": "https://argocd.example.org", "resource.customizations.health.apps_Deployment": "return {}"}});
     tools::ok("kubectl", &["apply", "-n", &argocd.name, "-f", "-"], Some(&existing.to_string()));
     // The README's command, verbatim but for the namespaces.
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(tools::repo("README.md")).unwrap();
     let command = readme
         .lines()
         .find(|l| l.starts_with("kubectl -n argocd patch configmap argocd-cm"))
@@ -449,7 +438,7 @@ async fn the_charts_health_checks_merge_into_argocd_cm() {
     let data = merged["data"].as_object().unwrap();
     assert_eq!(data["url"], "https://argocd.example.org", "Argo CD's own settings stay");
     assert_eq!(data["resource.customizations.health.apps_Deployment"], "return {}");
-    let script = std::fs::read_to_string(root().join("charts/medplum-operator/files/argocd-health.lua")).unwrap();
+    let script = std::fs::read_to_string(tools::repo("charts/medplum-operator/files/argocd-health.lua")).unwrap();
     for crd in medplum_operator::crd::all() {
         let key = format!("resource.customizations.health.medplum.com_{}", crd.spec.names.kind);
         assert_eq!(data.get(&key).and_then(Value::as_str), Some(script.as_str()), "{key}");

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -14,21 +13,10 @@ use serde_json::{Value, json};
 use crate::support::fixtures::{Setup, WAIT};
 use crate::support::{Operator, eventually, tools};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `hack/alerts/build.sh`'s promtool.
-fn promtool() -> PathBuf {
-    let output = Command::new("bash").arg(root().join("hack/alerts/build.sh")).output().expect("running build.sh");
-    assert!(output.status.success(), "hack/alerts/build.sh: {}", String::from_utf8_lossy(&output.stderr));
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
-}
-
 fn run_promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    let mut child = Command::new(promtool())
+    let mut child = Command::new(tools::built_by("hack/alerts/build.sh"))
         .args(args)
-        .current_dir(root())
+        .current_dir(tools::repo(""))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -43,11 +31,11 @@ fn run_promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
 }
 
 fn alerts_file() -> String {
-    std::fs::read_to_string(root().join("charts/medplum-operator/files/alerts.yaml")).unwrap()
+    std::fs::read_to_string(tools::repo("charts/medplum-operator/files/alerts.yaml")).unwrap()
 }
 
 fn dashboard() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(root().join("charts/medplum-operator/files/dashboard.json")).unwrap())
+    serde_json::from_str(&std::fs::read_to_string(tools::repo("charts/medplum-operator/files/dashboard.json")).unwrap())
         .unwrap()
 }
 
@@ -76,7 +64,7 @@ fn the_alerts_pass_promtools_checks_and_unit_tests() {
         for annotation in ["summary", "description", "runbook"] {
             assert!(rule["annotations"][annotation].as_str().is_some_and(|t| !t.is_empty()), "{alert}: {annotation}");
         }
-        let tests = std::fs::read_to_string(root().join("hack/alerts/alerts_test.yaml")).unwrap();
+        let tests = std::fs::read_to_string(tools::repo("hack/alerts/alerts_test.yaml")).unwrap();
         assert!(tests.contains(&format!("alertname: {alert}\n        exp_alerts:")), "{alert}: a test that it fires");
     }
 }

@@ -8,12 +8,19 @@ use super::cluster::kubeconfig;
 
 fn bin_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("hack/controlplane/build.sh");
-        let output = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("running build.sh");
-        assert!(output.status.success(), "hack/controlplane/build.sh failed");
-        PathBuf::from(String::from_utf8(output.stdout).expect("UTF-8").trim())
-    })
+    DIR.get_or_init(|| built_by("hack/controlplane/build.sh"))
+}
+
+/// A file of the repository.
+pub fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Runs one of the repository's build scripts, which print the path of what they built.
+pub fn built_by(script: &str) -> PathBuf {
+    let output = Command::new("bash").arg(repo(script)).stderr(Stdio::inherit()).output().expect("running bash");
+    assert!(output.status.success(), "{script} failed");
+    PathBuf::from(String::from_utf8(output.stdout).expect("UTF-8").trim())
 }
 
 /// The chart's folder.
