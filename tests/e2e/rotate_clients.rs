@@ -243,7 +243,11 @@ async fn a_medplum_outage_in_the_middle_of_both_rotations_loses_nothing() {
         // the one from before the request retired, one Medplum client.
         let now = s.secret(name).await.unwrap()[SECRET_KEY].clone();
         if &now != stored {
-            println!("{name}: rotated a second time after the outage");
+            println!("{name}: rotated a second time after the outage; its steps:");
+            let named = format!("\"name\":\"{name}\"");
+            for line in operator.logs().lines().filter(|l| l.contains("ClientApplication step") && l.contains(&named)) {
+                println!("  {line}");
+            }
         }
         assert!(s.token_works(id, &now).await, "{name}: works");
         assert!(!s.token_works(id, old).await, "{name}: the old one is retired");

@@ -298,27 +298,46 @@ pub async fn token(
     if grant_type != "client_credentials" {
         return outcome::token_error("Unsupported grant type");
     }
+    let (client_id, client_secret) = match client_credentials(&headers, &form) {
+        Ok(pair) => pair,
+        Err(refused) => return refused,
+    };
+    let scope = form.get("scope").filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| "openid".into());
+    client_credentials_token(&app, &peer, &client_id, &client_secret, scope)
+}
+
+/// The client's id and secret: from Basic auth, else from the form.
+fn client_credentials(
+    headers: &HeaderMap,
+    form: &std::collections::HashMap<String, String>,
+) -> Result<(String, String), Response> {
     let basic = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
         .and_then(|b| decode_basic(b.trim()));
-    let (client_id, client_secret) = match basic {
-        Some(pair) => pair,
-        None => {
-            let Some(id) = form.get("client_id").filter(|s| !s.is_empty()) else {
-                return outcome::token_error("Missing client_id");
-            };
-            let Some(secret) = form.get("client_secret").filter(|s| !s.is_empty()) else {
-                return outcome::token_error("Missing client_secret");
-            };
-            (id.clone(), secret.clone())
-        }
+    if let Some(pair) = basic {
+        return Ok(pair);
+    }
+    let Some(id) = form.get("client_id").filter(|s| !s.is_empty()) else {
+        return Err(outcome::token_error("Missing client_id"));
     };
-    let scope = form.get("scope").filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| "openid".into());
+    let Some(secret) = form.get("client_secret").filter(|s| !s.is_empty()) else {
+        return Err(outcome::token_error("Missing client_secret"));
+    };
+    Ok((id.clone(), secret.clone()))
+}
 
+/// The client credentials grant, once the request named a client and a secret.
+fn client_credentials_token(
+    app: &Arc<App>,
+    peer: &Peer,
+    client_id: &str,
+    client_secret: &str,
+    scope: String,
+) -> Response {
     let store = app.store();
-    let Some(client) = store.find("ClientApplication", &client_id).cloned() else {
+    let Some(client) = store.find("ClientApplication", client_id).cloned() else {
         return outcome::token_error("Invalid client");
     };
     if client["status"].as_str().is_some_and(|s| s != "active") {
@@ -346,10 +365,10 @@ pub async fn token(
     let issued_at = now().as_second();
     let login = Login {
         id: new_id(),
-        client_id: client_id.clone(),
+        client_id: client_id.to_string(),
         membership_id: membership["id"].as_str().unwrap_or_default().to_string(),
         project_id,
-        scope: scope.clone(),
+        scope,
         issued_at,
         expires_at: issued_at + lifetime,
     };
@@ -357,7 +376,7 @@ pub async fn token(
     if let Some(name) = client["name"].as_str() {
         profile["display"] = json!(name);
     }
-    issue_token(&app, store, login, &project_ref, profile, lifetime)
+    issue_token(app, store, login, &project_ref, profile, lifetime)
 }
 
 /// Issues a token for `login` and answers the token request with it.

@@ -332,6 +332,7 @@ pub(super) async fn converge(r: &mut Reconciler<'_>, o: &mut Observed) -> Result
         if step == Step::Done {
             return Ok(Outcome::Done);
         }
+        tracing::debug!(name = %r.d.name, namespace = %r.d.namespace, ?step, "ClientApplication step");
         match r.execute(&step, o, now).await {
             Ok(Some(wait)) => return Ok(Outcome::Waiting(step, wait)),
             Ok(None) => {}
