@@ -106,6 +106,24 @@ pub trait FhirResource: serde::Serialize + serde::de::DeserializeOwned + Send + 
     fn id(&self) -> Option<&str>;
 }
 
+/// Implements [`FhirResource`] for a struct with `id` and `meta` fields.
+macro_rules! fhir_resource {
+    ($type:ty, $name:literal) => {
+        impl FhirResource for $type {
+            const TYPE: &'static str = $name;
+            fn meta_mut(&mut self) -> &mut Meta {
+                &mut self.meta
+            }
+            fn meta(&self) -> &Meta {
+                &self.meta
+            }
+            fn id(&self) -> Option<&str> {
+                self.id.as_deref()
+            }
+        }
+    };
+}
+
 /// A FHIR Coding, as used in `meta.tag`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Coding {
@@ -211,18 +229,7 @@ pub struct ClientApplicationResource {
     pub default_scope: Vec<String>,
 }
 
-impl FhirResource for ClientApplicationResource {
-    const TYPE: &'static str = "ClientApplication";
-    fn meta_mut(&mut self) -> &mut Meta {
-        &mut self.meta
-    }
-    fn meta(&self) -> &Meta {
-        &self.meta
-    }
-    fn id(&self) -> Option<&str> {
-        self.id.as_deref()
-    }
-}
+fhir_resource!(ClientApplicationResource, "ClientApplication");
 
 /// Medplum's IdentityProvider; its client secret stays redacted in Debug.
 #[derive(Clone, Debug, Default, serde::Serialize, Deserialize)]
@@ -279,18 +286,7 @@ pub struct DomainConfigurationResource {
     pub identity_provider: Option<IdentityProviderResource>,
 }
 
-impl FhirResource for DomainConfigurationResource {
-    const TYPE: &'static str = "DomainConfiguration";
-    fn meta_mut(&mut self) -> &mut Meta {
-        &mut self.meta
-    }
-    fn meta(&self) -> &Meta {
-        &self.meta
-    }
-    fn id(&self) -> Option<&str> {
-        self.id.as_deref()
-    }
-}
+fhir_resource!(DomainConfigurationResource, "DomainConfiguration");
 
 /// Medplum's Project, as far as a MedplumProject manages it. Each `secret` and `site` entry is kept
 /// whole, as its JSON in a redacting string: the operator rewrites these lists, and the entries it does
@@ -415,18 +411,7 @@ pub struct MembershipResource {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
-impl FhirResource for MembershipResource {
-    const TYPE: &'static str = "ProjectMembership";
-    fn meta_mut(&mut self) -> &mut Meta {
-        &mut self.meta
-    }
-    fn meta(&self) -> &Meta {
-        &self.meta
-    }
-    fn id(&self) -> Option<&str> {
-        self.id.as_deref()
-    }
-}
+fhir_resource!(MembershipResource, "ProjectMembership");
 
 /// A search result page.
 #[derive(Deserialize)]
@@ -467,18 +452,7 @@ pub struct AccessPolicyResource {
     pub based_on: Vec<Ref>,
 }
 
-impl FhirResource for AccessPolicyResource {
-    const TYPE: &'static str = "AccessPolicy";
-    fn meta_mut(&mut self) -> &mut Meta {
-        &mut self.meta
-    }
-    fn meta(&self) -> &Meta {
-        &self.meta
-    }
-    fn id(&self) -> Option<&str> {
-        self.id.as_deref()
-    }
-}
+fhir_resource!(AccessPolicyResource, "AccessPolicy");
 
 /// `AccessPolicy.resource[]`.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, Deserialize)]
