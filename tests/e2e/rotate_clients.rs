@@ -239,7 +239,7 @@ async fn a_medplum_outage_in_the_middle_of_both_rotations_loses_nothing() {
         let (id, old) = &before[name];
         // Usually the secret stored before the outage. CI runs have seen a client rotate a second
         // time after it (cause not found; a stale change-search result was one cause of old secrets
-        // coming back and is fixed in view.rs), so this holds what the issue asks: a working secret,
+        // coming back and is fixed in controller/view), so this holds what the issue asks: a working secret,
         // the one from before the request retired, one Medplum client.
         let now = s.secret(name).await.unwrap()[SECRET_KEY].clone();
         if &now != stored {
